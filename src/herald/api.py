@@ -1,0 +1,248 @@
+"""The HTTP server API under ``/api``: publish from any backend.
+
+Protected by ``HERALD_API_KEY`` (send it as ``X-API-Key: KEY`` or
+``Authorization: apikey KEY``).  Without a configured key the API answers only
+requests from the loopback interface, and says so in its 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+
+from .brokers.base import StreamPosition
+from .codes import CloseCode, ErrorCode
+from .exceptions import BrokerError, CommandError
+from .protocol.messages import ClientInfoModel, PublicationModel
+
+if TYPE_CHECKING:
+    from .app import Herald
+
+
+class PublishBody(BaseModel):
+    channel: str = Field(max_length=1024, examples=["chat:lobby"])
+    data: Any = Field(examples=[{"text": "hello"}])
+
+
+class BroadcastBody(BaseModel):
+    channels: list[str] = Field(min_length=1, max_length=1000)
+    data: Any
+
+
+class DisconnectBody(BaseModel):
+    user: str = Field(min_length=1)
+    code: int = Field(default=int(CloseCode.FORCE_DISCONNECT), ge=4000, le=4999)
+    reason: str = Field(default="disconnected by server", max_length=120)
+
+
+class PositionOut(BaseModel):
+    offset: int
+    epoch: str
+
+
+class BroadcastItem(BaseModel):
+    channel: str
+    offset: int | None = None
+    epoch: str | None = None
+    error: dict[str, Any] | None = None
+
+
+class BroadcastOut(BaseModel):
+    results: list[BroadcastItem]
+
+
+class PresenceOut(BaseModel):
+    clients: dict[str, ClientInfoModel]
+
+
+class PresenceStatsOut(BaseModel):
+    num_clients: int
+    num_users: int
+
+
+class HistoryOut(BaseModel):
+    publications: list[PublicationModel]
+    offset: int
+    epoch: str
+
+
+class ChannelsOut(BaseModel):
+    channels: dict[str, int] = Field(
+        description="Channels with subscribers on this node, and counts."
+    )
+
+
+class DisconnectOut(BaseModel):
+    disconnected: int
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _error(exc: CommandError) -> HTTPException:
+    status = {
+        ErrorCode.INVALID_CHANNEL: 400,
+        ErrorCode.UNKNOWN_NAMESPACE: 404,
+        ErrorCode.NOT_AVAILABLE: 409,
+        ErrorCode.UNRECOVERABLE_POSITION: 409,
+    }.get(exc.code, 400)
+    return HTTPException(status, detail={"code": int(exc.code), "message": exc.message})
+
+
+def build_api_router(herald: Herald) -> APIRouter:
+    settings = herald.settings
+    node = herald.node
+
+    def require_key(request: Request) -> None:
+        key = settings.api_key
+        if key is None:
+            if _is_loopback(request.client.host if request.client else None):
+                return
+            raise HTTPException(
+                403,
+                detail="HERALD_API_KEY is not set: the API answers only from loopback; "
+                "set a key to use it from other hosts",
+            )
+        supplied = request.headers.get("x-api-key")
+        if supplied is None:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() in ("apikey", "bearer"):
+                supplied = value.strip()
+        if supplied is None or not hmac.compare_digest(
+            supplied.encode(), key.get_secret_value().encode()
+        ):
+            raise HTTPException(401, detail="missing or wrong API key")
+
+    router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
+
+    @router.post("/publish", response_model=PositionOut, summary="Publish to a channel")
+    async def publish(body: PublishBody) -> PositionOut:
+        try:
+            position = await node.publish(body.channel, body.data)
+        except CommandError as exc:
+            raise _error(exc) from None
+        except BrokerError as exc:
+            raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
+        return PositionOut(offset=position.offset, epoch=position.epoch)
+
+    @router.post(
+        "/broadcast", response_model=BroadcastOut, summary="Publish one message to many channels"
+    )
+    async def broadcast(body: BroadcastBody) -> BroadcastOut:
+        results: list[BroadcastItem] = []
+        for channel in body.channels:
+            try:
+                position = await node.publish(channel, body.data)
+            except CommandError as exc:
+                results.append(
+                    BroadcastItem(
+                        channel=channel, error={"code": int(exc.code), "message": exc.message}
+                    )
+                )
+            except BrokerError as exc:
+                results.append(
+                    BroadcastItem(
+                        channel=channel,
+                        error={"code": int(ErrorCode.BROKER_UNAVAILABLE), "message": str(exc)},
+                    )
+                )
+            else:
+                results.append(
+                    BroadcastItem(channel=channel, offset=position.offset, epoch=position.epoch)
+                )
+        return BroadcastOut(results=results)
+
+    @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
+    async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceOut:
+        try:
+            name, options = node.check_channel(channel)
+        except CommandError as exc:
+            raise _error(exc) from None
+        if not options.presence:
+            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
+        clients = await node.presence_of(name)
+        return PresenceOut(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
+
+    @router.get("/presence_stats", response_model=PresenceStatsOut, summary="Presence counts")
+    async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsOut:
+        try:
+            name, options = node.check_channel(channel)
+        except CommandError as exc:
+            raise _error(exc) from None
+        if not options.presence:
+            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
+        stats = await node.presence_stats(name)
+        return PresenceStatsOut(num_clients=stats.num_clients, num_users=stats.num_users)
+
+    @router.get("/history", response_model=HistoryOut, summary="A channel's history")
+    async def history(
+        channel: Annotated[str, Query(max_length=1024)],
+        limit: Annotated[int | None, Query(ge=0)] = None,
+        since_offset: Annotated[int | None, Query(ge=0)] = None,
+        since_epoch: Annotated[str | None, Query(max_length=64)] = None,
+        reverse: bool = False,
+    ) -> HistoryOut:
+        try:
+            name, options = node.check_channel(channel)
+        except CommandError as exc:
+            raise _error(exc) from None
+        if options.history_size == 0:
+            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "history is off in this namespace"))
+        since = None
+        if since_offset is not None:
+            since = StreamPosition(since_offset, since_epoch or "")
+        limit = min(
+            limit if limit is not None else settings.max_history_limit, settings.max_history_limit
+        )
+        result = await node.history(name, since=since, limit=limit, reverse=reverse)
+        if since is not None and since_epoch and since_epoch != result.position.epoch:
+            raise _error(
+                CommandError(
+                    ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset"
+                )
+            )
+        return HistoryOut(
+            publications=[
+                PublicationModel(
+                    offset=p.offset,
+                    data=_loads(p.data),
+                    info=ClientInfoModel(**p.info.as_dict()) if p.info else None,
+                )
+                for p in result.publications
+            ],
+            offset=result.position.offset,
+            epoch=result.position.epoch,
+        )
+
+    @router.get(
+        "/channels", response_model=ChannelsOut, summary="Channels with subscribers on this node"
+    )
+    async def channels() -> ChannelsOut:
+        return ChannelsOut(
+            channels={c: n for c, n in node.hub.channels().items() if not c.startswith("$")}
+        )
+
+    @router.post(
+        "/disconnect", response_model=DisconnectOut, summary="Disconnect every connection of a user"
+    )
+    async def disconnect(body: DisconnectBody) -> DisconnectOut:
+        count = await node.disconnect_user(body.user, body.code, body.reason)
+        return DisconnectOut(disconnected=count)
+
+    return router
+
+
+def _loads(data: bytes) -> Any:
+    import orjson
+
+    return orjson.loads(data)

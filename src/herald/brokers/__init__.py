@@ -1,0 +1,27 @@
+"""Brokers: the in-memory default and the engines that scale out."""
+
+from __future__ import annotations
+
+from .base import (
+    Broker,
+    BrokerHandler,
+    ClientInfo,
+    HistoryResult,
+    PresenceEvent,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+)
+from .memory import MemoryBroker
+
+__all__ = [
+    "Broker",
+    "BrokerHandler",
+    "ClientInfo",
+    "HistoryResult",
+    "MemoryBroker",
+    "PresenceEvent",
+    "Publication",
+    "PublishOptions",
+    "StreamPosition",
+]

@@ -1,0 +1,148 @@
+"""The broker interface: how nodes exchange publications and keep history.
+
+A broker carries opaque bytes (``data`` is the JSON the publisher sent) in a
+small envelope and never imports the wire models; only the node converts.
+
+Contract every broker keeps (checked by ``tests/brokers/conformance.py``):
+
+* **Node-level subscriptions.**  :meth:`Broker.subscribe` is called once per
+  channel by a node that has local subscribers (the hub ref-counts), and
+  :meth:`Broker.unsubscribe` when the last one leaves.  Both are idempotent.
+* **Offsets.**  :meth:`Broker.publish` assigns the channel's next offset
+  (1, 2, 3, ... with no gap) and returns the new :class:`StreamPosition`.
+  Publications of one channel reach every subscribed node in offset order.
+* **Epoch.**  A channel's epoch is fixed for the life of its stream.  When the
+  stream is lost (history expired entirely, broker restarted empty), offsets
+  restart and the epoch changes, so a client holding an old position learns
+  that recovery is impossible.
+* **History.**  With ``history_size > 0`` the broker keeps the last
+  ``history_size`` publications for ``history_ttl`` seconds.
+* **Events.**  Join/leave events are fanned out like publications but carry no
+  offset and are never stored.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """``offset`` of the newest publication in stream ``epoch`` (0 when empty)."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who published, joined or left: client id, user id and optional app info."""
+
+    client: str
+    user: str
+    info: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"client": self.client, "user": self.user, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> ClientInfo:
+        return cls(str(value["client"]), str(value["user"]), value.get("info"))
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One publication in a channel's stream."""
+
+    channel: str
+    offset: int
+    epoch: str
+    data: bytes  # JSON-encoded value
+    info: ClientInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """A join or leave, fanned out to every node; never stored."""
+
+    channel: str
+    kind: str  # "join" | "leave"
+    info: ClientInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOptions:
+    """Per-publication options, taken from the channel's namespace."""
+
+    history_size: int = 0
+    history_ttl: float = 0.0
+    info: ClientInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    publications: list[Publication] = field(default_factory=list)
+    position: StreamPosition = StreamPosition(0, "")
+
+
+#: Called by the broker for every publication or event on a channel this node subscribed to.
+BrokerHandler = Callable[[Publication | PresenceEvent], Awaitable[None] | None]
+
+
+class Broker(abc.ABC):
+    """Moves publications between nodes and keeps per-channel history."""
+
+    @abc.abstractmethod
+    async def start(self, handler: BrokerHandler) -> None:
+        """Connect and start delivering subscribed channels' messages to ``handler``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop delivering and release connections.  Idempotent."""
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving ``channel`` on this node.  Idempotent."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel`` on this node.  Idempotent."""
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+        """Append to history (if enabled) and fan out; return the new stream top."""
+
+    @abc.abstractmethod
+    async def publish_event(self, event: PresenceEvent) -> None:
+        """Fan out a join or leave to every node subscribed to its channel."""
+
+    @abc.abstractmethod
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        """Publications after ``since.offset`` (or all kept ones), at most ``limit``.
+
+        ``limit=0`` returns only the current position.  With ``reverse`` the newest
+        come first.  When ``since.epoch`` differs from the stream's epoch the
+        publications of the current stream are returned; the caller compares epochs.
+        """
+
+    async def remove_history(self, channel: str) -> None:
+        """Drop a channel's history (its epoch changes on the next publish)."""
+        raise NotImplementedError
+
+    async def ready(self) -> bool:
+        """True when the broker is reachable and accepting publications."""
+        return True
+
+    def channels(self) -> set[str]:
+        """Channels this node is subscribed to."""
+        return set()

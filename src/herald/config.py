@@ -1,0 +1,156 @@
+"""Settings: ``HERALD_*`` environment variables, an optional TOML file, CLI flags.
+
+Precedence, highest first: CLI flags > environment variables > TOML file > defaults.
+Lists accept JSON (``["a","b"]``) or comma-separated text (``a,b``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class NamespaceOptions(BaseModel):
+    """What channels of one namespace (``chat`` in ``chat:lobby``) can do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_size: int = Field(default=100, ge=0, le=1_000_000, description="Publications kept.")
+    history_ttl: float = Field(
+        default=600.0, ge=0, description="Seconds history is kept (0: forever)."
+    )
+    presence: bool = Field(default=True, description="Track who is subscribed.")
+    join_leave: bool = Field(default=True, description="Push join/leave to subscribers.")
+    allow_publish: bool = Field(
+        default=True, description="Clients may publish (the API always may)."
+    )
+    allow_subscribe: bool = True
+    allow_history: bool = Field(default=True, description="Clients may read history.")
+    allow_presence: bool = Field(default=True, description="Clients may read presence.")
+    allow_anonymous: bool = Field(default=True, description="Clients without a user id may use it.")
+
+
+def _default_namespaces() -> dict[str, NamespaceOptions]:
+    return {
+        "": NamespaceOptions(),
+        "chat": NamespaceOptions(),
+        "dashboard": NamespaceOptions(
+            history_size=60, presence=False, join_leave=False, allow_publish=False
+        ),
+        "game": NamespaceOptions(history_size=200),
+    }
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of a Herald node.  See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(env_prefix="HERALD_", extra="forbid", validate_default=True)
+
+    # -- server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=256)
+    log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
+    reload: bool = False
+    broker: str = Field(
+        default="memory", description="memory, redis://host:port/db or nats://host:port"
+    )
+    demos: bool = Field(default=True, description="Serve the demo pages at /.")
+
+    # -- security
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed besides the server's own, e.g. https://app.example.com, "
+        "https://*.example.com, or * for any.",
+    )
+    allow_missing_origin: bool = Field(
+        default=True,
+        description="Accept handshakes without an Origin header (non-browser clients).",
+    )
+    api_key: SecretStr | None = Field(default=None, description="Key for the HTTP API.")
+    token_secret: SecretStr | None = Field(
+        default=None, description="HS256 secret for connection JWTs."
+    )
+    token_public_key: str | None = Field(
+        default=None, description="PEM public key for RS256/ES256 JWTs."
+    )
+    token_audience: str | None = None
+    token_issuer: str | None = None
+
+    # -- limits
+    max_message_size: int = Field(default=64 * 1024, ge=128, le=64 * 1024 * 1024)
+    max_json_depth: int = Field(default=32, ge=1, le=1000)
+    max_subscriptions: int = Field(default=128, ge=1)
+    max_channel_length: int = Field(default=255, ge=1, le=1024)
+    max_history_limit: int = Field(
+        default=1000, ge=1, description="Most publications one history call returns."
+    )
+    max_queue_messages: int = Field(
+        default=1024, ge=1, description="Outbound frames buffered per connection."
+    )
+    max_queue_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Outbound bytes buffered per connection."
+    )
+    max_rpc_in_flight: int = Field(default=16, ge=1)
+
+    # -- timing (seconds)
+    ping_interval: float = Field(
+        default=25.0, ge=0, description="Server ping period; 0 turns pings off."
+    )
+    pong_timeout: float = Field(default=10.0, gt=0)
+    handshake_timeout: float = Field(
+        default=10.0, gt=0, description="Time to send the connect command."
+    )
+    idle_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description="Close connections without subscriptions idle this long (0: never).",
+    )
+    presence_ttl: float = Field(default=60.0, gt=0)
+    drain_timeout: float = Field(
+        default=5.0, ge=0, description="Shutdown waits this long for queues to flush."
+    )
+
+    namespaces: dict[str, NamespaceOptions] = Field(default_factory=_default_namespaces)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("namespaces")
+    @classmethod
+    def _default_namespace(cls, value: dict[str, NamespaceOptions]) -> dict[str, NamespaceOptions]:
+        if "" not in value:
+            value = {"": NamespaceOptions(), **value}
+        return value
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings: ``overrides`` (CLI) > environment > TOML ``config_file`` > defaults."""
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            with open(config_file, "rb") as stream:
+                file_values = tomllib.load(stream)
+            file_values = file_values.get("herald", file_values)
+        # Environment beats the file: drop file keys the environment sets.
+        env_settings = cls()
+        env_set = env_settings.model_fields_set
+        merged = {k: v for k, v in file_values.items() if k not in env_set}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**merged)

@@ -1,0 +1,8 @@
+"""Presence managers: who is in a channel."""
+
+from __future__ import annotations
+
+from .base import PresenceManager, PresenceStats
+from .memory import MemoryPresenceManager
+
+__all__ = ["MemoryPresenceManager", "PresenceManager", "PresenceStats"]

@@ -1,0 +1,37 @@
+"""In-process presence for the embedded (single node) setup."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..brokers.base import ClientInfo
+from .base import PresenceManager
+
+
+class MemoryPresenceManager(PresenceManager):
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
+        self._channels: dict[str, dict[str, tuple[ClientInfo, float]]] = {}
+
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        expires = self._clock() + ttl if ttl > 0 else float("inf")
+        self._channels.setdefault(channel, {})[info.client] = (info, expires)
+
+    async def remove(self, channel: str, client: str) -> None:
+        entries = self._channels.get(channel)
+        if entries is None:
+            return
+        entries.pop(client, None)
+        if not entries:
+            del self._channels[channel]
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        entries = self._channels.get(channel)
+        if not entries:
+            return {}
+        now = self._clock()
+        expired = [client for client, (_, expires) in entries.items() if expires <= now]
+        for client in expired:
+            del entries[client]
+        return {client: info for client, (info, _) in entries.items()}

@@ -1,0 +1,174 @@
+"""Text frames <-> protocol models.
+
+Decoding is strict and total: any input either becomes a :data:`Command` or
+raises :class:`~herald.exceptions.ProtocolError` with a documented code.
+
+Encoding of hot frames (publications) is done with orjson on plain dicts:
+a publication's ``data`` is kept as the JSON bytes the publisher sent
+(:class:`orjson.Fragment`), so a publication is never decoded and re-encoded on
+its way through the server, and the resulting frame is built once per channel
+however many subscribers receive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ..codes import ErrorCode
+from ..exceptions import ProtocolError
+from .messages import COMMAND_TYPES, MAX_ID, Command
+
+_COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+#: Default maximum nesting of arrays/objects in a frame.
+DEFAULT_MAX_DEPTH = 32
+
+
+def json_depth_exceeds(value: Any, max_depth: int) -> bool:
+    """Return True when ``value`` nests arrays/objects deeper than ``max_depth``.
+
+    Iterative, so a hostile value cannot exhaust the Python stack.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > max_depth:
+                return True
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > max_depth:
+                return True
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
+def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Parse JSON, mapping every failure to a :class:`ProtocolError`."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc)
+        if "recursion" in message.lower():
+            raise ProtocolError(ErrorCode.TOO_DEEP, "JSON nested too deeply") from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {message}") from None
+    if json_depth_exceeds(value, max_depth):
+        raise ProtocolError(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _readable_id(frame: Mapping[str, Any]) -> int | None:
+    value = frame.get("id")
+    if type(value) is int and 1 <= value <= MAX_ID:
+        return value
+    return None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    location = ".".join(str(part) for part in first["loc"] if part not in COMMAND_TYPES)
+    message = first["msg"]
+    return f"{location}: {message}" if location else message
+
+
+def decode_command(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Command:
+    """Decode one client frame into a command model.
+
+    Raises :class:`ProtocolError` with
+
+    * ``BAD_REQUEST`` (101) for malformed JSON, a non-object frame, a missing or
+      ill-typed field, an unknown field, or an out-of-range id;
+    * ``UNKNOWN_COMMAND`` (102) for a ``type`` protocol v1 does not define;
+    * ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``.
+
+    ``ProtocolError.command_id`` carries the frame's id when it was readable.
+    """
+    frame = loads(text, max_depth=max_depth)
+    if not isinstance(frame, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
+    command_id = _readable_id(frame)
+    kind = frame.get("type")
+    if kind is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: type", command_id)
+    if not isinstance(kind, str) or kind not in COMMAND_TYPES:
+        shown = kind if isinstance(kind, str) and len(kind) <= 32 else "?"
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command type: {shown}", command_id)
+    try:
+        return _COMMAND_ADAPTER.validate_python(frame)
+    except ValidationError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, _describe(exc), command_id) from None
+
+
+def dumps(value: Any) -> str:
+    """Encode a JSON value (dicts, lists, pydantic models, ``orjson.Fragment``) to text."""
+    return orjson.dumps(value, default=_default).decode()
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode_frame(frame: BaseModel | Mapping[str, Any]) -> str:
+    """Encode any frame (model or dict) to a text frame."""
+    if isinstance(frame, BaseModel):
+        return dumps(frame.model_dump(mode="json"))
+    return dumps(frame)
+
+
+def encode_reply(command_id: int, kind: str, result: BaseModel | Mapping[str, Any]) -> str:
+    """Encode a successful reply."""
+    body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    return dumps({"id": command_id, "type": kind, "result": body})
+
+
+def encode_error(command_id: int | None, kind: str | None, code: int, message: str) -> str:
+    """Encode an error reply."""
+    return dumps({"id": command_id, "type": kind, "error": {"code": code, "message": message}})
+
+
+def encode_publication(
+    channel: str,
+    offset: int,
+    epoch: str,
+    data_json: bytes,
+    info: Mapping[str, Any] | None,
+) -> str:
+    """Encode a publication push; ``data_json`` is embedded without re-encoding."""
+    frame: dict[str, Any] = {
+        "type": "publication",
+        "channel": channel,
+        "offset": offset,
+        "epoch": epoch,
+        "data": orjson.Fragment(data_json),
+    }
+    if info is not None:
+        frame["info"] = info
+    return orjson.dumps(frame).decode()
+
+
+def publication_dicts(
+    publications: Iterable[tuple[int, bytes, Mapping[str, Any] | None]],
+) -> list[dict[str, Any]]:
+    """Publications as reply items ``{"offset", "data", "info"}`` with data kept as raw JSON."""
+    return [
+        {"offset": offset, "data": orjson.Fragment(data), "info": info}
+        for offset, data, info in publications
+    ]
+
+
+def encode_presence_event(kind: str, channel: str, info: Mapping[str, Any]) -> str:
+    """Encode a join or leave push."""
+    return dumps({"type": kind, "channel": channel, "info": info})
+
+
+def encode_disconnect(code: int, reason: str, reconnect: bool) -> str:
+    return dumps({"type": "disconnect", "code": code, "reason": reason, "reconnect": reconnect})
+
+
+PING_FRAME = '{"type":"ping"}'

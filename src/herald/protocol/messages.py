@@ -1,0 +1,354 @@
+"""Pydantic models of every frame in protocol v1.
+
+Client -> server frames are *commands*: ``{"id": 1, "type": "subscribe", ...}``.
+Each command with an ``id`` gets exactly one *reply* with the same ``id`` and
+``type`` and either ``result`` or ``error``.  ``pong`` is the one command without
+an id and without a reply (it answers a server ``ping`` push).
+
+Server -> client frames without an ``id`` are *pushes*, discriminated on
+``type``: ``publication``, ``join``, ``leave``, ``disconnect``, ``ping``.
+
+All models forbid unknown fields so that typos fail loudly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = "1"
+#: The WebSocket subprotocol a client may request on ``/connect``.
+SUBPROTOCOL = "herald.v1"
+
+#: Largest id a client may choose: ids must survive a round trip through JavaScript numbers.
+MAX_ID = 2**53 - 1
+
+CommandId = Annotated[
+    int, Field(ge=1, le=MAX_ID, description="Client-chosen id, echoed in the reply.")
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- shared parts
+
+
+class StreamPositionModel(_Model):
+    """A place in a channel's stream: publications after ``offset`` in stream ``epoch``."""
+
+    offset: int = Field(ge=0, le=MAX_ID)
+    epoch: str = Field(max_length=64)
+
+
+class ClientInfoModel(_Model):
+    """Who published, joined or left."""
+
+    client: str
+    user: str
+    info: Any = None
+
+
+class ErrorInfo(_Model):
+    code: int
+    message: str
+
+
+class PublicationModel(_Model):
+    """One publication as found in history and in recovery results."""
+
+    offset: int
+    data: Any
+    info: ClientInfoModel | None = None
+
+
+# ---------------------------------------------------------------- commands
+
+
+class ConnectRequest(_Model):
+    type: Literal["connect"]
+    id: CommandId
+    token: str | None = Field(default=None, max_length=8192)
+    name: str | None = Field(default=None, max_length=64, description="Client name, for logs.")
+    version: str | None = Field(default=None, max_length=64)
+
+
+class ChannelSubscription(_Model):
+    channel: str = Field(max_length=1024)
+    since: StreamPositionModel | None = None
+    token: str | None = Field(default=None, max_length=8192, description="Subscription token.")
+
+
+class SubscribeRequest(_Model):
+    type: Literal["subscribe"]
+    id: CommandId
+    channels: list[ChannelSubscription] = Field(min_length=1, max_length=256)
+
+
+class UnsubscribeRequest(_Model):
+    type: Literal["unsubscribe"]
+    id: CommandId
+    channels: list[Annotated[str, Field(max_length=1024)]] = Field(min_length=1, max_length=256)
+
+
+class PublishRequest(_Model):
+    type: Literal["publish"]
+    id: CommandId
+    channel: str = Field(max_length=1024)
+    data: Any
+
+
+class RpcRequest(_Model):
+    type: Literal["rpc"]
+    id: CommandId
+    method: str = Field(min_length=1, max_length=128)
+    params: Any = None
+
+
+class PresenceRequest(_Model):
+    type: Literal["presence"]
+    id: CommandId
+    channel: str = Field(max_length=1024)
+
+
+class PresenceStatsRequest(_Model):
+    type: Literal["presence_stats"]
+    id: CommandId
+    channel: str = Field(max_length=1024)
+
+
+class HistoryRequest(_Model):
+    type: Literal["history"]
+    id: CommandId
+    channel: str = Field(max_length=1024)
+    since: StreamPositionModel | None = None
+    limit: int | None = Field(default=None, ge=0, le=MAX_ID)
+    reverse: bool = Field(default=False, description="Newest first when true.")
+
+
+class PingRequest(_Model):
+    type: Literal["ping"]
+    id: CommandId
+
+
+class PongCommand(_Model):
+    """Answer to a server ``ping`` push.  Has no id and gets no reply."""
+
+    type: Literal["pong"]
+
+
+Command = Annotated[
+    ConnectRequest
+    | SubscribeRequest
+    | UnsubscribeRequest
+    | PublishRequest
+    | RpcRequest
+    | PresenceRequest
+    | PresenceStatsRequest
+    | HistoryRequest
+    | PingRequest
+    | PongCommand,
+    Field(discriminator="type"),
+]
+
+COMMAND_TYPES: frozenset[str] = frozenset(
+    {
+        "connect",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "rpc",
+        "presence",
+        "presence_stats",
+        "history",
+        "ping",
+        "pong",
+    }
+)
+
+# ---------------------------------------------------------------- results
+
+
+class ConnectResult(_Model):
+    client: str
+    user: str
+    version: str
+    protocol: str = PROTOCOL_VERSION
+    ping_interval: float = Field(description="Seconds between server pings; 0 when off.")
+    pong_timeout: float
+
+
+class ChannelSubscribeResult(_Model):
+    channel: str
+    epoch: str | None = None
+    offset: int | None = Field(default=None, description="Stream top when subscribed.")
+    recoverable: bool = False
+    recovered: bool | None = Field(
+        default=None, description="Set when `since` was given: were all missed publications sent?"
+    )
+    publications: list[PublicationModel] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+
+
+class SubscribeResult(_Model):
+    channels: list[ChannelSubscribeResult]
+
+
+class UnsubscribeResult(_Model):
+    channels: list[str]
+
+
+class PublishResult(_Model):
+    offset: int
+    epoch: str
+
+
+class RpcResult(_Model):
+    data: Any = None
+
+
+class PresenceResult(_Model):
+    clients: dict[str, ClientInfoModel]
+
+
+class PresenceStatsResult(_Model):
+    num_clients: int
+    num_users: int
+
+
+class HistoryResult(_Model):
+    publications: list[PublicationModel]
+    offset: int
+    epoch: str
+
+
+class PingResult(_Model):
+    pass
+
+
+class _Reply(_Model):
+    id: int
+    error: ErrorInfo | None = None
+
+
+class ConnectReply(_Reply):
+    type: Literal["connect"] = "connect"
+    result: ConnectResult | None = None
+
+
+class SubscribeReply(_Reply):
+    type: Literal["subscribe"] = "subscribe"
+    result: SubscribeResult | None = None
+
+
+class UnsubscribeReply(_Reply):
+    type: Literal["unsubscribe"] = "unsubscribe"
+    result: UnsubscribeResult | None = None
+
+
+class PublishReply(_Reply):
+    type: Literal["publish"] = "publish"
+    result: PublishResult | None = None
+
+
+class RpcReply(_Reply):
+    type: Literal["rpc"] = "rpc"
+    result: RpcResult | None = None
+
+
+class PresenceReply(_Reply):
+    type: Literal["presence"] = "presence"
+    result: PresenceResult | None = None
+
+
+class PresenceStatsReply(_Reply):
+    type: Literal["presence_stats"] = "presence_stats"
+    result: PresenceStatsResult | None = None
+
+
+class HistoryReply(_Reply):
+    type: Literal["history"] = "history"
+    result: HistoryResult | None = None
+
+
+class PingReply(_Reply):
+    type: Literal["ping"] = "ping"
+    result: PingResult | None = None
+
+
+class ErrorReply(_Model):
+    """Reply to a frame whose type could not be read (the id could)."""
+
+    id: int | None
+    type: None = None
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------- pushes
+
+
+class PublicationPush(_Model):
+    type: Literal["publication"] = "publication"
+    channel: str
+    offset: int
+    epoch: str
+    data: Any
+    info: ClientInfoModel | None = None
+
+
+class JoinPush(_Model):
+    type: Literal["join"] = "join"
+    channel: str
+    info: ClientInfoModel
+
+
+class LeavePush(_Model):
+    type: Literal["leave"] = "leave"
+    channel: str
+    info: ClientInfoModel
+
+
+class DisconnectPush(_Model):
+    type: Literal["disconnect"] = "disconnect"
+    code: int
+    reason: str
+    reconnect: bool
+
+
+class PingPush(_Model):
+    """Sent every ``ping_interval`` seconds; answer with ``{"type": "pong"}``."""
+
+    type: Literal["ping"] = "ping"
+
+
+Push = Annotated[
+    PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush,
+    Field(discriminator="type"),
+]
+
+Reply = (
+    ConnectReply
+    | SubscribeReply
+    | UnsubscribeReply
+    | PublishReply
+    | RpcReply
+    | PresenceReply
+    | PresenceStatsReply
+    | HistoryReply
+    | PingReply
+    | ErrorReply
+)
+
+REPLY_MODELS: dict[str, type[_Reply]] = {
+    "connect": ConnectReply,
+    "subscribe": SubscribeReply,
+    "unsubscribe": UnsubscribeReply,
+    "publish": PublishReply,
+    "rpc": RpcReply,
+    "presence": PresenceReply,
+    "presence_stats": PresenceStatsReply,
+    "history": HistoryReply,
+    "ping": PingReply,
+}

@@ -1,0 +1,84 @@
+"""``create_app()``: the application ``herald serve`` runs.
+
+``uvicorn herald.server:app`` works too: ``app`` is built on first access from
+``HERALD_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from . import __version__
+from .app import Herald
+from .config import Settings
+
+
+def create_app(settings: Settings | None = None, *, herald: Herald | None = None) -> FastAPI:
+    """Build the Herald server application.
+
+    Routes: ``/connect`` (protocol v1), ``/ws``, ``/ws_json``, ``/ws_broadcast``
+    (the tutorial's), ``/api/...`` (server API), ``/healthz``, ``/readyz``,
+    ``/static/...`` (JS client, demo pages) and the demo index at ``/``.
+    """
+    herald = herald or Herald(settings)
+    settings = herald.settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with herald.lifespan(app):
+            yield
+
+    app = FastAPI(
+        title="Herald",
+        version=__version__,
+        summary="Real-time messaging for FastAPI",
+        lifespan=lifespan,
+    )
+    app.state.herald = herald
+    app.include_router(herald.router)
+    app.include_router(herald.api_router)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="The node accepts clients and its broker is reachable",
+    )
+    async def readyz() -> JSONResponse:
+        node = herald.node
+        broker_ok = False
+        with contextlib.suppress(Exception):
+            broker_ok = await node.broker.ready()
+        ready = node.started and not node.closing and broker_ok
+        body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "broker": broker_ok}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    static_dir = resources.files("herald") / "static"
+    app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
+
+    if settings.demos:
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> RedirectResponse:
+            return RedirectResponse("/static/index.html")
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn herald.server:app`: build the app lazily, so importing this module is cheap.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,252 @@
+"""Test helpers: real servers on free ports, real WebSocket clients, waits with timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TIMEOUT = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    predicate: Any, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value (or raise after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Any, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class ServerProcess:
+    """``herald serve`` (or any ``python -m`` target) as a real subprocess on a free port."""
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        port: int | None = None,
+    ):
+        self.port = port or free_port()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/herald-test-server-{self.port}.log")
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "herald", "serve", "--port", str(self.port), *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return http_get(self.http + "/healthz", timeout=1)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, what="server /healthz")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class ThreadServer:
+    """A uvicorn server in a background thread, serving any ASGI app (for in-process apps)."""
+
+    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
+        self.port = port or free_port()
+        self.config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", **config
+        )
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> ThreadServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10, what="uvicorn start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@contextlib.contextmanager
+def running_server(
+    env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(env, args).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ProtocolClient:
+    """A minimal protocol v1 client for tests: commands with auto ids, pushes collected."""
+
+    def __init__(self, websocket: ClientConnection) -> None:
+        self.ws = websocket
+        self.ids = itertools.count(1)
+        self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.frames: list[dict[str, Any]] = []
+        self.closed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, *, connect: bool = True, **kwargs: Any) -> ProtocolClient:
+        websocket = await websockets.connect(url, open_timeout=DEFAULT_TIMEOUT, **kwargs)
+        client = cls(websocket)
+        if connect:
+            reply = await client.call("connect")
+            assert "result" in reply, reply
+            client.client_id = reply["result"]["client"]
+        return client
+
+    client_id: str = ""
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                frame = json.loads(message)
+                self.frames.append(frame)
+                future = (
+                    self.replies.pop(frame["id"], None) if frame.get("id") is not None else None
+                )
+                if future is not None:
+                    future.set_result(frame)
+                elif frame.get("type") == "ping":
+                    await self.ws.send('{"type":"pong"}')
+                else:
+                    await self.pushes.put(frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    async def call(
+        self, kind: str, timeout: float = DEFAULT_TIMEOUT, **fields: Any
+    ) -> dict[str, Any]:
+        command_id = next(self.ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.replies[command_id] = future
+        await self.ws.send(json.dumps({"id": command_id, "type": kind, **fields}))
+        return await asyncio.wait_for(future, timeout)
+
+    async def send_raw(self, text: str | bytes) -> None:
+        await self.ws.send(text)
+
+    async def push(
+        self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Next push (of ``kind``, skipping others)."""
+        while True:
+            frame = await asyncio.wait_for(self.pushes.get(), timeout)
+            if kind is None or frame.get("type") == kind:
+                return frame
+
+    async def publications(
+        self, count: int, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        return [await self.push("publication", timeout) for _ in range(count)]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader, 2)
