@@ -22,6 +22,8 @@ import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from .wire_schema import record_exchange, record_server_frame
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TIMEOUT = 5.0
 
@@ -186,6 +188,7 @@ class ProtocolClient:
         self.pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.frames: list[dict[str, Any]] = []
+        self.sent: dict[int, dict[str, Any]] = {}  # commands awaiting their reply
         self.closed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
@@ -206,10 +209,15 @@ class ProtocolClient:
             async for message in self.ws:
                 frame = json.loads(message)
                 self.frames.append(frame)
+                # The contract: every server frame must match docs/schema/protocol.schema.json.
+                record_server_frame(frame)
                 future = (
                     self.replies.pop(frame["id"], None) if frame.get("id") is not None else None
                 )
                 if future is not None:
+                    sent = self.sent.pop(frame["id"], None)
+                    if sent is not None:
+                        record_exchange(sent, frame)
                     future.set_result(frame)
                 elif frame.get("type") == "ping":
                     await self.ws.send('{"type":"pong"}')
@@ -226,7 +234,9 @@ class ProtocolClient:
         command_id = next(self.ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.replies[command_id] = future
-        await self.ws.send(json.dumps({"id": command_id, "type": kind, **fields}))
+        command = {"id": command_id, "type": kind, **fields}
+        self.sent[command_id] = command
+        await self.ws.send(json.dumps(command))
         return await asyncio.wait_for(future, timeout)
 
     async def send_raw(self, text: str | bytes) -> None:

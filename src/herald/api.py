@@ -236,7 +236,11 @@ def build_api_router(herald: Herald) -> APIRouter:
         "/disconnect", response_model=DisconnectOut, summary="Disconnect every connection of a user"
     )
     async def disconnect(body: DisconnectBody) -> DisconnectOut:
-        count = await node.disconnect_user(body.user, body.code, body.reason)
+        try:
+            count = await node.disconnect_user(body.user, body.code, body.reason)
+        except BrokerError as exc:
+            # Local connections are closed; other nodes could not be told.
+            raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
         return DisconnectOut(disconnected=count)
 
     return router

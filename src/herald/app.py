@@ -21,13 +21,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 
 from .brokers.base import Broker, ClientInfo, StreamPosition
 from .codes import CloseCode
@@ -39,13 +40,16 @@ from .presence.base import PresenceManager
 from .protocol.messages import SUBPROTOCOL
 from .protocol.session import SessionState
 from .transports.fastapi import (
-    StarletteTransport,
     check_handshake,
+    client_ip,
     close_quietly,
+    install_log_filters,
     new_client_id,
     read_loop,
+    refuse_handshake,
     remote_address,
 )
+from .transports.fastpath import transport_for
 from .tutorial import BROADCAST_CHANNEL, echo_reply, json_reply, render_broadcast
 
 logger = logging.getLogger("herald")
@@ -120,6 +124,7 @@ class Herald:
         return func
 
     async def start(self) -> None:
+        install_log_filters()
         await self.node.start()
 
     async def close(self) -> None:
@@ -143,6 +148,38 @@ class Herald:
             self._api_router = build_api_router(self)
         return self._api_router
 
+    @property
+    def asyncapi_router(self) -> APIRouter:
+        """``/asyncapi.json`` (AsyncAPI 3.0 document) and ``/asyncapi`` (its docs page)."""
+        from fastapi.responses import HTMLResponse, JSONResponse
+
+        from .asyncapi import build_asyncapi, render_html
+
+        router = APIRouter(tags=["contract"])
+        cache: dict[tuple[str, bool, tuple[str, ...]], tuple[Any, str]] = {}
+
+        def document(request: Request) -> tuple[Any, str]:
+            # Generated once per (host, scheme, registered RPC methods): RPC methods added
+            # after start-up still appear.
+            key = (request.url.netloc, request.url.scheme == "https", tuple(self.node.rpc_methods))
+            if key not in cache:
+                doc = build_asyncapi(
+                    self.settings, self.node.rpc_methods, host=key[0], secure=key[1]
+                )
+                cache.clear()
+                cache[key] = (doc, render_html(doc))
+            return cache[key]
+
+        @router.get("/asyncapi.json", summary="AsyncAPI 3.0 document of the WebSocket protocol")
+        async def asyncapi_json(request: Request) -> JSONResponse:
+            return JSONResponse(document(request)[0])
+
+        @router.get("/asyncapi", summary="The WebSocket protocol's docs page", response_class=HTMLResponse)
+        async def asyncapi_page(request: Request) -> HTMLResponse:
+            return HTMLResponse(document(request)[1])
+
+        return router
+
     # ------------------------------------------------------------ endpoints
 
     def _connection(
@@ -150,7 +187,7 @@ class Herald:
     ) -> Connection:
         settings = self.settings
         return Connection(
-            StarletteTransport(websocket),
+            transport_for(websocket, fast_path=settings.fast_path),
             new_client_id(),
             renderer=renderer,
             echo_own=echo_own,
@@ -160,12 +197,42 @@ class Herald:
             remote=remote_address(websocket),
         )
 
+    def _guarded(
+        self, endpoint: Callable[[WebSocket], Awaitable[None]]
+    ) -> Callable[[WebSocket], Awaitable[None]]:
+        """Wrap a WebSocket endpoint in the checks every route gets before accept: the
+        Origin allow-list (HTTP 403) and the per-IP connection limit (HTTP 403, logged)."""
+        node = self.node
+
+        @functools.wraps(endpoint)
+        async def guarded(websocket: WebSocket) -> None:
+            if not await check_handshake(websocket, self.settings):
+                node.record_rejection("origin")
+                return
+            websocket.scope["herald.handshake_checked"] = True
+            ip = client_ip(websocket)
+            if not node.ip_connections.acquire(ip):
+                node.record_rejection("ip_limit")
+                await refuse_handshake(websocket, 429, "too many connections from this address")
+                return
+            try:
+                await endpoint(websocket)
+            finally:
+                node.ip_connections.release(ip)
+
+        return guarded
+
     def _add_routes(self, router: APIRouter) -> None:
-        router.add_api_websocket_route("/connect", self._connect_endpoint, name="herald_connect")
-        router.add_api_websocket_route("/ws", self._echo_endpoint, name="tutorial_echo")
-        router.add_api_websocket_route("/ws_json", self._json_endpoint, name="tutorial_json")
+        guarded = self._guarded
         router.add_api_websocket_route(
-            "/ws_broadcast", self._broadcast_endpoint, name="tutorial_broadcast"
+            "/connect", guarded(self._connect_endpoint), name="herald_connect"
+        )
+        router.add_api_websocket_route("/ws", guarded(self._echo_endpoint), name="tutorial_echo")
+        router.add_api_websocket_route(
+            "/ws_json", guarded(self._json_endpoint), name="tutorial_json"
+        )
+        router.add_api_websocket_route(
+            "/ws_broadcast", guarded(self._broadcast_endpoint), name="tutorial_broadcast"
         )
 
     async def _connect_endpoint(self, websocket: WebSocket) -> None:
@@ -205,13 +272,16 @@ class Herald:
                     await connection.wait_closed(2.0)
             await handler.close()
             await connection.stop()
+        # Structured fields (see herald.logs); never payloads or tokens.
         logger.info(
-            "client %s (%s) user=%r closed %s %s",
-            connection.client_id,
-            connection.remote,
-            connection.user,
-            connection.close_code,
-            connection.close_reason,
+            "client disconnected",
+            extra={
+                "conn": connection.client_id,
+                "user": connection.user,
+                "remote": connection.remote,
+                "code": connection.close_code,
+                "reason": connection.close_reason,
+            },
         )
 
     async def _echo_endpoint(self, websocket: WebSocket) -> None:

@@ -3,19 +3,46 @@
 Browsers send ``Origin`` on WebSocket handshakes but Starlette's CORS middleware
 does not apply to WebSockets, so without this check any web page could open a
 socket to Herald with the visitor's cookies (cross-site WebSocket hijacking).
+
+Tokens are JWTs (RFC 7519) checked with PyJWT:
+
+* HS256 with a shared secret (``HERALD_TOKEN_SECRET``);
+* RS256 / ES256 with a PEM public key (``HERALD_TOKEN_PUBLIC_KEY``, the PEM text
+  or a path to a PEM file) or a JWKS file (``HERALD_TOKEN_JWKS_FILE``; the key is
+  chosen by the token's ``kid``).
+
+The algorithm is never taken from the token alone: ``alg: none`` is always
+refused, an HS256 token is only checked when a secret is configured, and an
+RS256/ES256 token only against the configured public keys, so a public key can
+never be abused as an HMAC secret (the classic algorithm-confusion attack).
+
+Claims: ``sub`` (required) is the user id; ``exp`` (optional) is honoured;
+``info`` (optional) is attached to the client; ``channels`` (optional) lists the
+channels the token grants (exact names, or a prefix ending in ``*``);
+``channel`` (subscription tokens) names the one channel granted.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 
 from .codes import ErrorCode
-from .exceptions import CommandError
+from .exceptions import CommandError, ConfigError
+
+#: Algorithms Herald accepts for asymmetric keys.
+ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
+
+
+# ---------------------------------------------------------------- origin
 
 
 def _origin_parts(origin: str) -> tuple[str, str] | None:
@@ -30,14 +57,24 @@ def _origin_parts(origin: str) -> tuple[str, str] | None:
     return parts.scheme, f"{parts.hostname}:{port}"
 
 
+_WILDCARD_LABELS = r"[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+
+
 def _pattern_matches(pattern: str, origin: str) -> bool:
+    """Whether ``origin`` matches one allow-list entry.
+
+    ``*`` alone allows every origin.  ``https://*.example.com`` allows any
+    subdomain (at any depth) of example.com over https, but not example.com
+    itself, and not ``https://example.com.evil.net``.  Other entries are compared
+    as (scheme, host, port), so ``https://app.example.com`` equals
+    ``https://app.example.com:443``.
+    """
+    pattern = pattern.strip()
     if pattern == "*":
         return True
     if "*" in pattern:
-        regex = re.escape(pattern.lower().rstrip("/")).replace(
-            r"\*", r"[a-z0-9-]+(?:\.[a-z0-9-]+)*"
-        )
-        return re.fullmatch(regex, origin.lower().rstrip("/")) is not None
+        regex = re.escape(pattern.lower().rstrip("/")).replace(r"\*", _WILDCARD_LABELS)
+        return re.fullmatch(regex, origin.strip().lower().rstrip("/")) is not None
     want, got = _origin_parts(pattern), _origin_parts(origin)
     return want is not None and want == got
 
@@ -55,6 +92,7 @@ def check_origin(
     Allowed: a request without ``Origin`` (if ``allow_missing``), an ``Origin``
     whose host and port equal the request's ``Host``, or one matching an entry of
     ``allowed`` (exact origins, ``https://*.example.com`` wildcards, or ``*``).
+    The reason is safe to log: it quotes at most 100 characters of the origin.
     """
     if origin is None or origin == "":
         return None if allow_missing else "missing Origin header"
@@ -70,43 +108,129 @@ def check_origin(
             return None
     if any(_pattern_matches(pattern, origin) for pattern in allowed):
         return None
-    return f"origin {origin[:100]} not allowed"
+    return f"origin {origin[:100]!r} not allowed"
+
+
+# ---------------------------------------------------------------- tokens
 
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
+    """The verified claims of a connection or subscription token."""
+
     user: str
     expires_at: float | None = None
     info: Any = None
     channels: list[str] | None = None
+    channel: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
+    def grants(self, channel: str) -> bool:
+        """Whether the ``channel``/``channels`` claims name ``channel``.
 
-@dataclass(frozen=True, slots=True)
+        A ``channels`` entry ending in ``*`` grants every channel with that prefix
+        (``"chat:*"``); anything else must match exactly.
+        """
+        if self.channel is not None and self.channel == channel:
+            return True
+        for granted in self.channels or ():
+            if granted.endswith("*"):
+                if channel.startswith(granted[:-1]):
+                    return True
+            elif granted == channel:
+                return True
+        return False
+
+
+def _read_public_key(value: str) -> str:
+    """A PEM string, or a path to a PEM file (handy in environment variables)."""
+    if "-----BEGIN" in value:
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        raise ConfigError(f"token_public_key: cannot read PEM file {value!r}: {exc}") from None
+
+
+def _load_jwks(path: str) -> dict[str, jwt.PyJWK]:
+    """Keys of a JWKS file by ``kid`` (keys without a kid are stored under "")."""
+    try:
+        text = Path(path).read_text()
+        key_set = jwt.PyJWKSet.from_json(text)
+    except (OSError, json.JSONDecodeError, jwt.PyJWTError) as exc:
+        raise ConfigError(f"token_jwks_file: cannot load {path!r}: {exc}") from None
+    keys: dict[str, jwt.PyJWK] = {}
+    for key in key_set.keys:
+        keys[key.key_id or ""] = key
+    return keys
+
+
 class TokenVerifier:
     """Verifies connection and subscription JWTs.
 
-    HS256 with ``secret``; RS256/ES256 with ``public_key`` (PEM).  ``alg: none``
-    and algorithms not configured are always refused.
+    ``secret`` enables HS256; ``public_key`` (PEM text or path) and/or
+    ``jwks_file`` enable RS256/ES256.  ``leeway`` seconds of clock skew are
+    tolerated on ``exp``/``nbf``/``iat``.  Error messages never contain the token.
     """
 
-    secret: str | None = None
-    public_key: str | None = None
-    audience: str | None = None
-    issuer: str | None = None
+    def __init__(
+        self,
+        secret: str | None = None,
+        public_key: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        *,
+        jwks_file: str | None = None,
+        leeway: float = 0.0,
+    ) -> None:
+        self.secret = secret or None
+        self.public_key = _read_public_key(public_key) if public_key else None
+        self.jwks = _load_jwks(jwks_file) if jwks_file else {}
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
 
     @property
     def enabled(self) -> bool:
-        return bool(self.secret or self.public_key)
+        return bool(self.secret or self.public_key or self.jwks)
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise CommandError(
+                ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})"
+            ) from None
+        alg = header.get("alg")
+        if alg == "HS256" and self.secret:
+            return self.secret, ["HS256"]
+        if alg in ASYMMETRIC_ALGORITHMS:
+            kid = header.get("kid")
+            if self.jwks:
+                jwk = self.jwks.get(kid if isinstance(kid, str) else "")
+                if jwk is None and len(self.jwks) == 1 and not kid:
+                    jwk = next(iter(self.jwks.values()))
+                if jwk is not None:
+                    jwk_alg = getattr(jwk, "algorithm_name", None)
+                    algorithms = [jwk_alg] if jwk_alg in ASYMMETRIC_ALGORITHMS else [str(alg)]
+                    return jwk.key, algorithms
+                if self.public_key is None:
+                    raise CommandError(ErrorCode.UNAUTHORIZED, "invalid token (unknown key id)")
+            if self.public_key is not None:
+                return self.public_key, list(ASYMMETRIC_ALGORITHMS)
+        shown = alg if isinstance(alg, str) and len(alg) <= 16 else "?"
+        raise CommandError(ErrorCode.UNAUTHORIZED, f"invalid token (algorithm {shown} not accepted)")
 
     def verify(self, token: str) -> TokenClaims:
+        """Return the claims of a valid token.
+
+        Raises ``CommandError`` with ``TOKEN_EXPIRED`` (112) for an expired token,
+        ``UNAUTHORIZED`` (111) for anything else wrong with it (bad signature,
+        wrong algorithm, missing ``sub``, tokens not configured).
+        """
         if not self.enabled:
             raise CommandError(ErrorCode.UNAUTHORIZED, "tokens are not configured on this server")
-        key: Any
-        if self.public_key:
-            algorithms, key = ["RS256", "ES256"], self.public_key
-        else:
-            algorithms, key = ["HS256"], self.secret
+        key, algorithms = self._key_for(token)
         try:
             claims = jwt.decode(
                 token,
@@ -114,6 +238,7 @@ class TokenVerifier:
                 algorithms=algorithms,
                 audience=self.audience,
                 issuer=self.issuer,
+                leeway=self.leeway,
                 options={"require": ["sub"], "verify_aud": self.audience is not None},
             )
         except jwt.ExpiredSignatureError:
@@ -123,11 +248,68 @@ class TokenVerifier:
             raise CommandError(
                 ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})"
             ) from None
+        user = claims.get("sub")
+        if not isinstance(user, str) or not user or len(user) > 256:
+            raise CommandError(ErrorCode.UNAUTHORIZED, "invalid token (sub must be a user id)")
         channels = claims.get("channels")
+        channel = claims.get("channel")
+        exp = claims.get("exp")
         return TokenClaims(
-            user=str(claims["sub"]),
-            expires_at=float(claims["exp"]) if "exp" in claims else None,
+            user=user,
+            expires_at=float(exp) if isinstance(exp, int | float) else None,
             info=claims.get("info"),
             channels=[str(c) for c in channels] if isinstance(channels, list) else None,
+            channel=channel if isinstance(channel, str) else None,
             raw=claims,
         )
+
+
+def seconds_left(claims: TokenClaims, now: float | None = None) -> float | None:
+    """Seconds until ``claims`` expire (None: never)."""
+    if claims.expires_at is None:
+        return None
+    return claims.expires_at - (time.time() if now is None else now)
+
+
+# ---------------------------------------------------------------- logs
+
+_TOKEN_IN_TEXT = re.compile(r"((?:^|[?&\s\"'])token=)[^&\s\"']*", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """Replace the value of every ``token=...`` query parameter in ``text`` with ``***``."""
+    return _TOKEN_IN_TEXT.sub(r"\1***", text)
+
+
+class RedactTokensFilter(logging.Filter):
+    """Keeps ``?token=...`` out of logs (uvicorn logs the handshake path with its query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                redact_tokens(arg) if isinstance(arg, str) and "token=" in arg.lower() else arg
+                for arg in record.args
+            )
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            record.msg = redact_tokens(record.msg)
+        return True
+
+
+def install_token_redaction(*logger_names: str) -> None:
+    """Idempotently attach :class:`RedactTokensFilter` to the named loggers."""
+    for name in logger_names or ("uvicorn.error", "uvicorn.access", "herald"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokensFilter) for f in target.filters):
+            target.addFilter(RedactTokensFilter())
+
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "RedactTokensFilter",
+    "TokenClaims",
+    "TokenVerifier",
+    "check_origin",
+    "install_token_redaction",
+    "redact_tokens",
+    "seconds_left",
+]

@@ -1,9 +1,10 @@
-"""The ``herald`` command: ``serve``, ``connect``.
+"""The ``herald`` command: ``serve``, ``config``, ``connect``, ``publish``, ``presence``, ``history``.
 
 ``herald serve`` runs the server under uvicorn; every flag also has a
 ``HERALD_*`` environment variable (flags win).  ``herald connect URL`` is an
-interactive WebSocket client like ``wscat -c``: it prints each message that
-arrives as ``< text`` and sends each line typed.
+interactive WebSocket client like ``wscat -c`` (with ``--channel``, a protocol v1
+client); ``publish``, ``presence`` and ``history`` call the HTTP API.  Those
+client commands live in :mod:`herald.cli_client`.
 """
 
 from __future__ import annotations
@@ -18,25 +19,65 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
+from .cli_client import add_client_commands
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings given as ``serve``/``config`` flags (None: not given)."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "reload": args.reload or None,
+        "broker": args.broker,
+    }
+
+
+def _load_settings(args: argparse.Namespace) -> Any:
+    """Settings from flags > ``HERALD_*`` > the TOML file > defaults; None (after printing
+    which field is wrong) when they are invalid."""
+    from .config import Settings
+
+    try:
+        return Settings.load(args.config, **_overrides(args))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            got = error.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {str(got)[:80]!r})"
+            problems.append(f"{where}: {error['msg']}{shown}")
+        print(f"herald: invalid configuration: {'; '.join(problems)}", file=sys.stderr)
+    except OSError as exc:
+        print(f"herald: cannot read the configuration file: {exc}", file=sys.stderr)
+    except ValueError as exc:  # TOML syntax (tomllib.TOMLDecodeError), JSON in an env list
+        print(f"herald: invalid configuration: {exc}", file=sys.stderr)
+    return None
+
+
+def _config(args: argparse.Namespace) -> int:
+    """``herald config``: the effective settings, secrets masked."""
+    import json
+
+    settings = _load_settings(args)
+    if settings is None:
+        return 2
+    # SecretStr fields dump as "**********" in JSON mode.
+    print(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .config import Settings
+    from .logs import log_config
+    from .transports.fastpath import uvicorn_ws_protocol
 
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "workers": args.workers,
-        "log_level": args.log_level,
-        "reload": args.reload or None,
-        "broker": args.broker,
-    }
-    try:
-        settings = Settings.load(args.config, **overrides)
-    except (ValidationError, OSError, ValueError) as exc:
-        print(f"herald: invalid configuration: {exc}", file=sys.stderr)
+    overrides = _overrides(args)
+    settings = _load_settings(args)
+    if settings is None:
         return 2
     if settings.workers > 1 and settings.broker == "memory":
         print(
@@ -52,6 +93,16 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"HERALD_{name.upper()}"] = str(value)
     if args.config:
         os.environ["HERALD_CONFIG_FILE"] = args.config
+    # Read by the HTTP protocol class in every worker (it is loaded by import string).
+    os.environ["HERALD_HTTP_HEADER_TIMEOUT"] = str(settings.http_header_timeout)
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        # prometheus-client's multiprocess mode: every worker writes its metrics here, and
+        # /metrics (answered by any worker) sums them.  Set before the workers import it.
+        metrics_dir = tempfile.mkdtemp(prefix="herald-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     print(
         f"Herald {__version__} on http://{settings.host}:{settings.port} "
         f"(broker: {settings.broker}, workers: {settings.workers})",
@@ -64,87 +115,37 @@ def _serve(args: argparse.Namespace) -> int:
         workers=settings.workers if not settings.reload else None,
         reload=settings.reload,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_format, settings.log_level),
+        ws=uvicorn_ws_protocol(settings.ws_impl, settings.fast_path),
+        # Slow-loris defence: close connections whose request headers do not arrive in time.
+        http="herald.transports.uvicorn_protocol:HeaderTimeoutHTTPProtocol",
+        # The per-IP limit must see the real client: trust X-Forwarded-For only from these.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # The protocol enforces its own limits; let uvicorn close oversized frames with 1009 too.
         ws_max_size=settings.max_message_size,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=max(int(settings.drain_timeout) + 1, 1),
     )
+    if metrics_dir is not None:
+        import shutil
+
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-async def _connect(args: argparse.Namespace) -> int:
-    import websockets
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-    headers: list[tuple[str, str]] = []
-    for header in args.header or []:
-        name, sep, value = header.partition(":")
-        if not sep:
-            print(f"herald: --header must look like 'Name: value', got {header!r}", file=sys.stderr)
-            return 2
-        headers.append((name.strip(), value.strip()))
-    options: dict[str, Any] = {"additional_headers": headers, "max_size": None}
-    if args.origin:
-        options["origin"] = args.origin
-    if args.subprotocol:
-        options["subprotocols"] = args.subprotocol
-    try:
-        websocket = await websockets.connect(args.url, open_timeout=args.timeout, **options)
-    except InvalidStatus as exc:
-        print(
-            f"herald: server refused the handshake: HTTP {exc.response.status_code}",
-            file=sys.stderr,
-        )
-        return 1
-    except (
-        OSError,
-        TimeoutError,
-        websockets.exceptions.InvalidURI,
-        websockets.exceptions.InvalidHandshake,
-    ) as exc:
-        print(f"herald: cannot connect to {args.url}: {exc}", file=sys.stderr)
-        return 1
-    out = sys.stdout
-    out.write(f"Connected to {args.url} (press Ctrl-D to quit)\n")
-    out.flush()
-
-    async def printer() -> None:
-        try:
-            async for message in websocket:
-                text = (
-                    message
-                    if isinstance(message, str)
-                    else f"<binary {len(message)} bytes> {message.hex()}"
-                )
-                out.write(f"< {text}\n")
-                out.flush()
-        except ConnectionClosed:
-            pass
-
-    async def typist() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                await websocket.close()
-                return
-            try:
-                await websocket.send(line.rstrip("\r\n"))
-            except ConnectionClosed:
-                return
-
-    reading = asyncio.create_task(printer())
-    typing = asyncio.create_task(typist())
-    await asyncio.wait({reading, typing}, return_when=asyncio.FIRST_COMPLETED)
-    if typing.done():
-        await asyncio.wait_for(reading, args.timeout)
-    code = websocket.close_code
-    reason = websocket.close_reason or ""
-    out.write(f"Disconnected ({code}{' ' + reason if reason else ''})\n")
-    out.flush()
-    # The executor thread blocked on stdin would keep us alive.
-    os._exit(0 if code in (1000, 1001, None) else 1)
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="json lines, text, or auto: text on a terminal (HERALD_LOG_FORMAT)",
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("HERALD_CONFIG_FILE") or None,
+        help="TOML file with settings; environment and flags win (HERALD_CONFIG_FILE)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,22 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     serve.add_argument("--broker", help="memory (default), redis://host:port/db, nats://host:port")
-    serve.add_argument("--config", help="TOML file with settings (environment and flags win)")
+    _settings_flags(serve)
     serve.set_defaults(func=_serve)
 
-    connect = commands.add_parser("connect", help="interactive WebSocket client, like wscat -c")
-    connect.add_argument("url", help="ws:// or wss:// URL")
-    connect.add_argument("--origin", help="Origin header to send")
-    connect.add_argument(
-        "-H", "--header", action="append", help="extra header 'Name: value' (repeatable)"
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration (secrets masked) and exit",
+        description="Print the settings `herald serve` would use with the same flags, "
+        "environment and file, as JSON, with secrets masked.  Exit status 2 when invalid.",
     )
-    connect.add_argument(
-        "--subprotocol", action="append", help="subprotocol to request (repeatable)"
-    )
-    connect.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the handshake"
-    )
-    connect.set_defaults(func=_connect)
+    config.add_argument("--host")
+    config.add_argument("--port", type=int)
+    config.add_argument("--workers", type=int)
+    config.add_argument("--reload", action="store_true")
+    config.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    config.add_argument("--broker")
+    _settings_flags(config)
+    config.set_defaults(func=_config)
+
+    # connect, publish, presence, history: the client side lives in cli_client.py.
+    add_client_commands(commands)
     return parser
 
 

@@ -18,14 +18,22 @@ import orjson
 
 from . import __version__
 from .brokers.base import ClientInfo, Publication, StreamPosition
-from .codes import ErrorCode
+from .codes import CloseCode, ErrorCode
 from .connection import Connection
-from .exceptions import BrokerError, CommandError, DisconnectError, ProtocolError
+from .exceptions import (
+    BrokerError,
+    CommandError,
+    DisconnectError,
+    NotAvailableError,
+    ProtocolError,
+)
+from .limits import CommandRateLimiter, RateVerdict
 from .node import ClientContext, Node
 from .protocol import messages as m
 from .protocol.channels import allowed_users
 from .protocol.codec import (
     decode_command,
+    dumps,
     encode_error,
     encode_publication,
     encode_reply,
@@ -34,6 +42,19 @@ from .protocol.codec import (
 from .protocol.session import Session
 
 logger = logging.getLogger("herald.protocol")
+
+#: The error code of the reply sent with a DisconnectError's close, by close code.
+_DISCONNECT_ERRORS: dict[int, ErrorCode] = {
+    CloseCode.CONNECTION_LIMIT: ErrorCode.LIMIT_EXCEEDED,
+    CloseCode.RATE_LIMIT: ErrorCode.RATE_LIMITED,
+    CloseCode.TOKEN_EXPIRED: ErrorCode.TOKEN_EXPIRED,
+}
+
+
+def _reason(code: int) -> str:
+    """A counter label for an error code (hooks may raise codes Herald does not define)."""
+    name = getattr(code, "name", None)
+    return name.lower() if isinstance(name, str) else f"code_{int(code)}"
 
 
 def render_publication(publication: Publication) -> str:
@@ -60,6 +81,10 @@ class ProtocolHandler:
         self.session = Session(max_subscriptions=settings.max_subscriptions)
         self.context = ClientContext(client=connection.client_id, scope=scope)
         self._rpc_tasks: set[asyncio.Task[None]] = set()
+        self.rate = CommandRateLimiter(
+            settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
+        )
+        self._expiry: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ entry points
 
@@ -67,13 +92,29 @@ class ProtocolHandler:
         connection = self.connection
         now = time.monotonic()
         connection.last_seen = now
-        self.node.stats["messages_in"] += 1
+        stats = self.node.stats
+        stats["messages_in"] += 1
+        stats["bytes_in"] += len(text)
+        if connection.is_closing:
+            return
+        settings = self.node.settings
+        # Every frame costs a token, garbage included, so that a flood of anything is metered.
+        verdict = self.rate.check()
         try:
-            command = decode_command(text, max_depth=self.node.settings.max_json_depth)
+            command = decode_command(
+                text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys
+            )
         except ProtocolError as exc:
+            if verdict is not RateVerdict.OK:
+                self._rate_limited(verdict, exc.command_id, None)
+                return
+            self.node.record_rejected_command(_reason(exc.code))
             connection.send(encode_error(exc.command_id, None, int(exc.code), exc.message))
             return
         if isinstance(command, m.PongCommand):
+            return
+        if verdict is not RateVerdict.OK:
+            self._rate_limited(verdict, command.id, command.type)
             return
         connection.last_active = now
         try:
@@ -89,8 +130,51 @@ class ProtocolHandler:
         finally:
             self.session.finish(command.id)
 
+    def _rate_limited(self, verdict: RateVerdict, command_id: int | None, kind: str | None) -> None:
+        """Answer a command over the rate limit; close 4504 once the strikes are used up."""
+        connection = self.connection
+        if verdict is RateVerdict.ABUSE:
+            self.node.record_rejected_command("rate_limit_disconnect")
+            logger.warning(
+                "client %s (%s) closed: sustained flood over the rate limit",
+                connection.client_id,
+                connection.remote,
+            )
+            connection.close(CloseCode.RATE_LIMIT, "rate limit exceeded")
+            return
+        self.node.record_rejected_command("rate_limited")
+        connection.send(
+            encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded")
+        )
+
+    # ------------------------------------------------------------ token expiry
+
+    def _schedule_expiry(self) -> None:
+        """Arm the timer that asks for a refresh when the connection token expires."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        claims = self.context.claims
+        if claims is None or claims.expires_at is None:
+            return
+        delay = max(claims.expires_at - time.time(), 0.0)
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        grace = self.node.settings.token_refresh_grace
+        self.connection.send(dumps({"type": "refresh", "grace": grace}))
+        self._expiry = asyncio.get_running_loop().call_later(grace, self._refresh_missed)
+
+    def _refresh_missed(self) -> None:
+        self._expiry = None
+        self.node.record_rejected_command("token_expired")
+        self.connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
     async def close(self) -> None:
         """The connection ended: cancel RPCs, unsubscribe everything, run disconnect hooks."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.session.close()
         for task in list(self._rpc_tasks):
             task.cancel()
@@ -115,20 +199,29 @@ class ProtocolHandler:
         try:
             frame = await handler(command)
         except DisconnectError as exc:
-            connection.send(
-                encode_error(command.id, command.type, int(ErrorCode.UNAUTHORIZED), exc.reason)
-            )
+            error = _DISCONNECT_ERRORS.get(exc.code, ErrorCode.UNAUTHORIZED)
+            connection.send(encode_error(command.id, command.type, int(error), exc.reason))
             connection.close(exc.code, exc.reason)
             return
         except CommandError as exc:
+            self.node.record_rejected_command(_reason(exc.code))
             frame = encode_error(command.id, command.type, int(exc.code), exc.message)
         except BrokerError as exc:
-            logger.warning("broker error on %s: %s", command.type, exc)
+            logger.warning(
+                "broker error on %s: %s",
+                command.type,
+                exc,
+                extra={"conn": connection.client_id, "channel": getattr(command, "channel", None)},
+            )
             frame = encode_error(
                 command.id, command.type, int(ErrorCode.BROKER_UNAVAILABLE), "broker unavailable"
             )
         except Exception:
-            logger.exception("command %s failed", command.type)
+            logger.exception(
+                "command %s failed",
+                command.type,
+                extra={"conn": connection.client_id, "user": connection.user},
+            )
             frame = encode_error(
                 command.id, command.type, int(ErrorCode.INTERNAL), "internal error"
             )
@@ -159,7 +252,9 @@ class ProtocolHandler:
 
     async def _cmd_connect(self, command: m.ConnectRequest) -> str:
         node, connection, ctx = self.node, self.connection, self.context
-        ctx.token = command.token
+        # Browsers cannot set headers on a WebSocket handshake: the token may also come
+        # as /connect?token=... (redacted from logs, see auth.RedactTokensFilter).
+        ctx.token = command.token or ctx.query("token")
         ctx.name = command.name
         await node.authenticate(ctx)
         await node.run_hooks("connect", ctx)
@@ -167,6 +262,11 @@ class ProtocolHandler:
         connection.info = ctx.info
         await node.admit(connection)
         self.session.connected()
+        logger.info(
+            "client connected",
+            extra={"conn": connection.client_id, "user": ctx.user, "remote": connection.remote},
+        )
+        self._schedule_expiry()
         settings = node.settings
         result = m.ConnectResult(
             client=connection.client_id,
@@ -176,6 +276,17 @@ class ProtocolHandler:
             pong_timeout=settings.pong_timeout,
         )
         return encode_reply(command.id, "connect", result)
+
+    async def _cmd_refresh(self, command: m.RefreshRequest) -> str:
+        """Replace the connection token; the new one must name the same user."""
+        ctx = self.context
+        claims = self.node.tokens.verify(command.token)
+        if claims.user != self.connection.user:
+            self.node.record_rejection("auth")
+            raise CommandError(ErrorCode.UNAUTHORIZED, "token is for another user")
+        ctx.token, ctx.claims = command.token, claims
+        self._schedule_expiry()
+        return encode_reply(command.id, "refresh", m.RefreshResult(expires_at=claims.expires_at))
 
     async def _cmd_ping(self, command: m.PingRequest) -> str:
         return encode_reply(command.id, "ping", {})
@@ -239,7 +350,9 @@ class ProtocolHandler:
             )
         self._check_user_limited(channel)
         session.check_subscribe(channel)
-        await node.authorize_subscribe(self.context, channel, item.token)
+        await node.authorize_subscribe(
+            self.context, channel, item.token, private=options.private
+        )
         await node.run_hooks("subscribe", self.context, channel)
 
         connection.hold(channel)
@@ -251,11 +364,17 @@ class ProtocolHandler:
             publications: list[Publication] = []
             since = item.since
             if since is not None:
-                history = await node.history(
-                    channel, since=StreamPosition(since.offset, since.epoch), limit=None
-                )
+                try:
+                    history = await node.history(
+                        channel, since=StreamPosition(since.offset, since.epoch), limit=None
+                    )
+                    recovered = _covers(since, history.publications, history.position)
+                except NotAvailableError:
+                    # The broker keeps no history (core NATS): say so instead of failing.
+                    history = await node.history(channel, limit=0)
+                    recovered = False
                 position = history.position
-                recovered = _covers(since, history.publications, position)
+                node.stats["recovered" if recovered else "not_recovered"] += 1
                 if recovered:
                     publications = history.publications
             else:

@@ -32,6 +32,11 @@ class NamespaceOptions(BaseModel):
     allow_history: bool = Field(default=True, description="Clients may read history.")
     allow_presence: bool = Field(default=True, description="Clients may read presence.")
     allow_anonymous: bool = Field(default=True, description="Clients without a user id may use it.")
+    private: bool = Field(
+        default=False,
+        description="Subscribing needs a subscription token for the channel, or a connection "
+        "token whose `channels` claim grants it.",
+    )
 
 
 def _default_namespaces() -> dict[str, NamespaceOptions]:
@@ -66,11 +71,30 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
+    log_format: str = Field(
+        default="auto",
+        pattern="^(auto|json|text)$",
+        description="json (one object per line), text, or auto: text on a terminal, else json.",
+    )
+    metrics: bool = Field(default=True, description="Serve Prometheus metrics at /metrics.")
+    admin: bool = Field(
+        default=True, description="Serve the admin page at /admin (needs api_key, or loopback)."
+    )
     reload: bool = False
     broker: str = Field(
         default="memory", description="memory, redis://host:port/db or nats://host:port"
     )
     demos: bool = Field(default=True, description="Serve the demo pages at /.")
+    ws_impl: str = Field(
+        default="websockets-sansio",
+        pattern="^(wsproto|websockets|websockets-sansio|auto)$",
+        description="uvicorn WebSocket implementation used by `herald serve`.",
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="`herald serve` writes fan-out frames straight to each socket (framed once, "
+        "still bounded per connection); only with ws_impl websockets-sansio. See docs/benchmarks.md.",
+    )
 
     # -- security
     allowed_origins: Annotated[list[str], NoDecode] = Field(
@@ -91,6 +115,35 @@ class Settings(BaseSettings):
     )
     token_audience: str | None = None
     token_issuer: str | None = None
+    token_jwks_file: str | None = Field(
+        default=None, description="JWKS file with RS256/ES256 public keys (chosen by `kid`)."
+    )
+    token_leeway: float = Field(default=0.0, ge=0, description="Clock skew tolerated on `exp`.")
+    token_refresh_grace: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client whose token expired has to send `refresh` before 4004.",
+    )
+    max_connections_per_user: int = Field(
+        default=100, ge=0, description="Open connections per user id on one node (0: no limit)."
+    )
+    max_connections_per_ip: int = Field(
+        default=0,
+        ge=0,
+        description="Open WebSocket connections per client IP on one node (0: no limit). "
+        "Behind a proxy, set forwarded_allow_ips so the real client IP is used.",
+    )
+    http_header_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        description="`herald serve` closes connections whose HTTP request headers have not "
+        "arrived within this many seconds (slow-loris defence; 0: off).",
+    )
+    forwarded_allow_ips: str | None = Field(
+        default=None,
+        description="IPs of proxies trusted for X-Forwarded-For/-Proto (uvicorn's setting; "
+        "default 127.0.0.1).",
+    )
 
     # -- limits
     max_message_size: int = Field(default=64 * 1024, ge=128, le=64 * 1024 * 1024)
@@ -107,6 +160,18 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, description="Outbound bytes buffered per connection."
     )
     max_rpc_in_flight: int = Field(default=16, ge=1)
+    max_json_keys: int = Field(
+        default=1000, ge=1, description="Most object keys in one inbound frame (all levels)."
+    )
+    rate_limit: float = Field(
+        default=200.0, ge=0, description="Inbound commands per second per connection (0: off)."
+    )
+    rate_limit_burst: int = Field(default=1000, ge=1, description="Commands allowed in a burst.")
+    rate_limit_strikes: int = Field(
+        default=50,
+        ge=1,
+        description="Rate-limited commands tolerated (refilling over 10 s) before close 4504.",
+    )
 
     # -- timing (seconds)
     ping_interval: float = Field(

@@ -73,6 +73,12 @@ class Connection:
         self._closing = False
         self._buffering: dict[str, list[tuple[int | None, str]]] = {}
         self._writer: asyncio.Task[None] | None = None
+        # Fast path (transports/fastpath.py): a synchronous, bounded write of a pre-framed
+        # frame, used while nothing is queued so that order is kept.  None elsewhere.
+        self._direct: Callable[[str, int, int], bool | None] | None = getattr(
+            transport, "write_nowait", None
+        )
+        self._writing = False  # the writer task is between popping a frame and writing it
         self.closed = asyncio.Event()
 
     # ------------------------------------------------------------ sending
@@ -91,6 +97,16 @@ class Connection:
         if self._closing:
             return False
         size = len(frame)
+        direct = self._direct
+        if direct is not None and not self._queue and not self._writing:
+            written = direct(frame, self._max_bytes, self._max_messages)
+            if written is not None:
+                if not written:
+                    self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    return False
+                self.frames_out += 1
+                self.bytes_out += size
+                return True
         if len(self._queue) >= self._max_messages or self._queued_bytes + size > self._max_bytes:
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
             return False
@@ -117,7 +133,8 @@ class Connection:
         if not pending:
             return
         for offset, frame in pending:
-            if offset is not None and after_offset is not None and offset <= after_offset:
+            # Offset 0 marks a publication outside any stream (core NATS): never a duplicate.
+            if offset and after_offset is not None and offset <= after_offset:
                 continue
             self.send(frame)
 
@@ -143,14 +160,24 @@ class Connection:
         self._wakeup.set()
 
     def abort(self, code: int, reason: str) -> None:
-        """Close now, dropping whatever is queued (slow consumers, protocol abuse)."""
-        if self._closing and not self._queue:
+        """Close now, dropping whatever is queued (slow consumers, protocol abuse).
+
+        The writer may be blocked on a peer that stopped reading (flow control), so it is
+        cancelled; its cleanup closes the transport, which aborts the socket if the close
+        frame cannot be written either.
+        """
+        if self._closing and not self._queue and self.close_code is not None:
             return
         self._closing = True
         self.close_code, self.close_reason = code, reason
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
+        writer = self._writer
+        if writer is not None and not writer.done() and self._writing:
+            writer.cancel()
+        if code == CloseCode.SLOW_CONSUMER:
+            logger.warning("client %s (%s) disconnected: slow consumer (4001)", self.client_id, self.remote)
 
     def peer_closed(self, code: int) -> None:
         """The peer went away; stop writing."""
@@ -176,7 +203,9 @@ class Connection:
                 while queue:
                     frame = queue.popleft()
                     self._queued_bytes -= len(frame)
+                    self._writing = True
                     await transport.send(frame)
+                    self._writing = False
                     self.frames_out += 1
                     self.bytes_out += len(frame)
                 if self._closing:
@@ -184,7 +213,8 @@ class Connection:
                 self._wakeup.clear()
                 await self._wakeup.wait()
         except asyncio.CancelledError:
-            raise
+            if self.close_code is None:  # cancelled from outside, not by abort()
+                raise
         except Exception as exc:  # the peer vanished mid-write
             logger.debug("write to %s failed: %r", self.client_id, exc)
             self.peer_closed(1006)

@@ -14,6 +14,8 @@
     ├── ConfigError            invalid settings
     └── ClientError            raised by herald.client
         ├── ClientTimeoutError
+        ├── ClientConnectionError   cannot connect, or the connection was lost mid-command
+        │   └── ClientClosedError   the client stopped for good (closed, or told not to reconnect)
         └── ReplyError         an error reply to a client command
 """
 
@@ -89,6 +91,22 @@ class ClientTimeoutError(ClientError, TimeoutError):
     """A client wait ran out of time."""
 
 
+class ClientConnectionError(ClientError):
+    """The client could not connect, or lost its connection while a command was in flight."""
+
+
+class ClientClosedError(ClientConnectionError):
+    """The client stopped for good: closed by the app, or by a close code that forbids reconnecting.
+
+    ``code`` and ``reason`` are the WebSocket close code and reason (1000 when the app closed it).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"client closed ({code}{': ' + reason if reason else ''})")
+
+
 class ReplyError(ClientError):
     """The server answered a client command with an error reply."""
 
@@ -101,6 +119,8 @@ class ReplyError(ClientError):
 __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
+    "ClientClosedError",
+    "ClientConnectionError",
     "ClientError",
     "ClientTimeoutError",
     "CommandError",

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter
 
-from .auth import TokenVerifier
+from .auth import TokenClaims, TokenVerifier
 from .brokers.base import (
     Broker,
     ClientInfo,
@@ -34,14 +34,18 @@ from .brokers.memory import MemoryBroker
 from .codes import CloseCode, ErrorCode
 from .config import NamespaceOptions, Settings
 from .connection import Connection
-from .exceptions import BrokerError, BrokerUnavailableError, CommandError
+from .exceptions import BrokerError, BrokerUnavailableError, CommandError, DisconnectError
 from .hub import Hub
+from .limits import ConnectionCounter
 from .presence.base import PresenceManager, PresenceStats
 from .presence.memory import MemoryPresenceManager
 from .protocol.channels import ChannelRules, namespace_of, validate_channel
 from .protocol.codec import PING_FRAME
 
 logger = logging.getLogger("herald.node")
+
+#: Node-to-node commands (cross-node disconnect) travel on this reserved broker channel.
+CONTROL_CHANNEL = "$herald:control"
 
 
 @dataclass(slots=True)
@@ -58,6 +62,8 @@ class ClientContext:
     token: str | None = None
     scope: MutableMapping[str, Any] = field(default_factory=dict)
     name: str | None = None
+    #: The verified connection token's claims (None for anonymous or hook-authenticated clients).
+    claims: TokenClaims | None = None
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode("latin-1")
@@ -65,6 +71,36 @@ class ClientContext:
             if key == wanted:
                 return bytes(value).decode("latin-1")
         return None
+
+    def cookie(self, name: str) -> str | None:
+        """A cookie sent with the handshake (browsers send the site's cookies on WebSockets)."""
+        from http.cookies import CookieError, SimpleCookie
+
+        raw = self.header("cookie")
+        if not raw:
+            return None
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(raw)
+        except CookieError:
+            return None
+        morsel = jar.get(name)
+        return morsel.value if morsel is not None else None
+
+    def query(self, name: str) -> str | None:
+        """A query parameter of the handshake URL (``/connect?token=...``)."""
+        from urllib.parse import parse_qs
+
+        raw = self.scope.get("query_string", b"")
+        text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
+        values = parse_qs(text, max_num_fields=64).get(name)
+        return values[0] if values else None
+
+    @property
+    def client_ip(self) -> str:
+        """The client's IP (uvicorn puts the proxy-forwarded one here when trusted)."""
+        client = self.scope.get("client")
+        return str(client[0]) if client else ""
 
 
 Hook = Callable[..., Any]
@@ -107,7 +143,11 @@ class Node:
             public_key=self.settings.token_public_key,
             audience=self.settings.token_audience,
             issuer=self.settings.token_issuer,
+            jwks_file=self.settings.token_jwks_file,
+            leeway=self.settings.token_leeway,
         )
+        #: Open WebSocket connections per client IP (all routes; see app.py).
+        self.ip_connections = ConnectionCounter(self.settings.max_connections_per_ip)
         self.rpc_methods: dict[str, RpcMethod] = {}
         self.hooks: dict[str, list[Hook]] = {
             "connect": [],
@@ -120,7 +160,28 @@ class Node:
         self.started = False
         self.closing = False
         self.started_at = time.time()
-        self.stats = {"messages_in": 0, "messages_out": 0, "publications": 0, "slow_consumers": 0}
+        # Plain counters on the hot path; herald.metrics exports them at scrape time.
+        self.stats = {
+            "messages_in": 0,  # inbound frames
+            "bytes_in": 0,
+            "messages_out": 0,  # publications queued to subscribers (fan-out deliveries)
+            "publications": 0,
+            "slow_consumers": 0,
+            "connections": 0,  # admitted since start
+            "frames_out_closed": 0,  # frames/bytes written to connections that are gone
+            "bytes_out_closed": 0,
+            "recovered": 0,  # subscribe with `since`: recovered or not
+            "not_recovered": 0,
+        }
+        self.close_codes: dict[int, int] = {}
+        self.publications_by_namespace: dict[str, int] = {}
+        self.broker_errors: dict[str, int] = {}
+        #: Refused handshakes and connects by reason (origin, auth, limits, ...).
+        self.rejected_handshakes: dict[str, int] = {}
+        #: Refused commands and frames by reason (rate_limited, too_deep, permission_denied, ...).
+        self.rejected_commands: dict[str, int] = {}
+        #: Called with the seconds each broker publish took (set by herald.metrics).
+        self.observe_publish_latency: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -128,6 +189,12 @@ class Node:
         if self.started:
             return
         await self.broker.start(self._on_broker_message)
+        try:
+            await self.broker.subscribe(CONTROL_CHANNEL)
+        except BrokerError as exc:
+            # Brokers keep a channel whose subscribe failed registered and subscribe it on
+            # reconnection, so the control channel comes back with the broker.
+            logger.warning("control channel not subscribed yet: %s", exc)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="herald-heartbeat"))
         self._tasks.append(loop.create_task(self._presence_loop(), name="herald-presence"))
@@ -140,15 +207,7 @@ class Node:
         """Disconnect every client (after flushing up to ``drain_timeout``) and stop."""
         if not self.started:
             return
-        self.closing = True
-        connections = list(self.hub.connections())
-        for connection in connections:
-            connection.close(code, reason)
-        if connections:
-            await asyncio.wait(
-                [asyncio.ensure_future(c.closed.wait()) for c in connections],
-                timeout=self.settings.drain_timeout,
-            )
+        await self.drain(code=code, reason=reason)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -158,6 +217,36 @@ class Node:
         await self.broker.close()
         await self.presence.close()
         self.started = False
+
+    async def drain(
+        self, *, code: int = CloseCode.SERVICE_RESTART, reason: str = "server shutting down"
+    ) -> None:
+        """Send every client a disconnect push (with its reconnect hint) and close it
+        with ``code`` once its queued frames are written; wait up to ``drain_timeout``.
+
+        The broker stays open: publications accepted before (and during) the drain
+        reach history.  ``/readyz`` reports unavailable from here on.
+        """
+        self.closing = True
+        connections = list(self.hub.connections())
+        for connection in connections:
+            connection.close(code, reason)
+        if connections:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.closed.wait()) for c in connections],
+                timeout=self.settings.drain_timeout,
+            )
+
+    def record_rejection(self, reason: str) -> None:
+        """Count a refused handshake or connect (``origin``, ``auth``, ``limits``, ...)."""
+        self.rejected_handshakes[reason] = self.rejected_handshakes.get(reason, 0) + 1
+
+    def record_rejected_command(self, reason: str) -> None:
+        """Count a command or frame refused for bad input or policy (see ``rejected_commands``)."""
+        self.rejected_commands[reason] = self.rejected_commands.get(reason, 0) + 1
+
+    def _broker_error(self, operation: str) -> None:
+        self.broker_errors[operation] = self.broker_errors.get(operation, 0) + 1
 
     # ------------------------------------------------------------ namespaces
 
@@ -204,13 +293,21 @@ class Node:
         publish_options = PublishOptions(
             history_size=options.history_size, history_ttl=options.history_ttl, info=info
         )
+        started = time.perf_counter()
         try:
             position = await self.broker.publish(channel, data_json, publish_options)
         except BrokerError:
+            self._broker_error("publish")
             raise
         except Exception as exc:
+            self._broker_error("publish")
             raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
+        if self.observe_publish_latency is not None:
+            self.observe_publish_latency(time.perf_counter() - started)
         self.stats["publications"] += 1
+        namespace = namespace_of(channel)
+        by_namespace = self.publications_by_namespace
+        by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
         return position
 
     async def publish_internal(
@@ -232,6 +329,10 @@ class Node:
     # ------------------------------------------------------------ broker side
 
     async def _on_broker_message(self, message: Publication | PresenceEvent) -> None:
+        if message.channel == CONTROL_CHANNEL:
+            if isinstance(message, Publication):
+                self._on_control(message.data)
+            return
         if isinstance(message, Publication):
             self.stats["messages_out"] += self.hub.fan_out(message)
         else:
@@ -246,6 +347,8 @@ class Node:
             try:
                 await self.broker.subscribe(channel)
             except BaseException as exc:
+                if isinstance(exc, Exception):
+                    self._broker_error("subscribe")
                 del self._broker_subscriptions[channel]
                 pending.set_exception(exc)
                 pending.exception()  # mark retrieved; callers get their own raise
@@ -270,9 +373,13 @@ class Node:
         if not options.presence:
             return
         info = ClientInfo(connection.client_id, connection.user, connection.info)
-        await self.presence.add(channel, info, self.settings.presence_ttl)
-        if options.join_leave:
-            await self.broker.publish_event(PresenceEvent(channel, "join", info))
+        try:
+            await self.presence.add(channel, info, self.settings.presence_ttl)
+            if options.join_leave:
+                await self.broker.publish_event(PresenceEvent(channel, "join", info))
+        except Exception as exc:
+            # The subscribe already succeeded (and was answered); the presence loop retries.
+            logger.warning("presence join %s failed: %r", channel, exc)
 
     async def leave(self, channel: str, connection: Connection) -> None:
         try:
@@ -318,41 +425,107 @@ class Node:
     async def authenticate(self, ctx: ClientContext) -> None:
         """Set ``ctx.user`` from the connection token, if one was given."""
         if ctx.token:
-            claims = self.tokens.verify(ctx.token)
+            try:
+                claims = self.tokens.verify(ctx.token)
+            except CommandError:
+                self.record_rejection("auth")
+                raise
             ctx.user = claims.user
+            ctx.claims = claims
             if claims.info is not None:
                 ctx.info = claims.info
 
     async def authorize_subscribe(
-        self, ctx: ClientContext, channel: str, token: str | None
+        self, ctx: ClientContext, channel: str, token: str | None, *, private: bool = False
     ) -> None:
-        """Check a subscription token when one is given (its ``sub`` must be this user)."""
-        if token is None:
+        """Check the right to subscribe to ``channel`` beyond namespace rules.
+
+        A subscription ``token`` must be valid, name this user in ``sub`` and grant
+        the channel in its ``channel`` (or ``channels``) claim; a token without such
+        a claim grants nothing (so a connection token cannot be replayed as one).
+        A ``private`` namespace needs such a token, or a connection token whose
+        ``channels`` claim grants the channel.
+        """
+        if token is not None:
+            try:
+                claims = self.tokens.verify(token)
+            except CommandError:
+                self.record_rejection("subscription_token")
+                raise
+            if claims.user != ctx.user or not claims.grants(channel):
+                self.record_rejection("subscription_token")
+                raise CommandError(
+                    ErrorCode.PERMISSION_DENIED, "subscription token does not grant this channel"
+                )
             return
-        claims = self.tokens.verify(token)
-        if claims.user != ctx.user or (
-            claims.channels is not None and channel not in claims.channels
-        ):
+        if private and not (ctx.claims is not None and ctx.claims.grants(channel)):
+            self.record_rejection("private_channel")
             raise CommandError(
-                ErrorCode.PERMISSION_DENIED, "subscription token does not grant this channel"
+                ErrorCode.PERMISSION_DENIED, "private channel: a subscription token is required"
             )
 
     async def admit(self, connection: Connection) -> None:
-        """Add a connected client to the hub."""
+        """Add a connected client to the hub.
+
+        Raises ``DisconnectError(4503)`` when the user already has
+        ``max_connections_per_user`` connections on this node.
+        """
+        limit = self.settings.max_connections_per_user
+        if (
+            limit > 0
+            and connection.user
+            and len(self.hub.user_connections(connection.user)) >= limit
+        ):
+            self.record_rejection("user_limit")
+            raise DisconnectError(
+                CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user"
+            )
         self.hub.add(connection)
+        self.stats["connections"] += 1
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> int:
-        """Close every local connection of ``user``; returns how many."""
+        """Close every connection of ``user`` on every node; returns how many were local.
+
+        Other nodes get the command through the broker's control channel and close
+        theirs asynchronously.  Raises ``BrokerError`` when the broker cannot carry
+        it (the local connections are closed anyway).
+        """
+        count = self._disconnect_local(user, code, reason)
+        command = {"op": "disconnect", "node": self.id, "user": user, "code": code, "reason": reason}
+        await self.broker.publish(CONTROL_CHANNEL, orjson.dumps(command), PublishOptions())
+        return count
+
+    def _disconnect_local(self, user: str, code: int, reason: str) -> int:
         connections = self.hub.user_connections(user)
         for connection in connections:
             connection.close(code, reason)
         return len(connections)
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            command = orjson.loads(data)
+            if command.get("node") == self.id:
+                return
+            if command.get("op") == "disconnect":
+                self._disconnect_local(
+                    str(command["user"]), int(command["code"]), str(command["reason"])
+                )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.warning("ignoring malformed control message: %r", exc)
 
     # ------------------------------------------------------------ connections
 
     async def unregister(self, connection: Connection, protocol_channels: bool) -> None:
         """Remove ``connection`` everywhere: hub, broker subscriptions, presence."""
         channels = list(connection.channels)
+        if self.hub.get(connection.client_id) is connection:  # admitted: count how it ended
+            code = connection.close_code or 1005
+            self.close_codes[code] = self.close_codes.get(code, 0) + 1
+            if code == CloseCode.SLOW_CONSUMER:
+                self.stats["slow_consumers"] += 1
+        stats = self.stats
+        stats["frames_out_closed"] += connection.frames_out
+        stats["bytes_out_closed"] += connection.bytes_out
         emptied = self.hub.remove(connection)
         if protocol_channels:
             for channel in channels:

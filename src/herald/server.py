@@ -30,9 +30,37 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
     herald = herald or Herald(settings)
     settings = herald.settings
 
+    demo_context: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+    if settings.demos:
+        from .demos import install_demos
+
+        # The chat's presence shows connect names; the dashboard's figures are published here.
+        demo_context = install_demos(herald)
+
+    from .shutdown import drain_on_signals
+
+    operations: list[contextlib.AbstractAsyncContextManager[None]] = []
+    metrics = admin = None
+    if settings.metrics:
+        from .metrics import Metrics
+
+        metrics = Metrics(herald.node)
+        operations.append(metrics.running())
+    if settings.admin:
+        from .admin import Admin
+
+        admin = Admin(herald)
+        operations.append(admin.running())
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with herald.lifespan(app):
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(herald.lifespan(app))
+            await stack.enter_async_context(demo_context)
+            for context in operations:
+                await stack.enter_async_context(context)
+            # SIGTERM: drain clients (disconnect push + 1012) before uvicorn closes them.
+            await stack.enter_async_context(drain_on_signals(herald.node))
             yield
 
     app = FastAPI(
@@ -44,6 +72,13 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
     app.state.herald = herald
     app.include_router(herald.router)
     app.include_router(herald.api_router)
+    app.include_router(herald.asyncapi_router)  # /asyncapi.json and /asyncapi
+    if metrics is not None:
+        from .metrics import build_metrics_router
+
+        app.include_router(build_metrics_router(metrics))
+    if admin is not None:
+        app.include_router(admin.router)
 
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
@@ -53,6 +88,7 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
         "/readyz",
         tags=["operations"],
         summary="The node accepts clients and its broker is reachable",
+        response_model=None,
     )
     async def readyz() -> JSONResponse:
         node = herald.node
@@ -78,7 +114,10 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
 def __getattr__(name: str) -> Any:
     # `uvicorn herald.server:app`: build the app lazily, so importing this module is cheap.
     if name == "app":
-        application = create_app()
+        import os
+
+        # `herald serve --config FILE` passes the file to (every worker's) app this way.
+        application = create_app(Settings.load(os.environ.get("HERALD_CONFIG_FILE") or None))
         globals()["app"] = application
         return application
     raise AttributeError(name)

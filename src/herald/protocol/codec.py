@@ -26,6 +26,8 @@ _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 #: Default maximum nesting of arrays/objects in a frame.
 DEFAULT_MAX_DEPTH = 32
+#: Default maximum number of object keys in a frame (all levels together).
+DEFAULT_MAX_KEYS = 1000
 
 
 def json_depth_exceeds(value: Any, max_depth: int) -> bool:
@@ -47,18 +49,58 @@ def json_depth_exceeds(value: Any, max_depth: int) -> bool:
     return False
 
 
-def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Parse JSON, mapping every failure to a :class:`ProtocolError`."""
+def json_key_count_exceeds(value: Any, max_keys: int) -> bool:
+    """Return True when ``value`` holds more than ``max_keys`` object keys in total."""
+    count = 0
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            if count > max_keys:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def loads(
+    text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_keys: int | None = None
+) -> Any:
+    """Parse JSON, mapping every failure to a :class:`ProtocolError`.
+
+    ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``; ``TOO_LARGE`` (117)
+    for more than ``max_keys`` object keys (None: no key limit).
+    """
+    value = _parse(text)
+    _check_limits(value, max_depth, max_keys, None)
+    return value
+
+
+def _parse(text: str | bytes) -> Any:
     try:
-        value = orjson.loads(text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         message = str(exc)
-        if "recursion" in message.lower():
+        lowered = message.lower()
+        # orjson refuses nesting past its own limit (1024) before we can count it.
+        if "recursion" in lowered or "depth limit" in lowered:
             raise ProtocolError(ErrorCode.TOO_DEEP, "JSON nested too deeply") from None
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {message}") from None
+
+
+def _check_limits(
+    value: Any, max_depth: int, max_keys: int | None, command_id: int | None
+) -> None:
     if json_depth_exceeds(value, max_depth):
-        raise ProtocolError(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels")
-    return value
+        raise ProtocolError(
+            ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id
+        )
+    if max_keys is not None and json_key_count_exceeds(value, max_keys):
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in one frame", command_id
+        )
 
 
 def _readable_id(frame: Mapping[str, Any]) -> int | None:
@@ -75,7 +117,9 @@ def _describe(error: ValidationError) -> str:
     return f"{location}: {message}" if location else message
 
 
-def decode_command(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Command:
+def decode_command(
+    text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_keys: int = DEFAULT_MAX_KEYS
+) -> Command:
     """Decode one client frame into a command model.
 
     Raises :class:`ProtocolError` with
@@ -83,14 +127,17 @@ def decode_command(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
     * ``BAD_REQUEST`` (101) for malformed JSON, a non-object frame, a missing or
       ill-typed field, an unknown field, or an out-of-range id;
     * ``UNKNOWN_COMMAND`` (102) for a ``type`` protocol v1 does not define;
-    * ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``.
+    * ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``;
+    * ``TOO_LARGE`` (117) for more than ``max_keys`` object keys.
 
     ``ProtocolError.command_id`` carries the frame's id when it was readable.
     """
-    frame = loads(text, max_depth=max_depth)
+    frame = _parse(text)
+    command_id = _readable_id(frame) if isinstance(frame, dict) else None
+    # Limits are checked after the id is read, so that the error reply can carry it.
+    _check_limits(frame, max_depth, max_keys, command_id)
     if not isinstance(frame, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
-    command_id = _readable_id(frame)
     kind = frame.get("type")
     if kind is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: type", command_id)

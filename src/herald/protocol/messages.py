@@ -24,8 +24,10 @@ SUBPROTOCOL = "herald.v1"
 #: Largest id a client may choose: ids must survive a round trip through JavaScript numbers.
 MAX_ID = 2**53 - 1
 
+# strict: a JSON string "1" or true must not pass as id 1 (the reply would echo a different
+# id than the client keys its pending commands by); the exported JSON Schema says "integer".
 CommandId = Annotated[
-    int, Field(ge=1, le=MAX_ID, description="Client-chosen id, echoed in the reply.")
+    int, Field(ge=1, le=MAX_ID, strict=True, description="Client-chosen id, echoed in the reply.")
 ]
 
 
@@ -39,7 +41,7 @@ class _Model(BaseModel):
 class StreamPositionModel(_Model):
     """A place in a channel's stream: publications after ``offset`` in stream ``epoch``."""
 
-    offset: int = Field(ge=0, le=MAX_ID)
+    offset: int = Field(ge=0, le=MAX_ID, strict=True)
     epoch: str = Field(max_length=64)
 
 
@@ -124,8 +126,17 @@ class HistoryRequest(_Model):
     id: CommandId
     channel: str = Field(max_length=1024)
     since: StreamPositionModel | None = None
-    limit: int | None = Field(default=None, ge=0, le=MAX_ID)
-    reverse: bool = Field(default=False, description="Newest first when true.")
+    limit: int | None = Field(default=None, ge=0, le=MAX_ID, strict=True)
+    reverse: bool = Field(default=False, strict=True, description="Newest first when true.")
+
+
+class RefreshRequest(_Model):
+    """Replace the connection token before it expires (or within the grace period after
+    the server's ``refresh`` push).  The new token must name the same user."""
+
+    type: Literal["refresh"]
+    id: CommandId
+    token: str = Field(min_length=1, max_length=8192)
 
 
 class PingRequest(_Model):
@@ -149,6 +160,7 @@ Command = Annotated[
     | PresenceStatsRequest
     | HistoryRequest
     | PingRequest
+    | RefreshRequest
     | PongCommand,
     Field(discriminator="type"),
 ]
@@ -164,6 +176,7 @@ COMMAND_TYPES: frozenset[str] = frozenset(
         "presence_stats",
         "history",
         "ping",
+        "refresh",
         "pong",
     }
 )
@@ -224,6 +237,12 @@ class HistoryResult(_Model):
     epoch: str
 
 
+class RefreshResult(_Model):
+    expires_at: float | None = Field(
+        default=None, description="When the new token expires (Unix time); null: never."
+    )
+
+
 class PingResult(_Model):
     pass
 
@@ -271,6 +290,11 @@ class PresenceStatsReply(_Reply):
 class HistoryReply(_Reply):
     type: Literal["history"] = "history"
     result: HistoryResult | None = None
+
+
+class RefreshReply(_Reply):
+    type: Literal["refresh"] = "refresh"
+    result: RefreshResult | None = None
 
 
 class PingReply(_Reply):
@@ -323,8 +347,16 @@ class PingPush(_Model):
     type: Literal["ping"] = "ping"
 
 
+class RefreshPush(_Model):
+    """The connection token expired: send a ``refresh`` command with a new token within
+    ``grace`` seconds, or the server closes the connection with 4004 (TOKEN_EXPIRED)."""
+
+    type: Literal["refresh"] = "refresh"
+    grace: float
+
+
 Push = Annotated[
-    PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush,
+    PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush | RefreshPush,
     Field(discriminator="type"),
 ]
 
@@ -338,6 +370,7 @@ Reply = (
     | PresenceStatsReply
     | HistoryReply
     | PingReply
+    | RefreshReply
     | ErrorReply
 )
 
@@ -351,4 +384,5 @@ REPLY_MODELS: dict[str, type[_Reply]] = {
     "presence_stats": PresenceStatsReply,
     "history": HistoryReply,
     "ping": PingReply,
+    "refresh": RefreshReply,
 }

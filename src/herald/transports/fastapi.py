@@ -14,18 +14,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketState
 
-from ..auth import check_origin
+from ..auth import check_origin, install_token_redaction
 from ..codes import CloseCode
 from ..config import Settings
 
 logger = logging.getLogger("herald.transport")
+
+
+class _QuietProtocolErrors(logging.Filter):
+    """uvicorn logs a full traceback when a client sends invalid UTF-8 (it then closes with
+    1007, which is correct).  Bad client input must not put tracebacks in our logs: keep the
+    one-line message and drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "Invalid UTF-8" in str(record.msg):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def install_log_filters() -> None:
+    """Idempotently attach Herald's filters to uvicorn's error logger."""
+    target = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietProtocolErrors) for f in target.filters):
+        target.addFilter(_QuietProtocolErrors())
+    # uvicorn logs the handshake path with its query string: keep ?token=... out of logs.
+    install_token_redaction("uvicorn.error", "uvicorn.access", "herald", "herald.transport")
 
 
 class StarletteTransport:
@@ -57,11 +80,12 @@ class StarletteTransport:
     def abort(self) -> None:
         """Drop the TCP connection when the server exposes it (uvicorn does), else do nothing.
 
-        ASGI has no way to abort a socket; uvicorn's protocol object is the owner of
-        the ``send`` callable, and its asyncio transport can be aborted.
+        ASGI has no way to abort a socket.  uvicorn hands the application its protocol
+        object's bound ``receive``; that protocol owns the asyncio transport, which we abort
+        so that a peer that stopped reading cannot pin a connection open.
         """
-        owner = getattr(self.websocket.scope.get("herald.send", self._send), "__self__", None)
-        transport = getattr(owner, "transport", None)
+        receive = getattr(self.websocket, "_receive", None)
+        transport = getattr(getattr(receive, "__self__", None), "transport", None)
         abort = getattr(transport, "abort", None)
         if callable(abort):
             abort()
@@ -77,20 +101,24 @@ def remote_address(websocket: WebSocket) -> str:
 
 
 async def refuse_handshake(websocket: WebSocket, status: int, reason: str) -> None:
-    """Refuse before accept: an HTTP response with ``reason`` where the server
-    supports it (ASGI websocket denial response), otherwise a plain 403."""
+    """Refuse before accept: the server answers the handshake with HTTP 403; ``reason`` is logged."""
     logger.warning(
         "refused WebSocket %s from %s: %s", websocket.url.path, remote_address(websocket), reason
     )
-    extensions = websocket.scope.get("extensions") or {}
-    if "websocket.http.response" in extensions:
-        await websocket.send_denial_response(PlainTextResponse(reason + "\n", status_code=status))
-    else:
-        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
+    await websocket.close(CloseCode.POLICY_VIOLATION, reason)
+
+
+def client_ip(websocket: WebSocket) -> str:
+    """The client's IP: the peer address, or the forwarded one when uvicorn trusts the proxy
+    (``--proxy-headers`` with ``forwarded_allow_ips``)."""
+    client = websocket.client
+    return client.host if client else "unknown"
 
 
 async def check_handshake(websocket: WebSocket, settings: Settings) -> bool:
     """Run the checks that happen before accept; refuse and return False on failure."""
+    if websocket.scope.get("herald.handshake_checked"):
+        return True  # already done by Herald's route guard
     headers = websocket.headers
     refusal = check_origin(
         headers.get("origin"),
@@ -164,13 +192,62 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
             await websocket.close(code, reason[:120])
 
 
+async def run_dependency(dependency: Callable[..., Any], scope: MutableMapping[str, Any]) -> Any:
+    """Run a FastAPI dependency callable against a WebSocket handshake's ASGI ``scope``.
+
+    For Herald hooks (``on_connect``, ``on_subscribe``, ...) that want to reuse the
+    app's dependencies: ``user = await run_dependency(current_user, ctx.scope)``.
+    Sub-dependencies, ``Header``/``Cookie``/``Query`` parameters and
+    ``WebSocket``/``HTTPConnection`` parameters are resolved as FastAPI does;
+    yield-dependencies are finished before this returns.  A parameter that cannot
+    be resolved raises :class:`fastapi.exceptions.WebSocketRequestValidationError`;
+    an ``HTTPException`` raised by the dependency propagates (Herald maps exceptions
+    in hooks to error replies).
+    """
+    from fastapi.dependencies.utils import get_dependant, solve_dependencies
+    from fastapi.exceptions import WebSocketRequestValidationError
+
+    async def no_receive() -> Any:
+        raise RuntimeError("a dependency cannot read from the WebSocket")
+
+    async def no_send(message: Any) -> None:
+        raise RuntimeError("a dependency cannot write to the WebSocket")
+
+    dependant = get_dependant(path=str(scope.get("path", "/")), call=dependency)
+    async with contextlib.AsyncExitStack() as stack:
+        # FastAPI's routes put their exit stacks in the scope; yield-dependencies need them.
+        own_scope = {
+            **scope,
+            "fastapi_inner_astack": stack,
+            "fastapi_function_astack": stack,
+        }
+        websocket = WebSocket(own_scope, receive=no_receive, send=no_send)
+        solved = await solve_dependencies(
+            request=websocket,
+            dependant=dependant,
+            async_exit_stack=stack,
+            embed_body_fields=False,
+        )
+        if solved.errors:
+            raise WebSocketRequestValidationError(solved.errors)
+        result = dependency(**solved.values)
+        if inspect.isawaitable(result):
+            result = await result
+        elif inspect.isgenerator(result) or inspect.isasyncgen(result):
+            raise TypeError("run_dependency: call generator dependencies from another dependency")
+        return result
+
+
 __all__ = [
     "Ending",
     "StarletteTransport",
     "check_handshake",
+    "client_ip",
     "close_quietly",
+    "install_log_filters",
     "new_client_id",
     "read_loop",
     "refuse_handshake",
     "remote_address",
+    "run_dependency",
 ]

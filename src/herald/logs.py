@@ -1,0 +1,147 @@
+"""Structured logs: JSON lines, or readable text on a terminal.
+
+``settings.log_format`` picks ``json``, ``text``, or ``auto`` (text when stderr
+is a terminal, JSON otherwise).  ``herald serve`` hands :func:`log_config` to
+uvicorn so that uvicorn's own lines (startup, access log) share the format.
+
+Herald attaches context as ``extra`` fields; :data:`CONTEXT_FIELDS` are the ones
+a formatter prints: ``conn`` (connection id), ``user``, ``channel``, ``code``
+(close code), ``reason``, ``remote`` (peer address), ``node``.  Message payloads
+and tokens are never logged; as a second line of defence every formatted line
+has ``token=...``/``api_key=...`` query parameters masked (uvicorn logs the
+handshake path with its query string).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import sys
+from typing import IO, Any
+
+#: ``extra`` fields that formatters print, in this order.
+CONTEXT_FIELDS = ("conn", "user", "channel", "code", "reason", "remote", "node")
+
+LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
+
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(token|api_key|apikey|key|secret|password)=([^&\s\"']+)",
+)
+
+
+def redact(text: str) -> str:
+    """Mask secret-looking query parameters (``token=abc`` -> ``token=***``)."""
+    return _SECRET_PARAM.sub(r"\1=***", text)
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in CONTEXT_FIELDS:
+        value = record.__dict__.get(name)
+        if value is not None and value != "":
+            values[name] = value
+    return values
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, context fields,
+    and ``error`` (the exception, with its traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        entry.update(_context(record))
+        if record.exc_info:
+            entry["error"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL logger: message key=value ...`` for people at a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = _context(record)
+        if context:
+            head, sep, tail = line.partition("\n")  # keep a traceback below the fields
+            fields = " ".join(f"{k}={v}" for k, v in context.items())
+            line = f"{head} {fields}{sep}{tail}"
+        return redact(line)
+
+
+def resolve_format(log_format: str, stream: IO[str] | None = None) -> str:
+    """``json`` or ``text``; ``auto`` is text on a terminal, JSON otherwise."""
+    if log_format in ("json", "text"):
+        return log_format
+    stream = stream if stream is not None else sys.stderr
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+def formatter_for(log_format: str) -> logging.Formatter:
+    return TextFormatter() if resolve_format(log_format) == "text" else JsonFormatter()
+
+
+def log_config(log_format: str, log_level: str = "info") -> dict[str, Any]:
+    """A :func:`logging.config.dictConfig` for uvicorn's ``log_config``: uvicorn's and
+    Herald's loggers, in one format, on stderr."""
+    kind = resolve_format(log_format)
+    factory = "herald.logs.TextFormatter" if kind == "text" else "herald.logs.JsonFormatter"
+    level = LEVELS.get(log_level, logging.INFO)
+    logger: dict[str, Any] = {"handlers": ["default"], "level": level, "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"herald": {"()": factory}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "herald",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            "uvicorn": dict(logger),
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": dict(logger),
+            "herald": dict(logger),
+        },
+    }
+
+
+def configure_logging(log_format: str, log_level: str = "info") -> None:
+    """Give the ``herald`` logger a handler in ``log_format`` unless it already has one
+    (``herald serve`` configured it through uvicorn, or the application did)."""
+    logger = logging.getLogger("herald")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter_for(log_format))
+    logger.addHandler(handler)
+    logger.setLevel(LEVELS.get(log_level, logging.INFO))
+    logger.propagate = False
+
+
+__all__ = [
+    "CONTEXT_FIELDS",
+    "JsonFormatter",
+    "TextFormatter",
+    "configure_logging",
+    "formatter_for",
+    "log_config",
+    "redact",
+    "resolve_format",
+]

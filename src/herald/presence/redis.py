@@ -1,0 +1,104 @@
+"""Presence in Redis: a hash and a sorted set per channel, entries expiring by score.
+
+``PREFIX:presence:CHANNEL`` maps client id -> ClientInfo JSON and
+``PREFIX:presence-exp:CHANNEL`` maps client id -> expiry time (milliseconds, by
+Redis's clock so that nodes' clocks do not matter).  The owning node refreshes
+its clients' entries every ``presence_ttl / 3`` seconds (``Node._presence_loop``);
+when a node dies its entries stop being refreshed and disappear from
+:meth:`RedisPresenceManager.presence` within ``presence_ttl``.  Both keys expire
+as a whole when nobody refreshes any entry, so an abandoned channel leaves nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..brokers.base import ClientInfo
+from .base import PresenceManager, PresenceStats
+
+if TYPE_CHECKING:
+    from ..brokers.redis import RedisBroker
+
+_ADD = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('zadd', KEYS[2], now + ttl, ARGV[1])
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+-- Keep the keys as long as their longest-lived entry.
+for _, key in ipairs(KEYS) do
+  if redis.call('pttl', key) < ttl then redis.call('pexpire', key, ttl) end
+end
+return 1
+"""
+
+_REMOVE = """
+redis.call('zrem', KEYS[2], ARGV[1])
+redis.call('hdel', KEYS[1], ARGV[1])
+return 1
+"""
+
+_LIVE = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('zrangebyscore', KEYS[2], '-inf', now)
+if #expired > 0 then
+  redis.call('zremrangebyscore', KEYS[2], '-inf', now)
+  for i = 1, #expired, 1000 do
+    redis.call('hdel', KEYS[1], unpack(expired, i, math.min(i + 999, #expired)))
+  end
+end
+return redis.call('hgetall', KEYS[1])
+"""
+
+
+class RedisPresenceManager(PresenceManager):
+    """Presence shared by every node on one Redis; uses the broker's connection pool.
+
+    Raises :class:`~herald.exceptions.BrokerUnavailableError` when Redis is down.
+    """
+
+    def __init__(self, broker: RedisBroker) -> None:
+        self.broker = broker
+        self._scripts: dict[str, Any] = {}
+
+    def _keys(self, channel: str) -> list[str]:
+        prefix = self.broker.config.prefix
+        return [f"{prefix}:presence:{channel}", f"{prefix}:presence-exp:{channel}"]
+
+    def _script(self, name: str, source: str) -> Any:
+        # Scripts are bound to the broker's client, which is replaced after close().
+        client = self.broker.client
+        script = self._scripts.get(name)
+        if script is None or script.registered_client is not client:
+            script = self._scripts[name] = client.register_script(source)
+        return script
+
+    async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
+        ttl_ms = max(int(ttl * 1000), 1)
+        payload = orjson.dumps(info.as_dict())
+        await self.broker._call(
+            self._script("add", _ADD),
+            keys=self._keys(channel),
+            args=[info.client, payload, ttl_ms],
+        )
+
+    async def remove(self, channel: str, client: str) -> None:
+        await self.broker._call(self._script("remove", _REMOVE), keys=self._keys(channel), args=[client])
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        flat = await self.broker._call(self._script("live", _LIVE), keys=self._keys(channel), args=[])
+        entries: dict[str, ClientInfo] = {}
+        for i in range(0, len(flat), 2):
+            info = ClientInfo.from_dict(orjson.loads(flat[i + 1]))
+            entries[info.client] = info
+        return entries
+
+    async def stats(self, channel: str) -> PresenceStats:
+        entries = await self.presence(channel)
+        return PresenceStats(len(entries), len({info.user for info in entries.values()}))
+
+
+__all__ = ["RedisPresenceManager"]

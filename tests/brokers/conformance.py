@@ -1,0 +1,461 @@
+"""One suite of broker behaviour, run against every broker (memory, Redis, NATS).
+
+A test module subclasses :class:`BrokerConformance`, sets the capability flags
+the broker has, and provides an ``engine`` fixture: an :class:`Engine` whose
+:meth:`Engine.node` starts another broker + presence manager on the same
+backend (one per simulated node) with a recording handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from herald.brokers.base import (
+    Broker,
+    ClientInfo,
+    PresenceEvent,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+)
+from herald.config import Settings
+from herald.connection import Connection
+from herald.node import Node
+from herald.presence.base import PresenceManager
+
+from ..helpers import async_wait_for
+
+TIMEOUT = 5.0
+
+
+@dataclass
+class NodeEngines:
+    """One simulated node: its broker, presence manager and everything delivered to it."""
+
+    broker: Broker
+    presence: PresenceManager
+    received: list[Publication | PresenceEvent] = field(default_factory=list)
+
+    def handler(self, message: Publication | PresenceEvent) -> None:
+        self.received.append(message)
+
+    def publications(self, channel: str) -> list[Publication]:
+        return [m for m in self.received if isinstance(m, Publication) and m.channel == channel]
+
+    def events(self, channel: str) -> list[PresenceEvent]:
+        return [m for m in self.received if isinstance(m, PresenceEvent) and m.channel == channel]
+
+    async def wait_publications(self, channel: str, count: int) -> list[Publication]:
+        await async_wait_for(
+            lambda: len(self.publications(channel)) >= count,
+            TIMEOUT,
+            what=f"{count} publications on {channel}",
+        )
+        return self.publications(channel)
+
+
+class Engine:
+    """Makes nodes that share one backend.  Subclasses set ``make`` and ``lose_data``."""
+
+    def __init__(
+        self,
+        make: Callable[[], tuple[Broker, PresenceManager]],
+        lose_data: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._make = make
+        self.lose_data = lose_data
+        self.nodes: list[NodeEngines] = []
+
+    async def node(self) -> NodeEngines:
+        broker, presence = self._make()
+        node = NodeEngines(broker, presence)
+        await broker.start(node.handler)
+        self.nodes.append(node)
+        return node
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                await node.broker.close()
+            with contextlib.suppress(Exception):
+                await node.presence.close()
+
+
+class _Transport:
+    """A transport that records frames (for the ref-counting test)."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    async def send(self, frame: str) -> None:
+        self.frames.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+
+def channel_name(prefix: str = "chat") -> str:
+    return f"{prefix}:{secrets.token_hex(4)}"
+
+
+def info(n: int = 1) -> ClientInfo:
+    return ClientInfo(f"client-{n}", f"user-{n}", {"n": n})
+
+
+HISTORY = PublishOptions(history_size=10, history_ttl=60, info=info())
+
+
+class BrokerConformance:
+    """The behaviour every broker shares; flags switch off what a broker cannot do."""
+
+    #: Keeps history and answers ``history()`` (else raises NotAvailableError).
+    has_history = True
+    #: Offsets are shared by all nodes: 1, 2, 3... in one order everyone sees.
+    shared_offsets = True
+    #: Several independent broker instances share one backend.
+    multi_node = True
+    #: A new subscription may miss other nodes' publications for a moment (core NATS:
+    #: the server may route a publisher's messages by a stale interest cache briefly).
+    subscriptions_settle = False
+
+    @pytest.fixture
+    def engine(self) -> Engine:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def need(self, flag: bool, why: str) -> None:
+        if not flag:
+            pytest.skip(why)
+
+    # ------------------------------------------------------------ delivery
+
+    async def test_subscriber_receives_publications_in_order(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        positions = [
+            await node.broker.publish(channel, b'{"n":%d}' % i, HISTORY) for i in range(30)
+        ]
+        received = await node.wait_publications(channel, 30)
+        assert [p.data for p in received] == [b'{"n":%d}' % i for i in range(30)]
+        assert all(p.info == info() for p in received)
+        if self.shared_offsets:
+            assert [p.offset for p in positions] == list(range(1, 31))
+            assert [p.offset for p in received] == list(range(1, 31))
+            assert len({p.epoch for p in positions}) == 1
+            assert {p.epoch for p in received} == {positions[0].epoch}
+
+    async def test_data_bytes_are_carried_unchanged(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        data = '{"text":"héllo : 1:2:3 \\u0000 ☃","list":[1,2.5,null]}'.encode()
+        await node.broker.publish(channel, data, PublishOptions(history_size=5, history_ttl=60))
+        [publication] = await node.wait_publications(channel, 1)
+        assert publication.data == data
+        assert publication.info is None
+
+    async def test_unsubscribed_channel_is_not_delivered(self, engine: Engine) -> None:
+        node = await engine.node()
+        other = await engine.node() if self.multi_node else node
+        gone, marker = channel_name(), channel_name()
+        await node.broker.subscribe(gone)
+        await node.broker.subscribe(gone)  # idempotent
+        await node.broker.unsubscribe(gone)
+        await node.broker.unsubscribe(gone)  # idempotent
+        await node.broker.subscribe(marker)
+        assert gone not in node.broker.channels()
+        await other.broker.publish(gone, b"1", HISTORY)
+        await other.broker.publish(marker, b"2", HISTORY)
+        await node.wait_publications(marker, 1)
+        assert node.publications(gone) == []
+
+    async def test_events_fan_out_and_are_not_stored(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        await node.broker.publish_event(PresenceEvent(channel, "join", info(2)))
+        await node.broker.publish_event(PresenceEvent(channel, "leave", info(2)))
+        await async_wait_for(lambda: len(node.events(channel)) == 2, TIMEOUT)
+        assert [(e.kind, e.info) for e in node.events(channel)] == [
+            ("join", info(2)),
+            ("leave", info(2)),
+        ]
+        if self.has_history:
+            history = await node.broker.history(channel)
+            assert history.publications == []
+            assert history.position.offset == 0
+
+    # ------------------------------------------------------------ history
+
+    async def test_history_keeps_the_last_history_size(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        options = PublishOptions(history_size=3, history_ttl=60, info=info())
+        for i in range(1, 6):
+            top = await node.broker.publish(channel, b"%d" % i, options)
+        history = await node.broker.history(channel)
+        assert [p.offset for p in history.publications] == [3, 4, 5]
+        assert [p.data for p in history.publications] == [b"3", b"4", b"5"]
+        assert history.publications[0].info == info()
+        assert history.position == top == StreamPosition(5, top.epoch)
+
+    async def test_history_since_limit_reverse(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        for i in range(1, 8):
+            top = await node.broker.publish(channel, b"%d" % i, HISTORY)
+        broker = node.broker
+
+        async def offsets(**kwargs: Any) -> list[int]:
+            return [p.offset for p in (await broker.history(channel, **kwargs)).publications]
+
+        since = StreamPosition(4, top.epoch)
+        assert await offsets(since=since) == [5, 6, 7]
+        assert await offsets(since=since, limit=2) == [5, 6]
+        assert await offsets(since=since, reverse=True) == [7, 6, 5]
+        assert await offsets(since=since, reverse=True, limit=2) == [7, 6]
+        assert await offsets(limit=2) == [1, 2]
+        assert await offsets(reverse=True, limit=3) == [7, 6, 5]
+        assert await offsets(since=StreamPosition(7, top.epoch)) == []
+        # Another epoch: the current stream's publications; the caller compares epochs.
+        assert await offsets(since=StreamPosition(4, "other")) == [1, 2, 3, 4, 5, 6, 7]
+        position_only = await broker.history(channel, limit=0)
+        assert position_only.publications == [] and position_only.position == top
+
+    async def test_empty_channel_has_a_stable_epoch(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        first = (await node.broker.history(channel, limit=0)).position
+        assert first.offset == 0 and first.epoch
+        published = await node.broker.publish(channel, b"1", HISTORY)
+        # A subscriber that read the empty position can recover from it.
+        assert published == StreamPosition(1, first.epoch)
+
+    async def test_no_history_still_counts_offsets(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        for _ in range(3):
+            top = await node.broker.publish(channel, b"x", PublishOptions())
+        history = await node.broker.history(channel)
+        assert history.publications == []
+        assert history.position == top and top.offset == 3
+
+    async def test_history_entries_expire_after_ttl(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        options = PublishOptions(history_size=10, history_ttl=0.6)
+        await node.broker.publish(channel, b"old", options)
+        await asyncio.sleep(0.35)
+        top = await node.broker.publish(channel, b"new", options)
+
+        async def only_new() -> bool:
+            history = await node.broker.history(channel)
+            return [p.data for p in history.publications] == [b"new"]
+
+        await _until(only_new, "the first publication to expire")
+        history = await node.broker.history(channel)
+        assert history.position == top  # the stream lives on with the newer entry
+
+    async def test_stream_lost_after_ttl_starts_a_new_epoch(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        options = PublishOptions(history_size=10, history_ttl=0.3)
+        old = await node.broker.publish(channel, b"1", options)
+        old = await node.broker.publish(channel, b"2", options)
+
+        async def expired() -> bool:
+            history = await node.broker.history(channel, since=old)
+            return history.position.epoch != old.epoch
+
+        await _until(expired, "the stream to expire")
+        history = await node.broker.history(channel, since=old)
+        assert history.publications == [] and history.position.offset == 0
+        new = await node.broker.publish(channel, b"3", options)
+        assert new.offset == 1 and new.epoch != old.epoch
+
+    async def test_remove_history_changes_the_epoch(self, engine: Engine) -> None:
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        channel = channel_name()
+        old = await node.broker.publish(channel, b"1", HISTORY)
+        await node.broker.remove_history(channel)
+        new = await node.broker.publish(channel, b"2", HISTORY)
+        assert new.offset == 1 and new.epoch != old.epoch
+
+    async def test_backend_losing_data_changes_the_epoch(self, engine: Engine) -> None:
+        self.need(self.has_history and engine.lose_data is not None, "cannot lose data")
+        assert engine.lose_data is not None
+        node = await engine.node()
+        channel = channel_name()
+        old = await node.broker.publish(channel, b"1", HISTORY)
+        await engine.lose_data()
+        history = await node.broker.history(channel, since=old)
+        assert history.position.epoch != old.epoch and history.publications == []
+        new = await node.broker.publish(channel, b"2", HISTORY)
+        assert new == StreamPosition(1, history.position.epoch)
+
+    # ------------------------------------------------------------ several nodes
+
+    async def test_concurrent_publishers_on_several_nodes(self, engine: Engine) -> None:
+        self.need(self.multi_node, "one node only")
+        nodes = [await engine.node() for _ in range(3)]
+        channel = channel_name()
+        for node in nodes:
+            await node.broker.subscribe(channel)
+        if self.subscriptions_settle:
+            await _settle(nodes, channel)
+        per_node = 40
+
+        async def publish_all(index: int, node: NodeEngines) -> list[StreamPosition]:
+            options = PublishOptions(history_size=1000, history_ttl=60, info=info(index))
+            return [
+                await node.broker.publish(channel, b"[%d,%d]" % (index, i), options)
+                for i in range(per_node)
+            ]
+
+        results = await asyncio.gather(*(publish_all(i, n) for i, n in enumerate(nodes)))
+        total = per_node * len(nodes)
+        for node in nodes:
+            received = await node.wait_publications(channel, total)
+            assert len(received) == total
+            # Each publisher's own publications arrive in the order it made them.
+            for index in range(len(nodes)):
+                mine = [p.data for p in received if p.info == info(index)]
+                assert mine == [b"[%d,%d]" % (index, i) for i in range(per_node)]
+            if self.shared_offsets:
+                assert [p.offset for p in received] == list(range(1, total + 1))
+        if self.shared_offsets:
+            offsets = sorted(p.offset for positions in results for p in positions)
+            assert offsets == list(range(1, total + 1))
+            # Every node saw the same sequence.
+            sequences = {tuple((p.offset, p.data) for p in n.publications(channel)) for n in nodes}
+            assert len(sequences) == 1
+        if self.has_history:
+            history = await nodes[0].broker.history(channel)
+            assert [p.offset for p in history.publications] == list(range(1, total + 1))
+
+    async def test_presence_across_nodes(self, engine: Engine) -> None:
+        self.need(self.multi_node, "one node only")
+        a, b = await engine.node(), await engine.node()
+        channel = channel_name()
+        await a.presence.add(channel, info(1), 30)
+        await b.presence.add(channel, info(2), 30)
+        expected = {"client-1": info(1), "client-2": info(2)}
+        for node in (a, b):
+            await _until(lambda n=node: _presence_is(n, channel, expected), "presence to agree")
+        stats = await b.presence.stats(channel)
+        assert (stats.num_clients, stats.num_users) == (2, 2)
+        await a.presence.remove(channel, "client-1")
+        for node in (a, b):
+            await _until(
+                lambda n=node: _presence_is(n, channel, {"client-2": info(2)}), "removal"
+            )
+
+    # ------------------------------------------------------------ presence
+
+    async def test_presence_add_refresh_remove(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        presence = node.presence
+        assert await presence.presence(channel) == {}
+        await presence.add(channel, info(1), 30)
+        await presence.add(channel, info(1), 30)  # a refresh, not a second entry
+        await presence.add(channel, ClientInfo("client-2", "user-1", None), 30)
+        assert set(await presence.presence(channel)) == {"client-1", "client-2"}
+        stats = await presence.stats(channel)
+        assert (stats.num_clients, stats.num_users) == (2, 1)
+        await presence.remove(channel, "client-1")
+        await presence.remove(channel, "client-1")  # idempotent
+        assert set(await presence.presence(channel)) == {"client-2"}
+
+    async def test_presence_entries_expire_unless_refreshed(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        presence = node.presence
+        await presence.add(channel, info(1), 0.4)
+        await presence.add(channel, info(2), 30)
+        assert set(await presence.presence(channel)) == {"client-1", "client-2"}
+        # Refreshing keeps an entry alive past its first TTL...
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            await presence.add(channel, info(1), 0.4)
+        assert set(await presence.presence(channel)) == {"client-1", "client-2"}
+
+        # ...and without refreshes it disappears within the TTL.
+        async def expired() -> bool:
+            return set(await presence.presence(channel)) == {"client-2"}
+
+        await _until(expired, "the entry to expire")
+
+    # ------------------------------------------------------------ node-level ref counting
+
+    async def test_node_subscribes_once_per_channel(self, engine: Engine) -> None:
+        made = await engine.node()
+        await made.broker.close()
+        broker, presence = made.broker, made.presence
+        node = Node(Settings(), broker=broker, presence=presence)
+        await node.start()
+        try:
+            channel = channel_name()
+            connections = [
+                Connection(_Transport(), f"c{i}", renderer=lambda p: "x") for i in range(3)
+            ]
+            for connection in connections:
+                node.hub.subscribe(channel, connection)
+            await asyncio.gather(*(node.ensure_broker_subscription(channel) for _ in connections))
+            assert channel in broker.channels()
+            for connection in connections[:2]:
+                node.hub.unsubscribe(channel, connection)
+                await node.release_broker_subscription(channel)
+            assert channel in broker.channels()  # one local subscriber is left
+            node.hub.unsubscribe(channel, connections[2])
+            await node.release_broker_subscription(channel)
+            assert channel not in broker.channels()
+        finally:
+            await node.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _settle(nodes: list[NodeEngines], channel: str) -> None:
+    """Probe until every node receives every other node's publications, then forget the probes."""
+    probe = PublishOptions()
+
+    def settled() -> bool:
+        return all(
+            {p.data for p in node.publications(channel)} >= {b"%d" % i for i in range(len(nodes))}
+            for node in nodes
+        )
+
+    for _ in range(100):
+        for index, node in enumerate(nodes):
+            await node.broker.publish(channel, b"%d" % index, probe)
+        await asyncio.sleep(0.02)
+        if settled():
+            break
+    assert settled(), "subscriptions never settled"
+    for node in nodes:
+        node.received.clear()
+
+
+async def _presence_is(node: NodeEngines, channel: str, expected: dict[str, ClientInfo]) -> bool:
+    return await node.presence.presence(channel) == expected

@@ -1,0 +1,119 @@
+"""The admin page: key-protected, live over Herald itself; driven in Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+import websockets
+
+from ..helpers import ProtocolClient, ServerProcess, http_get
+
+API_KEY = "admin-key"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="module")
+def admin_server() -> Iterator[ServerProcess]:
+    process = ServerProcess(env={"HERALD_API_KEY": API_KEY, "HERALD_DEMOS": "false"}).start()
+    yield process
+    process.stop()
+
+
+def test_snapshot_needs_the_key(admin_server: ServerProcess) -> None:
+    import urllib.request
+
+    assert http_get(admin_server.http + "/admin/snapshot")[0] == 401
+    request = urllib.request.Request(admin_server.http + "/admin/snapshot", headers={"X-API-Key": API_KEY})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        snapshot = json.loads(response.read())
+    assert snapshot["broker"] == "memory"
+    assert {"node", "clients", "channels", "stats", "num_connections"} <= snapshot.keys()
+
+
+async def test_admin_socket_refuses_a_wrong_key(admin_server: ServerProcess) -> None:
+    async with websockets.connect(admin_server.ws("/admin/ws")) as websocket:
+        await websocket.send(json.dumps({"api_key": "wrong"}))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(websocket.recv(), 5)
+    assert websocket.close_code == 4501
+
+
+async def test_admin_socket_streams_snapshots(admin_server: ServerProcess) -> None:
+    async with websockets.connect(admin_server.ws("/admin/ws")) as websocket:
+        await websocket.send(json.dumps({"api_key": API_KEY}))
+        first = json.loads(await asyncio.wait_for(websocket.recv(), 5))
+        assert first["type"] == "publication" and first["channel"] == "$admin"
+        client = await ProtocolClient.open(admin_server.ws("/connect"))
+        await client.call("subscribe", channels=[{"channel": "chat:admin-live"}])
+        try:
+            # A change is published within about a second.
+            while True:
+                frame = json.loads(await asyncio.wait_for(websocket.recv(), 5))
+                ids = {c["client"] for c in frame["data"]["clients"]}
+                if client.client_id in ids:
+                    assert frame["data"]["channels"].get("chat:admin-live") == 1
+                    break
+        finally:
+            await client.close()
+
+
+@pytest.mark.browser
+async def test_admin_page_shows_a_new_connection(admin_server: ServerProcess) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(admin_server.http + "/admin")
+            # The server has a key, so the page asks for it.
+            await page.locator("#key").wait_for(state="visible", timeout=5000)
+            await page.fill("#key", API_KEY)
+            await page.click("#login-form button")
+            await page.locator("#panels").wait_for(state="visible", timeout=5000)
+
+            client = await ProtocolClient.open(admin_server.ws("/connect"))
+            await client.call("subscribe", channels=[{"channel": "chat:from-test"}])
+            try:
+                row = page.locator(f'#connections tr[data-client="{client.client_id}"]')
+                await row.wait_for(timeout=5000)
+                assert "chat:from-test" in await row.inner_text()
+                channel = page.locator('#channels tr[data-channel="chat:from-test"]')
+                await channel.wait_for(timeout=5000)
+
+                # Presence of the channel, through the HTTP API with the page's key.
+                await channel.locator("a").click()
+                presence = page.locator("#presence tr")
+                await presence.first.wait_for(timeout=5000)
+                assert client.client_id in await presence.first.inner_text()
+
+                # The publish form reaches the subscribed client.
+                await page.fill("#publish-channel", "chat:from-test")
+                await page.fill("#publish-data", '{"text": "<b>from admin</b>"}')
+                await page.click("#publish-form button")
+                publication = await client.push("publication")
+                assert publication["data"] == {"text": "<b>from admin</b>"}
+                await page.locator("#publish-result").filter(has_text="offset").wait_for()
+            finally:
+                await client.close()
+            # Gone from the page once it disconnected.
+            row = page.locator(f'#connections tr[data-client="{client.client_id}"]')
+            await row.wait_for(state="detached", timeout=5000)
+            assert errors == []
+        finally:
+            await browser.close()

@@ -1,0 +1,271 @@
+"""The `herald` client commands as real subprocesses against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+from herald.client import Client
+
+from ..helpers import ROOT, ServerProcess, free_port
+
+TIMEOUT = 15.0
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HERALD_API_KEY", "HERALD_URL")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+async def run(*args: str, stdin: str | None = None, **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "herald",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(**env),
+        cwd=ROOT,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else b""), TIMEOUT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Interactive:
+    """`herald connect ...` with a pipe on stdin and stdout read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, *args: str) -> Interactive:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "herald",
+            "connect",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+        return cls(proc)
+
+    async def line(self, predicate: Any = None) -> str:
+        """The next stdout line (matching ``predicate``), within the timeout."""
+        assert self.proc.stdout is not None
+        while True:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), TIMEOUT)
+            if not raw:
+                assert self.proc.stderr is not None
+                err = await self.proc.stderr.read()
+                raise AssertionError(f"output ended; stderr: {err.decode()}; seen: {self.lines}")
+            text = raw.decode().rstrip("\n")
+            self.lines.append(text)
+            if predicate is None or predicate(text):
+                return text
+
+    async def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((text + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def finish(self) -> tuple[int, str, str]:
+        """Close stdin (EOF) and wait for a clean exit."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        out, err = await asyncio.wait_for(self.proc.communicate(), TIMEOUT)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), err.decode()
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def test_connect_raw_mode_like_wscat(server: ServerProcess) -> None:
+    cli = await Interactive.start(server.ws("/ws"))
+    try:
+        assert (await cli.line()).startswith("Connected to ")
+        await cli.send("hello there")
+        assert await cli.line() == "< Message text was: hello there"
+        await cli.send('{"a": 1}')
+        assert await cli.line() == '< Message text was: {"a": 1}'
+        code, out, err = await cli.finish()
+    finally:
+        cli.kill()
+    assert code == 0, err
+    assert "Disconnected (1000)" in out
+    assert "Traceback" not in err
+
+
+async def test_connect_raw_mode_piped_input_gets_replies(server: ServerProcess) -> None:
+    code, out, err = await run("connect", server.ws("/ws_json"), stdin='{"x": [1, 2]}\n')
+    assert code == 0, err
+    replies = [json.loads(line[2:]) for line in out.splitlines() if line.startswith("< ")]
+    assert replies == [{"message": "Received JSON data", "data": {"x": [1, 2]}}]
+
+
+async def test_connect_protocol_mode(server: ServerProcess) -> None:
+    channel = f"chat:cli-{uuid.uuid4().hex[:8]}"
+    cli = await Interactive.start(server.ws("/connect"), "--channel", channel, "--json")
+    try:
+        subscribed = json.loads(await cli.line(lambda t: '"subscribed"' in t))
+        assert subscribed["channel"] == channel and subscribed["offset"] == 0
+        # A publication from elsewhere (the HTTP API) is printed.
+        async with httpx.AsyncClient(headers={"X-API-Key": "test-key"}) as api:
+            reply = await api.post(
+                server.http + "/api/publish", json={"channel": channel, "data": {"text": "hi"}}
+            )
+        assert reply.status_code == 200
+        pub = json.loads(await cli.line(lambda t: '"publication"' in t))
+        assert (pub["channel"], pub["offset"], pub["data"]) == (channel, 1, {"text": "hi"})
+        # A typed line is published: JSON when it parses, else as a string.
+        await cli.send('{"typed": true}')
+        pub = json.loads(await cli.line(lambda t: '"publication"' in t))
+        assert (pub["offset"], pub["data"]) == (2, {"typed": True})
+        await cli.send("just words")
+        pub = json.loads(await cli.line(lambda t: '"publication"' in t))
+        assert (pub["offset"], pub["data"]) == (3, "just words")
+        code, _out, err = await cli.finish()
+    finally:
+        cli.kill()
+    assert code == 0, err
+    assert "Traceback" not in err
+
+
+async def test_connect_protocol_mode_human_output_and_joins(server: ServerProcess) -> None:
+    channel = f"chat:cli-{uuid.uuid4().hex[:8]}"
+    cli = await Interactive.start(server.ws("/connect"), "-c", channel)
+    try:
+        await cli.line(lambda t: t.startswith(f"* subscribed to {channel}"))
+        async with Client(server.ws("/connect")) as other:
+            await other.subscribe(channel)
+            joined = await cli.line(lambda t: "joined" in t and other.client_id in t)
+            assert joined == f"[{channel}] + anonymous joined ({other.client_id})"
+            await other.publish(channel, {"n": 1})
+            line = await cli.line(lambda t: t.startswith(f"[{channel}] #"))
+            assert line == f'[{channel}] #1 {other.client_id}: {{"n":1}}'
+        left = await cli.line(lambda t: "left" in t)
+        assert left == f"[{channel}] - anonymous left ({other.client_id})"
+        code, _out, err = await cli.finish()
+    finally:
+        cli.kill()
+    assert code == 0, err
+
+
+async def test_connect_errors_are_one_line(server: ServerProcess) -> None:
+    raw, subscribe, protocol = await asyncio.gather(
+        run("connect", f"ws://127.0.0.1:{free_port()}/ws"),
+        run("connect", server.ws("/connect"), "--channel", "nosuchns:x"),
+        run("connect", f"ws://127.0.0.1:{free_port()}/connect", "--channel", "chat:x", "--timeout", "1"),
+    )
+    code, _out, err = raw
+    assert code == 1 and err.startswith("herald: cannot connect to ")
+    code, _out, err = subscribe
+    assert code == 1
+    assert err.startswith("herald: cannot subscribe to nosuchns:x: unknown namespace")
+    code, _out, err = protocol
+    assert code == 1 and "connection refused" in err
+    for _code, _out, err in (raw, subscribe, protocol):
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+async def test_publish_then_history(server: ServerProcess) -> None:
+    channel = f"chat:cli-{uuid.uuid4().hex[:8]}"
+    api = ("--url", server.http, "--api-key", "test-key")
+    code, out, err = await run("publish", channel, '{"text": "first"}', *api, "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["channel"] == channel and first["offset"] == 1
+    code, out, err = await run("publish", channel, "second words", *api)
+    assert code == 0, err
+    assert out.strip() == f"published to {channel} at offset 2 (epoch {first['epoch']})"
+
+    # Independent reads run side by side (each `herald` process takes ~1 s to start).
+    as_json, human, since, newest = await asyncio.gather(
+        run("history", channel, *api, "--json"),
+        run("history", channel, *api),
+        run("history", channel, *api, "--json", "--since-offset", "1", "--since-epoch", first["epoch"]),
+        # The key can come from the environment too.
+        run(
+            "history",
+            channel,
+            "--url",
+            server.http,
+            "--json",
+            "--limit",
+            "1",
+            "--reverse",
+            HERALD_API_KEY="test-key",
+        ),
+    )
+    code, out, err = as_json
+    assert code == 0, err
+    items = [json.loads(line) for line in out.splitlines()]
+    assert [(p["offset"], p["data"]) for p in items] == [(1, {"text": "first"}), (2, "second words")]
+    assert all(p["epoch"] == first["epoch"] and p["channel"] == channel for p in items)
+    code, out, err = human
+    assert code == 0, err
+    assert out.splitlines() == [
+        '#1  server  {"text":"first"}',
+        '#2  server  "second words"',
+        f"(2 publication(s); stream at offset 2, epoch {first['epoch']})",
+    ]
+    code, out, err = since
+    assert code == 0, err
+    assert [json.loads(line)["offset"] for line in out.splitlines()] == [2]
+    code, out, err = newest
+    assert code == 0, err
+    assert [json.loads(line)["offset"] for line in out.splitlines()] == [2]
+
+
+async def test_presence(server: ServerProcess) -> None:
+    channel = f"chat:cli-{uuid.uuid4().hex[:8]}"
+    api = ("--url", server.http, "--api-key", "test-key")
+    async with Client(server.ws("/connect"), name="watcher") as client:
+        await client.subscribe(channel)
+        code, out, err = await run("presence", channel, *api, "--json")
+        assert code == 0, err
+        [entry] = [json.loads(line) for line in out.splitlines()]
+        assert entry["client"] == client.client_id and entry["channel"] == channel
+        code, out, err = await run("presence", channel, *api)
+        assert code == 0, err
+        assert out.splitlines()[0] == f"{channel}: 1 client(s)"
+        assert client.client_id in out
+        code, out, err = await run("presence", channel, *api, "--stats", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"channel": channel, "num_clients": 1, "num_users": 1}
+
+
+async def test_http_errors_are_clear(server: ServerProcess) -> None:
+    bad_key, unreachable, unknown, usage = await asyncio.gather(
+        run("publish", "chat:x", "1", "--url", server.http, "--api-key", "wrong"),
+        run("publish", "chat:x", "1", "--url", f"http://127.0.0.1:{free_port()}"),
+        run("history", "nosuchns:x", "--url", server.http, "--api-key", "test-key"),
+        run("history", "chat:x", "--since-epoch", "abc", "--url", server.http),
+    )
+    code, out, err = bad_key
+    assert code == 1 and out == ""
+    assert err == "herald: missing or wrong API key (HTTP 401); pass --api-key or set HERALD_API_KEY\n"
+    code, _out, err = unreachable
+    assert code == 1
+    assert err.startswith("herald: cannot reach http://127.0.0.1:") and "connection refused" in err
+    code, _out, err = unknown
+    assert code == 1 and "unknown namespace" in err and "HTTP 404" in err
+    code, _out, err = usage
+    assert code == 2 and "--since-epoch needs --since-offset" in err
+    for _code, _out, err in (bad_key, unreachable, unknown, usage):
+        assert "Traceback" not in err and len(err.splitlines()) == 1

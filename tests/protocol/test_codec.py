@@ -1,0 +1,137 @@
+"""Pure tests of the protocol codec: round trips and every malformed frame's code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import TypeAdapter
+
+from herald.codes import ErrorCode
+from herald.exceptions import ProtocolError
+from herald.protocol import messages as m
+from herald.protocol.codec import (
+    decode_command,
+    encode_disconnect,
+    encode_error,
+    encode_presence_event,
+    encode_publication,
+    encode_reply,
+    json_depth_exceeds,
+)
+
+COMMANDS: list[dict[str, Any]] = [
+    {"id": 1, "type": "connect"},
+    {"id": 2, "type": "connect", "token": "t", "name": "cli", "version": "1"},
+    {"id": 3, "type": "subscribe", "channels": [{"channel": "chat:lobby"}]},
+    {"id": 4, "type": "subscribe", "channels": [{"channel": "a", "since": {"offset": 3, "epoch": "e"}}, {"channel": "b"}]},
+    {"id": 5, "type": "unsubscribe", "channels": ["chat:lobby"]},
+    {"id": 6, "type": "publish", "channel": "chat:lobby", "data": {"text": "hi", "n": [1, 2.5, None]}},
+    {"id": 7, "type": "rpc", "method": "move", "params": {"x": 1}},
+    {"id": 8, "type": "presence", "channel": "chat:lobby"},
+    {"id": 9, "type": "presence_stats", "channel": "chat:lobby"},
+    {"id": 10, "type": "history", "channel": "chat:lobby", "since": {"offset": 0, "epoch": "x"}, "limit": 10, "reverse": True},
+    {"id": 11, "type": "ping"},
+    {"type": "pong"},
+]
+
+COMMAND_ADAPTER: TypeAdapter[m.Command] = TypeAdapter(m.Command)
+
+
+@pytest.mark.parametrize("frame", COMMANDS, ids=lambda f: str(f["type"]))
+def test_every_command_round_trips(frame: dict[str, Any]) -> None:
+    command = decode_command(json.dumps(frame))
+    assert command.type == frame["type"]
+    dumped = command.model_dump(mode="json", exclude_defaults=True)
+    assert decode_command(json.dumps(dumped)) == command
+    for key, value in frame.items():
+        if key in ("channels",) and isinstance(value[0], dict):
+            continue
+        assert dumped.get(key, value) == value
+
+
+def test_bytes_input_accepted() -> None:
+    assert decode_command(b'{"id": 1, "type": "ping"}') == m.PingRequest(type="ping", id=1)
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "command_id"),
+    [
+        ("not json", ErrorCode.BAD_REQUEST, None),
+        ('{"id": 1, "type": "ping"', ErrorCode.BAD_REQUEST, None),  # truncated
+        ("", ErrorCode.BAD_REQUEST, None),
+        ("[1, 2]", ErrorCode.BAD_REQUEST, None),
+        ('"just a string"', ErrorCode.BAD_REQUEST, None),
+        ("null", ErrorCode.BAD_REQUEST, None),
+        ('{"id": 1}', ErrorCode.BAD_REQUEST, 1),  # missing type
+        ('{"id": 2, "type": "teleport"}', ErrorCode.UNKNOWN_COMMAND, 2),
+        ('{"id": 2, "type": 5}', ErrorCode.UNKNOWN_COMMAND, 2),
+        ('{"type": "ping"}', ErrorCode.BAD_REQUEST, None),  # missing id
+        ('{"id": "1", "type": "ping"}', ErrorCode.BAD_REQUEST, None),  # id of the wrong type
+        ('{"id": 0, "type": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": -5, "type": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": 9007199254740992, "type": "ping"}', ErrorCode.BAD_REQUEST, None),  # 2**53
+        ('{"id": 1e400, "type": "ping"}', ErrorCode.BAD_REQUEST, None),  # float overflow
+        ('{"id": 123456789012345678901234567890, "type": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": 3, "type": "publish", "channel": "a"}', ErrorCode.BAD_REQUEST, 3),  # no data field
+        ('{"id": 3, "type": "publish", "channel": 5, "data": 1}', ErrorCode.BAD_REQUEST, 3),
+        ('{"id": 4, "type": "subscribe", "channels": []}', ErrorCode.BAD_REQUEST, 4),
+        ('{"id": 4, "type": "subscribe", "channels": "chat"}', ErrorCode.BAD_REQUEST, 4),
+        ('{"id": 4, "type": "subscribe", "channels": [{"channel": "a", "since": {"offset": -1, "epoch": "e"}}]}', ErrorCode.BAD_REQUEST, 4),
+        ('{"id": 5, "type": "ping", "extra": true}', ErrorCode.BAD_REQUEST, 5),  # unknown field
+        ('{"id": 6, "type": "history", "channel": "a", "limit": "ten"}', ErrorCode.BAD_REQUEST, 6),
+        ('{"id": 7, "type": "rpc", "method": ""}', ErrorCode.BAD_REQUEST, 7),
+    ],
+)
+def test_malformed_frames_get_their_code(text: str, code: ErrorCode, command_id: int | None) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(text)
+    assert caught.value.code == code
+    assert caught.value.command_id == command_id
+    assert caught.value.message
+
+
+def test_deep_nesting_rejected_without_recursion() -> None:
+    deep = '{"id": 1, "type": "publish", "channel": "a", "data": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(deep)
+    assert caught.value.code in (ErrorCode.TOO_DEEP, ErrorCode.BAD_REQUEST)
+    nested = {"id": 1, "type": "publish", "channel": "a", "data": [[[[[[1]]]]]]}
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(json.dumps(nested), max_depth=4)
+    assert caught.value.code == ErrorCode.TOO_DEEP
+    assert decode_command(json.dumps(nested), max_depth=8).type == "publish"
+
+
+def test_json_depth_counts_containers_only() -> None:
+    assert not json_depth_exceeds({"a": {"b": [1, "x"]}}, 3)
+    assert json_depth_exceeds({"a": {"b": [1, "x"]}}, 2)
+    assert not json_depth_exceeds("scalar", 0)
+
+
+def test_publication_encoding_keeps_data_bytes_verbatim() -> None:
+    data = orjson.dumps({"text": "héllo", "n": 1})
+    frame = json.loads(encode_publication("chat:lobby", 7, "ep", data, {"client": "c", "user": "u", "info": None}))
+    push = m.PublicationPush.model_validate(frame)
+    assert push.offset == 7 and push.epoch == "ep" and push.data == {"text": "héllo", "n": 1}
+    assert push.info is not None and push.info.client == "c"
+    no_info = json.loads(encode_publication("a", 1, "e", b"null", None))
+    assert "info" not in no_info and no_info["data"] is None
+
+
+def test_pushes_and_replies_validate_against_models() -> None:
+    push_adapter: TypeAdapter[m.Push] = TypeAdapter(m.Push)
+    join = json.loads(encode_presence_event("join", "a", {"client": "c", "user": "", "info": None}))
+    assert isinstance(push_adapter.validate_python(join), m.JoinPush)
+    leave = json.loads(encode_presence_event("leave", "a", {"client": "c", "user": "u", "info": {"x": 1}}))
+    assert isinstance(push_adapter.validate_python(leave), m.LeavePush)
+    disconnect = json.loads(encode_disconnect(4001, "slow consumer", True))
+    assert push_adapter.validate_python(disconnect) == m.DisconnectPush(code=4001, reason="slow consumer", reconnect=True)
+    reply = json.loads(encode_reply(3, "publish", {"offset": 1, "epoch": "e"}))
+    assert m.PublishReply.model_validate(reply).result == m.PublishResult(offset=1, epoch="e")
+    error = json.loads(encode_error(3, "publish", 110, "permission denied"))
+    assert m.PublishReply.model_validate(error).error == m.ErrorInfo(code=110, message="permission denied")
+    anonymous_error = json.loads(encode_error(None, None, 101, "bad request"))
+    assert m.ErrorReply.model_validate(anonymous_error).id is None

@@ -1,0 +1,166 @@
+"""Real redis-server and nats-server processes on free ports, for tests that kill and restart them."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import free_port, wait_for
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class _ServerBase:
+    binary = ""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"herald-{self.binary}-"))
+        self.log_path = self.dir / "server.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def is_ready(self) -> bool:
+        return _port_open(self.port)
+
+    def start(self, timeout: float = 10.0) -> _ServerBase:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} exited:\n{self.log()}")
+            return self.is_ready()
+
+        wait_for(ready, timeout, what=f"{self.binary} on port {self.port}")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL and wait until the port is free (a restart reuses it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        wait_for(lambda: not _port_open(self.port), 5, what="port released")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisServer(_ServerBase):
+    """``redis-server`` without persistence: a restart comes back empty."""
+
+    binary = "redis-server"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+        ]
+
+    def is_ready(self) -> bool:
+        return _redis_ping(self.port)
+
+
+class NatsServer(_ServerBase):
+    """``nats-server``, with JetStream (storage in a temp dir) when ``jetstream``."""
+
+    binary = "nats-server"
+
+    def __init__(self, port: int | None = None, *, jetstream: bool = False) -> None:
+        super().__init__(port)
+        self.jetstream = jetstream
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            cmd += ["-js", "-sd", str(self.dir / "js")]
+        return cmd
+
+
+def require(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is not installed (scripts/test installs it with apt-get)")
+
+
+def redis_server_fixture() -> Iterator[RedisServer]:
+    require("redis-server")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def nats_server_fixture(jetstream: bool = False) -> Iterator[NatsServer]:
+    require("nats-server")
+    server = NatsServer(jetstream=jetstream)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

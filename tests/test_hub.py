@@ -1,0 +1,176 @@
+"""Hub and node with the memory broker and recording transports: fan-out, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from herald.brokers.base import ClientInfo
+from herald.codes import CloseCode
+from herald.commands import ProtocolHandler, render_publication
+from herald.config import Settings
+from herald.connection import Connection
+from herald.node import Node
+
+from .helpers import async_wait_for
+from .recording import RecordingTransport
+
+pytestmark = pytest.mark.asyncio
+
+
+class Client:
+    """A protocol client wired to a node through a recording transport."""
+
+    def __init__(self, node: Node, name: str, **queue: int) -> None:
+        self.transport = RecordingTransport()
+        self.connection = Connection(self.transport, name, renderer=render_publication, **queue)  # type: ignore[arg-type]
+        self.handler = ProtocolHandler(node, self.connection, {})
+        self.connection.start()
+        self.ids = 0
+
+    async def call(self, kind: str, **fields: object) -> dict[str, object]:
+        self.ids += 1
+        await self.handler.handle_text(json.dumps({"id": self.ids, "type": kind, **fields}))
+        await async_wait_for(lambda: any(f.get("id") == self.ids for f in self.frames()))
+        return next(f for f in self.frames() if f.get("id") == self.ids)
+
+    def frames(self) -> list[dict[str, object]]:
+        return [json.loads(f) for f in self.transport.frames]
+
+    def publications(self, channel: str | None = None) -> list[dict[str, object]]:
+        return [
+            f for f in self.frames() if f.get("type") == "publication" and channel in (None, f["channel"])
+        ]
+
+
+@pytest.fixture
+async def node() -> Node:
+    settings = Settings(ping_interval=0, presence_ttl=60)
+    node = Node(settings)
+    await node.start()
+    yield node  # type: ignore[misc]
+    await node.close()
+
+
+async def connected(node: Node, name: str, **queue: int) -> Client:
+    client = Client(node, name, **queue)
+    reply = await client.call("connect")
+    assert "result" in reply
+    return client
+
+
+async def test_fan_out_keeps_per_channel_order_for_every_subscriber(node: Node) -> None:
+    clients = [await connected(node, f"c{i}") for i in range(5)]
+    for client in clients:
+        await client.call("subscribe", channels=[{"channel": "chat:a"}, {"channel": "chat:b"}])
+    for i in range(50):
+        await node.publish("chat:a", {"n": i})
+        await node.publish("chat:b", {"n": i})
+    for client in clients:
+        await async_wait_for(lambda c=client: len(c.publications()) == 100)  # type: ignore[misc]
+        for channel in ("chat:a", "chat:b"):
+            pubs = client.publications(channel)
+            assert [p["data"] for p in pubs] == [{"n": i} for i in range(50)]
+            assert [p["offset"] for p in pubs] == list(range(1, 51))
+
+
+async def test_fan_out_encodes_once_per_publication(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients = [await connected(node, f"c{i}") for i in range(10)]
+    for client in clients:
+        await client.call("subscribe", channels=[{"channel": "chat:x"}])
+    calls = 0
+    original = clients[0].connection.renderer
+
+    def counting(publication):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(publication)
+
+    for client in clients:
+        client.connection.renderer = counting
+    await node.publish("chat:x", "hello")
+    assert calls == 1
+    for client in clients:
+        await async_wait_for(lambda c=client: len(c.publications()) == 1)  # type: ignore[misc]
+
+
+async def test_slow_consumer_is_disconnected_and_others_unaffected(node: Node) -> None:
+    healthy = await connected(node, "healthy")
+    slow = await connected(node, "slow", max_queue_messages=5)
+    for client in (healthy, slow):
+        await client.call("subscribe", channels=[{"channel": "chat:s"}])
+    slow.transport.block()
+    for i in range(30):
+        await node.publish("chat:s", i)
+    assert slow.connection.close_code == CloseCode.SLOW_CONSUMER
+    await async_wait_for(lambda: len(healthy.publications()) == 30)
+    # The slow one is out of the fan-out once its handler cleans up.
+    await slow.handler.close()
+    assert node.hub.subscriber_count("chat:s") == 1
+
+
+async def test_unsubscribe_during_fan_out(node: Node) -> None:
+    """A subscriber removed by a send in the middle of a fan-out does not break the loop."""
+    first = await connected(node, "first", max_queue_messages=2)
+    others = [await connected(node, f"o{i}") for i in range(3)]
+    for client in (first, *others):
+        await client.call("subscribe", channels=[{"channel": "chat:u"}])
+    await async_wait_for(lambda: first.connection.queued == (0, 0))
+    first.transport.block()
+    first.connection.send("fill")  # the writer takes this one and blocks
+    await asyncio.sleep(0)
+    first.connection.send("fill2")
+    first.connection.send("fill3")
+    await node.publish("chat:u", "boom")  # overflows `first` mid fan-out
+    assert first.connection.close_code == CloseCode.SLOW_CONSUMER
+    for client in others:
+        await async_wait_for(lambda c=client: len(c.publications()) == 1)  # type: ignore[misc]
+
+
+async def test_disconnect_cleans_up_everything(node: Node) -> None:
+    watcher = await connected(node, "watcher")
+    await watcher.call("subscribe", channels=[{"channel": "chat:c"}])
+    leaving = await connected(node, "leaving")
+    await leaving.call("subscribe", channels=[{"channel": "chat:c"}, {"channel": "chat:only-me"}])
+    assert set(await node.presence_of("chat:c")) == {"watcher", "leaving"}
+    assert "chat:only-me" in node.broker.channels()
+    leaving.connection.peer_closed(1000)
+    await leaving.handler.close()
+    await leaving.connection.stop()
+    assert set(await node.presence_of("chat:c")) == {"watcher"}
+    assert await node.presence_of("chat:only-me") == {}
+    assert node.hub.get("leaving") is None
+    assert node.hub.subscriber_count("chat:c") == 1
+    assert "chat:only-me" not in node.broker.channels()  # the node-level subscription was released
+    assert "chat:c" in node.broker.channels()
+    leave = [f for f in watcher.frames() if f.get("type") == "leave"]
+    assert leave and leave[-1]["info"]["client"] == "leaving"  # type: ignore[index]
+    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "herald-writer-leaving" and not t.done()]
+    assert tasks == []
+
+
+async def test_broker_subscribes_once_per_channel(node: Node) -> None:
+    calls: list[str] = []
+    original = node.broker.subscribe
+
+    async def counting(channel: str) -> None:
+        calls.append(channel)
+        await original(channel)
+
+    node.broker.subscribe = counting  # type: ignore[method-assign]
+    clients = [await connected(node, f"c{i}") for i in range(4)]
+    await asyncio.gather(*(c.call("subscribe", channels=[{"channel": "chat:once"}]) for c in clients))
+    assert calls == ["chat:once"]
+
+
+async def test_publisher_info_is_attached(node: Node) -> None:
+    client = await connected(node, "pub")
+    await client.call("subscribe", channels=[{"channel": "chat:i"}])
+    await client.call("publish", channel="chat:i", data={"t": 1})
+    await node.publish("chat:i", {"t": 2}, info=ClientInfo("server", "system"))
+    await async_wait_for(lambda: len(client.publications()) == 2)
+    first, second = client.publications()
+    assert first["info"] == {"client": "pub", "user": "", "info": None}
+    assert second["info"] == {"client": "server", "user": "system", "info": None}

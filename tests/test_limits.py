@@ -1,0 +1,82 @@
+"""Token bucket, command rate limiter and connection counters, on a fake clock."""
+
+from __future__ import annotations
+
+from herald.limits import CommandRateLimiter, ConnectionCounter, RateVerdict, TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_allows_burst_then_refills_at_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    assert [bucket.take() for _ in range(6)] == [True] * 5 + [False]
+    clock.now += 0.1  # one token back at 10/s
+    assert bucket.take()
+    assert not bucket.take()
+    clock.now += 100  # refill is capped at the burst
+    assert bucket.tokens == 5
+
+
+def test_disabled_bucket_never_limits() -> None:
+    bucket = TokenBucket(rate=0, burst=1, clock=Clock())
+    assert not bucket.enabled
+    assert all(bucket.take() for _ in range(10_000))
+
+
+def test_rate_limiter_limits_then_reports_abuse() -> None:
+    clock = Clock()
+    limiter = CommandRateLimiter(rate=10, burst=3, strikes=4, clock=clock)
+    verdicts = [limiter.check() for _ in range(3 + 4 + 1)]
+    assert verdicts[:3] == [RateVerdict.OK] * 3
+    assert verdicts[3:7] == [RateVerdict.LIMITED] * 4
+    assert verdicts[7] is RateVerdict.ABUSE
+
+
+def test_rate_limiter_forgives_a_short_burst() -> None:
+    clock = Clock()
+    limiter = CommandRateLimiter(rate=10, burst=2, strikes=2, clock=clock)
+    assert [limiter.check() for _ in range(4)] == [
+        RateVerdict.OK,
+        RateVerdict.OK,
+        RateVerdict.LIMITED,
+        RateVerdict.LIMITED,
+    ]
+    clock.now += 10  # strikes refill at strikes/10 per second: all back after 10 s
+    assert [limiter.check() for _ in range(4)] == [
+        RateVerdict.OK,
+        RateVerdict.OK,
+        RateVerdict.LIMITED,
+        RateVerdict.LIMITED,
+    ]
+
+
+def test_rate_limiter_off() -> None:
+    limiter = CommandRateLimiter(rate=0, burst=1, strikes=1, clock=Clock())
+    assert all(limiter.check() is RateVerdict.OK for _ in range(1000))
+
+
+def test_connection_counter_enforces_limit_and_forgets_released_keys() -> None:
+    counter = ConnectionCounter(limit=2)
+    assert counter.acquire("1.2.3.4") and counter.acquire("1.2.3.4")
+    assert not counter.acquire("1.2.3.4")
+    assert counter.count("1.2.3.4") == 2  # the refused one was not counted
+    assert counter.acquire("5.6.7.8")
+    counter.release("1.2.3.4")
+    assert counter.acquire("1.2.3.4")
+    for _ in range(2):
+        counter.release("1.2.3.4")
+    counter.release("5.6.7.8")
+    assert len(counter) == 0  # no memory kept for IPs that left
+
+
+def test_connection_counter_unlimited_still_counts() -> None:
+    counter = ConnectionCounter(limit=0)
+    assert all(counter.acquire("a") for _ in range(500))
+    assert counter.count("a") == 500

@@ -1,0 +1,208 @@
+"""/metrics on a real `herald serve`: scraped and parsed with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import jwt
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import ProtocolClient, ServerProcess, http_get
+
+API_KEY = "metrics-key"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def metrics_server() -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        env={
+            "HERALD_API_KEY": API_KEY,
+            "HERALD_TOKEN_SECRET": "metrics-secret-" + "x" * 32,
+            # Small queues: a client that stops reading soon overflows its queue.
+            "HERALD_MAX_QUEUE_BYTES": "65536",
+            "HERALD_DEMOS": "false",
+        }
+    ).start()
+    yield process
+    process.stop()
+
+
+def scrape(server: ServerProcess) -> Samples:
+    status, body = http_get(server.http + "/metrics")
+    assert status == 200
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def wait_metric(
+    server: ServerProcess, name: str, predicate: object, timeout: float = 5.0, **labels: str
+) -> Samples:
+    """Scrape until ``predicate(value)`` holds (counters are copied at scrape time, but
+    connection cleanup runs after the socket closes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await asyncio.to_thread(scrape, server)
+        current = value(samples, name, **labels)
+        if predicate(current):  # type: ignore[operator]
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} is {current}")
+        await asyncio.sleep(0.05)
+
+
+def api_post(server: ServerProcess, path: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        server.http + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-API-Key": API_KEY},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        result: dict[str, object] = json.loads(response.read())
+        return result
+
+
+async def test_connections_messages_publications(metrics_server: ServerProcess) -> None:
+    before = await asyncio.to_thread(scrape, metrics_server)
+    alice = await ProtocolClient.open(metrics_server.ws("/connect"))
+    bob = await ProtocolClient.open(metrics_server.ws("/connect"))
+    for client in (alice, bob):
+        reply = await client.call("subscribe", channels=[{"channel": "chat:metrics"}])
+        assert "error" not in reply["result"]["channels"][0]
+    for n in range(3):
+        assert "result" in await alice.call("publish", channel="chat:metrics", data={"n": n})
+    await bob.publications(3)
+    await asyncio.to_thread(api_post, metrics_server, "/api/publish", {"channel": "game:m", "data": 1})
+
+    after = await asyncio.to_thread(scrape, metrics_server)
+    assert value(after, "herald_connections_total") - value(before, "herald_connections_total") == 2
+    assert value(after, "herald_connections_open") == value(before, "herald_connections_open") + 2
+    assert value(after, "herald_subscriptions") >= 2
+    assert value(after, "herald_channels") >= 1
+    published = value(after, "herald_publications_total", namespace="chat") - value(
+        before, "herald_publications_total", namespace="chat"
+    )
+    assert published == 3
+    assert value(after, "herald_publications_total", namespace="game") >= 1
+    # connect x2, subscribe x2, publish x3 at least (pongs may add more).
+    assert value(after, "herald_messages_in_total") - value(before, "herald_messages_in_total") >= 7
+    assert value(after, "herald_bytes_in_total") > value(before, "herald_bytes_in_total")
+    # Both clients got 3 publications and their replies.
+    assert value(after, "herald_messages_out_total") - value(before, "herald_messages_out_total") >= 13
+    assert value(after, "herald_bytes_out_total") > value(before, "herald_bytes_out_total")
+    assert value(after, "herald_deliveries_total") - value(before, "herald_deliveries_total") == 6
+    latency = value(after, "herald_broker_publish_seconds_count") - value(
+        before, "herald_broker_publish_seconds_count"
+    )
+    assert latency == 4
+    assert value(after, "herald_broker_publish_seconds_bucket", le="+Inf") >= 4
+
+    await alice.close()
+    await bob.close()
+    await wait_metric(
+        metrics_server,
+        "herald_disconnects_total",
+        lambda v: v >= value(before, "herald_disconnects_total", code="1000") + 2,
+        code="1000",
+    )
+    final = await wait_metric(
+        metrics_server,
+        "herald_connections_open",
+        lambda v: v == value(before, "herald_connections_open"),
+    )
+    assert value(final, "herald_node_info", broker="memory", version="0.1.0", node=_node(final)) == 1
+
+
+def _node(samples: Samples) -> str:
+    for name, labels in samples:
+        if name == "herald_node_info":
+            return dict(labels)["node"]
+    raise AssertionError("no herald_node_info")
+
+
+async def test_refused_handshakes_are_counted_by_reason(metrics_server: ServerProcess) -> None:
+    before = await asyncio.to_thread(scrape, metrics_server)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(metrics_server.ws("/connect"), origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+
+    client = await ProtocolClient.open(metrics_server.ws("/connect"), connect=False)
+    bad = jwt.encode({"sub": "mallory"}, "not-the-secret-" + "y" * 32, algorithm="HS256")
+    reply = await client.call("connect", token=bad)
+    assert reply["error"]["code"] == 111
+    await client.close()
+
+    after = await asyncio.to_thread(scrape, metrics_server)
+    for reason in ("origin", "auth"):
+        grew = value(after, "herald_handshakes_rejected_total", reason=reason) - value(
+            before, "herald_handshakes_rejected_total", reason=reason
+        )
+        assert grew == 1, reason
+
+
+async def test_slow_consumer_disconnect_is_counted(metrics_server: ServerProcess) -> None:
+    before = await asyncio.to_thread(scrape, metrics_server)
+    # A client that stops reading: websockets pauses the socket once one message is unread,
+    # then the kernel buffers fill and the server's bounded queue overflows.
+    websocket = await websockets.connect(metrics_server.ws("/connect"), max_queue=1)
+    await websocket.send(json.dumps({"id": 1, "type": "connect"}))
+    await websocket.send(json.dumps({"id": 2, "type": "subscribe", "channels": [{"channel": "chat:slow"}]}))
+    big = "x" * 60_000
+    target = value(before, "herald_slow_consumer_disconnects_total") + 1
+    for _ in range(60):
+        await asyncio.to_thread(
+            api_post, metrics_server, "/api/broadcast", {"channels": ["chat:slow"] * 10, "data": big}
+        )
+        samples = await asyncio.to_thread(scrape, metrics_server)
+        if value(samples, "herald_slow_consumer_disconnects_total") >= target:
+            break
+    after = await wait_metric(metrics_server, "herald_slow_consumer_disconnects_total", lambda v: v == target)
+    grew = value(after, "herald_disconnects_total", code="4001") - value(
+        before, "herald_disconnects_total", code="4001"
+    )
+    assert grew == 1
+    # The client, reading again, finds the connection closed.
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            await asyncio.wait_for(websocket.recv(), 5)
+    await websocket.close()
+
+
+async def test_recovery_outcomes(metrics_server: ServerProcess) -> None:
+    before = await asyncio.to_thread(scrape, metrics_server)
+    publisher = await ProtocolClient.open(metrics_server.ws("/connect"))
+    first = await publisher.call("publish", channel="chat:recover", data=1)
+    position = first["result"]
+    await publisher.call("publish", channel="chat:recover", data=2)
+
+    client = await ProtocolClient.open(metrics_server.ws("/connect"))
+    since = {"offset": position["offset"], "epoch": position["epoch"]}
+    reply = await client.call("subscribe", channels=[{"channel": "chat:recover", "since": since}])
+    assert reply["result"]["channels"][0]["recovered"] is True
+    wrong = {"offset": 1, "epoch": "not-this-epoch"}
+    reply = await client.call("subscribe", channels=[{"channel": "chat:other", "since": wrong}])
+    assert reply["result"]["channels"][0]["recovered"] is False
+    await client.close()
+    await publisher.close()
+
+    after = await asyncio.to_thread(scrape, metrics_server)
+    for outcome in ("true", "false"):
+        grew = value(after, "herald_recoveries_total", recovered=outcome) - value(
+            before, "herald_recoveries_total", recovered=outcome
+        )
+        assert grew == 1, outcome
