@@ -155,8 +155,10 @@ async def test_client_that_never_reads_is_cut_and_bystander_complete(server: Ser
         with contextlib.suppress(OSError):
             while chunk := stuck.recv(65536):
                 data += chunk
-        # Had it not been cut, recv would have run into its timeout after all of it.
-        assert len(data) < count * len(blob) // 2, len(data)
+        # A close frame with 4001 "slow consumer" ends the stream (or, when even the close
+        # frame could not be written, a reset cut it short of everything published).
+        closed_4001 = b"\x88\x0f\x0f\xa1slow consumer" in data[-64:]
+        assert closed_4001 or len(data) < count * len(blob), data[-64:]
     finally:
         stuck.close()
         await bystander.close()

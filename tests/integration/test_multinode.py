@@ -1,0 +1,445 @@
+"""Several real `herald serve` processes on one real Redis (or NATS): delivery, presence, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import jwt
+import pytest
+
+from ..helpers import ROOT, ProtocolClient, ServerProcess, async_wait_for, http_get, wait_for
+from ..servers import NatsServer, RedisServer, nats_server_fixture, redis_server_fixture
+
+API_KEY = "multinode-key"
+SECRET = "multinode-secret-0123456789abcdef0123"
+PRESENCE_TTL = 1.2
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from redis_server_fixture()
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture()
+
+
+def _env(broker: str) -> dict[str, str]:
+    return {
+        "HERALD_BROKER": broker,
+        "HERALD_API_KEY": API_KEY,
+        "HERALD_TOKEN_SECRET": SECRET,
+        "HERALD_PRESENCE_TTL": str(PRESENCE_TTL),
+        "HERALD_LOG_LEVEL": "warning",
+        "HERALD_DEMOS": "false",
+    }
+
+
+def _start_nodes(count: int, broker: str) -> list[ServerProcess]:
+    # Start them concurrently: each takes ~1 s to import and bind.
+    nodes = [ServerProcess(env=_env(broker)) for _ in range(count)]
+    started: list[ServerProcess] = []
+    try:
+        for node in nodes:
+            node.start_async()
+        for node in nodes:
+            node.wait_ready()
+            started.append(node)
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+@contextlib.asynccontextmanager
+async def _cluster(count: int, broker: str) -> AsyncIterator[list[ServerProcess]]:
+    nodes = await asyncio.to_thread(_start_nodes, count, broker)
+    try:
+        yield nodes
+    finally:
+        await asyncio.to_thread(lambda: [node.kill() for node in nodes])
+
+
+def _api(node: ServerProcess, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        node.http + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-API-Key": API_KEY},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+async def api(node: ServerProcess, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    return await asyncio.to_thread(_api, node, path, body)
+
+
+async def readyz(node: ServerProcess) -> int:
+    return (await asyncio.to_thread(http_get, node.http + "/readyz"))[0]
+
+
+def token(user: str) -> str:
+    return jwt.encode({"sub": user}, SECRET, algorithm="HS256")
+
+
+async def connect(node: ServerProcess, user: str | None = None) -> ProtocolClient:
+    client = await ProtocolClient.open(node.ws("/connect"), connect=False)
+    fields = {"token": token(user)} if user else {}
+    reply = await client.call("connect", **fields)
+    assert "result" in reply, reply
+    client.client_id = reply["result"]["client"]
+    return client
+
+
+async def subscribe(
+    client: ProtocolClient, channel: str, since: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    item: dict[str, Any] = {"channel": channel}
+    if since is not None:
+        item["since"] = since
+    reply = await client.call("subscribe", channels=[item])
+    result: dict[str, Any] = reply["result"]["channels"][0]
+    assert "error" not in result, result
+    return result
+
+
+async def publications(client: ProtocolClient, count: int, timeout: float = 10) -> list[Any]:
+    return await client.publications(count, timeout)
+
+
+async def close_all(clients: list[ProtocolClient]) -> None:
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+# ---------------------------------------------------------------- Redis
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_three_nodes_deliver_every_publication_once_in_order(
+    redis_server: RedisServer,
+) -> None:
+    async with _cluster(3, redis_server.url) as nodes:
+        channel = "chat:multinode"
+        clients = [await connect(node, f"user-{i}") for i, node in enumerate(nodes * 2)]
+        try:
+            starts = [await subscribe(client, channel) for client in clients]
+            epoch = starts[0]["epoch"]
+            assert {s["epoch"] for s in starts} == {epoch}
+            base = max(s["offset"] for s in starts)
+
+            # Every client publishes at once, through its own node.
+            per_client = 8
+            replies = await asyncio.gather(
+                *(
+                    c.call("publish", channel=channel, data={"from": i, "n": n})
+                    for i, c in enumerate(clients)
+                    for n in range(per_client)
+                )
+            )
+            assert all("result" in r for r in replies), replies
+            total = per_client * len(clients)
+            published = sorted(r["result"]["offset"] for r in replies)
+            assert published == list(range(base + 1, base + total + 1))
+
+            for client in clients:
+                received = await publications(client, total)
+                assert [p["offset"] for p in received] == published
+                assert {p["epoch"] for p in received} == {epoch}
+                for i in range(len(clients)):
+                    mine = [p["data"]["n"] for p in received if p["data"]["from"] == i]
+                    assert mine == list(range(per_client))
+                # Exactly once: nothing more arrives (a ping round trip flushes the queue).
+                await client.call("ping")
+                assert client.pushes.empty() or all(
+                    f["type"] != "publication" for f in list(client.pushes._queue)
+                )
+
+            # Presence is the same seen from every node.
+            expected = {c.client_id for c in clients}
+
+            async def presence(client: ProtocolClient) -> set[str]:
+                reply = await client.call("presence", channel=channel)
+                return set(reply["result"]["clients"])
+
+            for client in clients[:3]:  # one per node
+                assert await presence(client) == expected
+            stats = await clients[1].call("presence_stats", channel=channel)
+            assert stats["result"] == {"num_clients": 6, "num_users": 6}
+
+            # /api/disconnect on one node reaches a user connected to another node.
+            victim = clients[5]  # on nodes[2]
+            status, body = await api(nodes[0], "/api/disconnect", {"user": "user-5"})
+            assert status == 200, body
+            await asyncio.wait_for(victim.closed.wait(), 5)
+            assert victim.ws.close_code == 4004 or victim.ws.close_code is not None
+        finally:
+            await close_all(clients)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_killed_node_clients_recover_elsewhere_and_presence_expires(
+    redis_server: RedisServer,
+) -> None:
+    async with _cluster(3, redis_server.url) as nodes:
+        a, b, c = nodes
+        channel = "chat:failover"
+        publisher = await connect(a, "publisher")
+        watcher = await connect(a, "watcher")
+        victim = await connect(c, "victim")
+        try:
+            await subscribe(watcher, channel)
+            start = await subscribe(victim, channel)
+            for n in range(5):
+                await publisher.call("publish", channel=channel, data=n)
+            seen = await publications(victim, 5)
+            last = {"offset": seen[-1]["offset"], "epoch": seen[-1]["epoch"]}
+            presence = await watcher.call("presence", channel=channel)
+            assert victim.client_id in presence["result"]["clients"]
+
+            c.kill()  # SIGKILL: no leave, no cleanup
+            await asyncio.wait_for(victim.closed.wait(), 5)
+            for n in range(5, 12):
+                reply = await publisher.call("publish", channel=channel, data=n)
+                assert "result" in reply, reply
+
+            # The client reconnects to another node and resumes from its last offset.
+            resumed = await connect(b, "victim")
+            try:
+                result = await subscribe(resumed, channel, since=last)
+                assert result["recovered"] is True
+                assert result["epoch"] == start["epoch"]
+                missed = [p["data"] for p in result["publications"]]
+                assert missed == list(range(5, 12))
+                offsets = [p["offset"] for p in result["publications"]]
+                assert offsets == list(range(last["offset"] + 1, last["offset"] + 8))
+                # ...then live publications follow with no gap.
+                await publisher.call("publish", channel=channel, data=12)
+                [live] = await publications(resumed, 1)
+                assert live["offset"] == offsets[-1] + 1 and live["data"] == 12
+
+                # The dead node's presence entry expires within the TTL.
+                async def gone() -> bool:
+                    reply = await watcher.call("presence", channel=channel)
+                    return victim.client_id not in reply["result"]["clients"]
+
+                deadline = asyncio.get_running_loop().time() + PRESENCE_TTL + 3
+                while not await gone():
+                    assert asyncio.get_running_loop().time() < deadline, "presence did not expire"
+                    await asyncio.sleep(0.1)
+                reply = await watcher.call("presence", channel=channel)
+                assert resumed.client_id in reply["result"]["clients"]
+            finally:
+                await resumed.close()
+        finally:
+            await close_all([publisher, watcher, victim])
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None:
+    async with _cluster(2, redis_server.url) as nodes:
+        a, b = nodes
+        channel = "chat:outage"
+        sub_a, sub_b = await connect(a, "sub-a"), await connect(b, "sub-b")
+        publisher = await connect(a, "pub")
+        try:
+            await subscribe(sub_a, channel)
+            old = await subscribe(sub_b, channel)
+            for n in range(3):
+                status, _ = await api(a, "/api/publish", {"channel": channel, "data": n})
+                assert status == 200
+            before = await publications(sub_b, 3)
+            await publications(sub_a, 3)
+            last = {"offset": before[-1]["offset"], "epoch": before[-1]["epoch"]}
+            assert await readyz(a) == 200
+
+            await asyncio.to_thread(redis_server.kill)
+            try:
+                # Publishes fail with clear errors; readiness reports the broker down.
+                status, body = await api(a, "/api/publish", {"channel": channel, "data": "x"})
+                assert status == 503 and "broker unavailable" in body["detail"]
+                reply = await publisher.call("publish", channel=channel, data="x")
+                assert reply["error"]["code"] == 121, reply
+                for node in nodes:
+                    await async_wait_for_async(lambda n=node: _is(readyz(n), 503), 5)
+                # Nodes stay up and keep their clients.
+                assert (await sub_a.call("ping"))["result"] == {}
+                assert (await sub_b.call("ping"))["result"] == {}
+                assert not sub_a.closed.is_set() and not sub_b.closed.is_set()
+            finally:
+                await asyncio.to_thread(redis_server.start)  # same port, empty
+
+            for node in nodes:
+                await async_wait_for_async(lambda n=node: _is(readyz(n), 200), 10)
+            for node in nodes:
+                assert node.proc is not None and node.proc.poll() is None
+
+            # The stream was lost: a client resuming from its old position is told so.
+            fresh = await connect(b, "fresh")
+            try:
+                result = await subscribe(fresh, channel, since=last)
+                assert result["recovered"] is False
+                assert result["epoch"] != old["epoch"]
+                # History now belongs to the new epoch.
+                history = await fresh.call(
+                    "history", channel=channel, since={"offset": 0, "epoch": old["epoch"]}
+                )
+                assert history["error"]["code"] == 110 or "error" in history
+            finally:
+                await fresh.close()
+
+            # The nodes re-subscribed: live delivery works again across nodes, new epoch.
+            status, body = await api(a, "/api/publish", {"channel": channel, "data": "after"})
+            assert status == 200, body
+            assert body["epoch"] != old["epoch"] and body["offset"] == 1
+            for client in (sub_a, sub_b):
+                [publication] = await publications(client, 1)
+                assert publication["data"] == "after" and publication["offset"] == 1
+                assert publication["epoch"] == body["epoch"]
+            assert not sub_a.closed.is_set() and not sub_b.closed.is_set()
+        finally:
+            await close_all([sub_a, sub_b, publisher])
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)
+
+
+async def async_wait_for_async(check: Any, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_serve_workers_share_redis(redis_server: RedisServer) -> None:
+    node = ServerProcess(env=_env(redis_server.url), args=["--workers", "2"])
+    await asyncio.to_thread(node.start)
+    clients: list[ProtocolClient] = []
+    try:
+        clients = [await connect(node) for _ in range(6)]
+        for client in clients:
+            await subscribe(client, "chat:workers")
+        status, body = await api(node, "/api/publish", {"channel": "chat:workers", "data": 1})
+        assert status == 200, body
+        for client in clients:
+            [publication] = await publications(client, 1)
+            assert publication["offset"] == body["offset"]
+    finally:
+        await close_all(clients)
+        await asyncio.to_thread(node.stop)
+
+
+def test_serve_refuses_workers_with_memory_broker() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "herald", "serve", "--workers", "2", "--broker", "memory"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "--workers > 1 needs a shared broker" in result.stderr
+    assert "redis://" in result.stderr
+
+
+# ---------------------------------------------------------------- NATS
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_three_nodes_on_nats_deliver_every_publication_once(
+    nats_server: NatsServer,
+) -> None:
+    async with _cluster(3, nats_server.url) as nodes:
+        channel = "chat:nats"
+        clients = [await connect(node, f"user-{i}") for i, node in enumerate(nodes * 2)]
+        try:
+            for client in clients:
+                result = await subscribe(client, channel)
+                assert result["offset"] == 0 and result["epoch"] == ""
+            # Core NATS may route a publisher's first messages by a stale interest cache for
+            # a moment (see brokers/nats.py): probe until every client hears every node.
+            await _settle_nats(nodes[:3], clients, channel)
+
+            per_client = 6
+            replies = await asyncio.gather(
+                *(
+                    c.call("publish", channel=channel, data={"from": i, "n": n})
+                    for i, c in enumerate(clients)
+                    for n in range(per_client)
+                )
+            )
+            assert all("result" in r for r in replies), replies
+            total = per_client * len(clients)
+            for client in clients:
+                received = await publications(client, total)
+                for i in range(len(clients)):
+                    mine = [p["data"]["n"] for p in received if p["data"]["from"] == i]
+                    assert mine == list(range(per_client))  # each publisher's order is kept
+                await client.call("ping")
+                assert all(f["type"] != "publication" for f in list(client.pushes._queue))
+
+            # Presence is replicated to every node (eventually: within a refresh period).
+            expected = {c.client_id for c in clients}
+            for client in clients[:3]:
+
+                async def agrees(client: ProtocolClient = client) -> bool:
+                    reply = await client.call("presence", channel=channel)
+                    return set(reply["result"]["clients"]) == expected
+
+                await async_wait_for_async(agrees, PRESENCE_TTL + 3)
+
+            # Resuming is answered honestly: there is no history on core NATS.
+            late = await connect(nodes[1])
+            try:
+                result = await subscribe(late, channel, since={"offset": 3, "epoch": "x"})
+                assert result["recovered"] is False
+            finally:
+                await late.close()
+        finally:
+            await close_all(clients)
+
+
+async def _settle_nats(
+    nodes: list[ServerProcess], clients: list[ProtocolClient], channel: str
+) -> None:
+    heard: list[set[int]] = [set() for _ in clients]
+    for _ in range(50):
+        for index, node in enumerate(nodes):
+            status, _ = await api(node, "/api/publish", {"channel": channel, "data": {"probe": index}})
+            assert status == 200
+        await asyncio.sleep(0.05)
+        for i, client in enumerate(clients):
+            while not client.pushes.empty():
+                frame = client.pushes.get_nowait()
+                if frame.get("type") == "publication":
+                    heard[i].add(frame["data"]["probe"])
+        if all(h == set(range(len(nodes))) for h in heard):
+            break
+    assert all(h == set(range(len(nodes))) for h in heard), heard
+    # Let the last probes land, then drop them.
+    for client in clients:
+        await client.call("ping")
+        while not client.pushes.empty():
+            client.pushes.get_nowait()
+
+
+_ = (wait_for, async_wait_for)
