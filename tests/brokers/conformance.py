@@ -139,9 +139,7 @@ class BrokerConformance:
         node = await engine.node()
         channel = channel_name()
         await node.broker.subscribe(channel)
-        positions = [
-            await node.broker.publish(channel, b'{"n":%d}' % i, HISTORY) for i in range(30)
-        ]
+        positions = [await node.broker.publish(channel, b'{"n":%d}' % i, HISTORY) for i in range(30)]
         received = await node.wait_publications(channel, 30)
         assert [p.data for p in received] == [b'{"n":%d}' % i for i in range(30)]
         assert all(p.info == info() for p in received)
@@ -322,8 +320,7 @@ class BrokerConformance:
         async def publish_all(index: int, node: NodeEngines) -> list[StreamPosition]:
             options = PublishOptions(history_size=1000, history_ttl=60, info=info(index))
             return [
-                await node.broker.publish(channel, b"[%d,%d]" % (index, i), options)
-                for i in range(per_node)
+                await node.broker.publish(channel, b"[%d,%d]" % (index, i), options) for i in range(per_node)
             ]
 
         results = await asyncio.gather(*(publish_all(i, n) for i, n in enumerate(nodes)))
@@ -360,9 +357,7 @@ class BrokerConformance:
         assert (stats.num_clients, stats.num_users) == (2, 2)
         await a.presence.remove(channel, "client-1")
         for node in (a, b):
-            await _until(
-                lambda n=node: _presence_is(n, channel, {"client-2": info(2)}), "removal"
-            )
+            await _until(lambda n=node: _presence_is(n, channel, {"client-2": info(2)}), "removal")
 
     # ------------------------------------------------------------ presence
 
@@ -410,9 +405,7 @@ class BrokerConformance:
         await node.start()
         try:
             channel = channel_name()
-            connections = [
-                Connection(_Transport(), f"c{i}", renderer=lambda p: "x") for i in range(3)
-            ]
+            connections = [Connection(_Transport(), f"c{i}", renderer=lambda p: "x") for i in range(3)]
             for connection in connections:
                 node.hub.subscribe(channel, connection)
             await asyncio.gather(*(node.ensure_broker_subscription(channel) for _ in connections))

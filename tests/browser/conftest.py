@@ -37,7 +37,9 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1180, "height": 760}
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: the sync Playwright API keeps an event loop running in this
+# thread while it is open, which would break the asyncio tests that run after this package.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
         pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
@@ -51,7 +53,7 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def herald_server() -> Iterator[ServerProcess]:
     """`herald serve` with the demos, an API key, HS256 tokens and fast server pings."""
     server = ServerProcess(

@@ -274,3 +274,36 @@ async def test_api_without_key_answers_only_loopback() -> None:
         assert b"HERALD_API_KEY" in refused.value.read()
     finally:
         server.stop()
+
+
+async def test_heartbeats_close_silent_peers_and_idle_connections() -> None:
+    server = ServerProcess(
+        env={"HERALD_PING_INTERVAL": "0.3", "HERALD_PONG_TIMEOUT": "0.3", "HERALD_IDLE_TIMEOUT": "1.0"}
+    ).start()
+    try:
+        # A client that answers pings stays connected past several intervals while subscribed.
+        lively = await ProtocolClient.open(server.ws("/connect"))
+        await lively.call("subscribe", channels=[{"channel": "chat:hb"}])
+        # A client that never answers: raw websocket, no pong.
+        import websockets
+
+        silent = await websockets.connect(server.ws("/connect"))
+        await silent.send(json.dumps({"id": 1, "type": "connect"}))
+        frames = []
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(silent.recv(), DEFAULT_TIMEOUT)))
+        assert {"type": "ping"} in frames
+        assert silent.close_code == 4002
+        # An idle client (answers pings but has no subscription and sends no command) is closed with 4003.
+        idle = await ProtocolClient.open(server.ws("/connect"))
+        await asyncio.wait_for(idle.closed.wait(), DEFAULT_TIMEOUT)
+        assert idle.ws.close_code == 4003
+        disconnect = [f for f in idle.frames if f.get("type") == "disconnect"]
+        assert disconnect == [{"type": "disconnect", "code": 4003, "reason": "idle timeout", "reconnect": True}]
+        # Meanwhile the lively one is still fine.
+        assert not lively.closed.is_set()
+        assert (await lively.call("ping"))["result"] == {}
+        await lively.close()
+    finally:
+        server.stop()

@@ -243,3 +243,22 @@ async def test_broadcast_clients_are_removed_on_disconnect(server: ServerProcess
     finally:
         await observer.close()
         await sender.close()
+
+
+async def test_shutdown_closes_tutorial_sockets_with_1012_or_1001() -> None:
+    import signal
+
+    server = ServerProcess().start()
+    clients = [await websockets.connect(server.ws(path)) for path in ("/ws", "/ws_json", "/ws_broadcast")]
+    try:
+        await clients[0].send("still here")
+        assert await asyncio.wait_for(clients[0].recv(), DEFAULT_TIMEOUT) == "Message text was: still here"
+        server.signal(signal.SIGTERM)
+        for ws in clients:
+            await asyncio.wait_for(ws.wait_closed(), DEFAULT_TIMEOUT)
+            assert ws.close_code in (1001, 1012)
+        # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit.
+        assert server.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log()
