@@ -53,6 +53,10 @@ def stale_files() -> list[Path]:
     return stale
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = stale_files()
         for path in stale:
             print(
-                f"{path.relative_to(ROOT)} is out of date with herald.protocol.messages: "
+                f"{_shown(path)} is out of date with herald.protocol.messages: "
                 "run scripts/export_schema.py",
                 file=sys.stderr,
             )
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, text in render().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {_shown(path)}")
     return 0
 
 

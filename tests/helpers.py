@@ -34,9 +34,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(
-    predicate: Any, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = ""
-) -> Any:
+def wait_for(predicate: Any, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = "") -> Any:
     """Poll ``predicate`` until it returns a truthy value (or raise after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -145,9 +143,7 @@ class ThreadServer:
 
     def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
         self.port = port or free_port()
-        self.config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", **config
-        )
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **config)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -211,9 +207,7 @@ class ProtocolClient:
                 self.frames.append(frame)
                 # The contract: every server frame must match docs/schema/protocol.schema.json.
                 record_server_frame(frame)
-                future = (
-                    self.replies.pop(frame["id"], None) if frame.get("id") is not None else None
-                )
+                future = self.replies.pop(frame["id"], None) if frame.get("id") is not None else None
                 if future is not None:
                     sent = self.sent.pop(frame["id"], None)
                     if sent is not None:
@@ -228,9 +222,7 @@ class ProtocolClient:
         finally:
             self.closed.set()
 
-    async def call(
-        self, kind: str, timeout: float = DEFAULT_TIMEOUT, **fields: Any
-    ) -> dict[str, Any]:
+    async def call(self, kind: str, timeout: float = DEFAULT_TIMEOUT, **fields: Any) -> dict[str, Any]:
         command_id = next(self.ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.replies[command_id] = future
@@ -242,18 +234,14 @@ class ProtocolClient:
     async def send_raw(self, text: str | bytes) -> None:
         await self.ws.send(text)
 
-    async def push(
-        self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT
-    ) -> dict[str, Any]:
+    async def push(self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         """Next push (of ``kind``, skipping others)."""
         while True:
             frame = await asyncio.wait_for(self.pushes.get(), timeout)
             if kind is None or frame.get("type") == kind:
                 return frame
 
-    async def publications(
-        self, count: int, timeout: float = DEFAULT_TIMEOUT
-    ) -> list[dict[str, Any]]:
+    async def publications(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
         return [await self.push("publication", timeout) for _ in range(count)]
 
     async def close(self) -> None:

@@ -198,6 +198,7 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
             transport = stuck_connection.transport  # type: ignore[attr-defined]
             assert isinstance(transport, FastTransport)
             protocol = transport._protocol
+            import time as _t; T0=_t.time(); print('start')
             payload = "p" * 4000
             highest = 0
             for i in range(1500):  # 6 MB: far past the stuck peer's socket buffers and the bound
@@ -205,6 +206,7 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
                 assert await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == f"New message: {i} {payload}"
                 if not protocol.transport.is_closing():
                     highest = max(highest, protocol.transport.get_write_buffer_size())
+            print('loop done', _t.time()-T0, highest)
             assert stuck_connection.close_code == 4001  # type: ignore[attr-defined]
             # The memory held for the stuck peer never went past the bound (plus the close frame).
             assert highest <= bound
@@ -226,6 +228,7 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
 
             data = await asyncio.to_thread(read_all)
             code = _close_code_in(data)
+            print('read done', _t.time()-T0, code, len(data))
             # Normally the close frame arrives; if it could not be written within 2 s the
             # server aborted the TCP connection instead (also a disconnect, without a code).
             assert code in (4001, None)
@@ -233,3 +236,4 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
             stuck.close()
             await sender.close()
             await receiver.close()
+            print('closed', _t.time()-T0)

@@ -170,11 +170,22 @@ class Herald:
                 cache[key] = (doc, render_html(doc))
             return cache[key]
 
-        @router.get("/asyncapi.json", summary="AsyncAPI 3.0 document of the WebSocket protocol")
+        # response_model=None: the return annotation is a string under postponed evaluation,
+        # and FastAPI would try (and fail) to build a response model from it.
+        @router.get(
+            "/asyncapi.json",
+            summary="AsyncAPI 3.0 document of the WebSocket protocol",
+            response_model=None,
+        )
         async def asyncapi_json(request: Request) -> JSONResponse:
             return JSONResponse(document(request)[0])
 
-        @router.get("/asyncapi", summary="The WebSocket protocol's docs page", response_class=HTMLResponse)
+        @router.get(
+            "/asyncapi",
+            summary="The WebSocket protocol's docs page",
+            response_class=HTMLResponse,
+            response_model=None,
+        )
         async def asyncapi_page(request: Request) -> HTMLResponse:
             return HTMLResponse(document(request)[1])
 

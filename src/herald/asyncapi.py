@@ -343,6 +343,13 @@ def _generate(
     return {key: schema for (key, _), schema in by_key.items()}, dict(defs.get("$defs", {}))
 
 
+#: A reply has a non-null ``result`` or a non-null ``error``, never both.
+_EXACTLY_ONE_OF_RESULT_OR_ERROR: list[JSON] = [
+    {"required": ["result"], "properties": {"result": {"not": {"type": "null"}}}},
+    {"required": ["error"], "properties": {"error": {"not": {"type": "null"}}}},
+]
+
+
 def _refine_server_frames(defs: dict[str, JSON]) -> None:
     """Say in the schema what the server guarantees but pydantic cannot express.
 
@@ -355,7 +362,7 @@ def _refine_server_frames(defs: dict[str, JSON]) -> None:
         if "type" not in required:
             required.insert(0, "type")
         if model in REPLY_MODELS and "result" in schema.get("properties", {}):
-            schema["oneOf"] = [{"required": ["result"]}, {"required": ["error"]}]
+            schema["oneOf"] = copy.deepcopy(_EXACTLY_ONE_OF_RESULT_OR_ERROR)
 
 
 def protocol_json_schema() -> JSON:
@@ -761,7 +768,7 @@ def build_asyncapi(
                     "error": {"$ref": _COMPONENTS_REF.format(model="ErrorInfo")},
                 },
                 "required": ["type", "id"],
-                "oneOf": [{"required": ["result"]}, {"required": ["error"]}],
+                "oneOf": copy.deepcopy(_EXACTLY_ONE_OF_RESULT_OR_ERROR),
                 "additionalProperties": False,
             },
             f"Result of {method_name}",

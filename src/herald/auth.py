@@ -108,7 +108,7 @@ def check_origin(
             return None
     if any(_pattern_matches(pattern, origin) for pattern in allowed):
         return None
-    return f"origin {origin[:100]!r} not allowed"
+    return f"origin {origin[:100]} not allowed"
 
 
 # ---------------------------------------------------------------- tokens
@@ -198,9 +198,7 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise CommandError(
-                ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})"
-            ) from None
+            raise CommandError(ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})") from None
         alg = header.get("alg")
         if alg == "HS256" and self.secret:
             return self.secret, ["HS256"]
@@ -245,9 +243,7 @@ class TokenVerifier:
             raise CommandError(ErrorCode.TOKEN_EXPIRED, "token expired") from None
         except jwt.PyJWTError as exc:
             # Never echo the token; the exception class says enough.
-            raise CommandError(
-                ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})"
-            ) from None
+            raise CommandError(ErrorCode.UNAUTHORIZED, f"invalid token ({type(exc).__name__})") from None
         user = claims.get("sub")
         if not isinstance(user, str) or not user or len(user) > 256:
             raise CommandError(ErrorCode.UNAUTHORIZED, "invalid token (sub must be a user id)")

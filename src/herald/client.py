@@ -739,7 +739,8 @@ class Client:
                 self.close_code, self.close_reason = exc.code, exc.reason
                 closed = ClientClosedError(exc.code, exc.reason)
                 closed.__cause__ = exc.error
-                self._emit(DisconnectedEvent(exc.code, exc.reason, False))
+                if self.connections:  # a reconnect was refused for good: say it gave up
+                    self._emit(DisconnectedEvent(exc.code, exc.reason, False))
                 self._finish(closed)
                 return
             except _RetryableError as exc:

@@ -26,9 +26,7 @@ class TokenBucket:
 
     __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")
 
-    def __init__(
-        self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self._clock = clock

@@ -248,7 +248,7 @@ def build_metrics_router(metrics: Metrics) -> APIRouter:
 
     router = APIRouter(tags=["operations"])
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, response_model=None)
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -95,7 +95,8 @@ def test_autobahn_fuzzingclient(echo_server: ThreadServer, tmp_path: Path) -> No
         "outdir": str(tmp_path / "reports"),
         "servers": [{"agent": "herald", "url": echo_server.ws("/echo")}],
         "cases": cases,
-        "exclude-cases": ["12.*", "13.*"],
+        # 6.4.*: fragmented invalid UTF-8 with deliberate pauses (~8 s, run in the full set).
+        "exclude-cases": ["12.*", "13.*"] if FULL else ["12.*", "13.*", "6.4.*"],
         "exclude-agent-cases": {},
     }
     spec_path = tmp_path / "spec.json"
@@ -117,5 +118,5 @@ def test_autobahn_fuzzingclient(echo_server: ThreadServer, tmp_path: Path) -> No
     )
     summary = {k: len(v) for k, v in behaviours.items()}
     print(f"autobahn ({'full' if FULL else 'core'}): {summary}")
-    assert len(index) > 200 if not FULL else len(index) > 290
+    assert len(index) > (290 if FULL else 200)
     assert not failed, f"failed cases: {failed}; summary {summary}"

@@ -14,7 +14,9 @@ from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ServerProcess, http_get
 pytestmark = pytest.mark.asyncio
 
 
-def api(server: ServerProcess, method: str, path: str, body: Any = None, key: str | None = "test-key") -> tuple[int, Any]:
+def api(
+    server: ServerProcess, method: str, path: str, body: Any = None, key: str | None = "test-key"
+) -> tuple[int, Any]:
     request = urllib.request.Request(server.http + path, method=method)
     if key is not None:
         request.add_header("X-API-Key", key)
@@ -142,7 +144,9 @@ async def test_history_paging(server: ServerProcess) -> None:
         seen = [p["data"] for p in result["publications"]]
         last = result["publications"][-1]["offset"]
         while True:
-            page = await client.call("history", channel=channel, limit=10, since={"offset": last, "epoch": epoch})
+            page = await client.call(
+                "history", channel=channel, limit=10, since={"offset": last, "epoch": epoch}
+            )
             publications = page["result"]["publications"]
             if not publications:
                 break
@@ -187,7 +191,8 @@ async def test_recovery_races_live_publications(server: ServerProcess) -> None:
             await asyncio.sleep(0.01)  # let publications pile up while disconnected
             subscriber = await ProtocolClient.open(server.ws("/connect"))
             reply = await subscriber.call(
-                "subscribe", channels=[{"channel": channel, "since": {"offset": received[-1], "epoch": epoch}}]
+                "subscribe",
+                channels=[{"channel": channel, "since": {"offset": received[-1], "epoch": epoch}}],
             )
             item = reply["result"]["channels"][0]
             assert item["recovered"] is True, item
@@ -212,11 +217,15 @@ async def test_recovery_reports_false_when_history_cannot_cover() -> None:
         for i in range(10):
             await client.call("publish", channel="tiny:room", data=i)
         await client.call("unsubscribe", channels=["tiny:room"])
-        gap = await client.call("subscribe", channels=[{"channel": "tiny:room", "since": {"offset": 2, "epoch": epoch}}])
+        gap = await client.call(
+            "subscribe", channels=[{"channel": "tiny:room", "since": {"offset": 2, "epoch": epoch}}]
+        )
         item = gap["result"]["channels"][0]
         assert item["recovered"] is False and item["publications"] == [] and item["offset"] == 10
         await client.call("unsubscribe", channels=["tiny:room"])
-        covered = await client.call("subscribe", channels=[{"channel": "tiny:room", "since": {"offset": 7, "epoch": epoch}}])
+        covered = await client.call(
+            "subscribe", channels=[{"channel": "tiny:room", "since": {"offset": 7, "epoch": epoch}}]
+        )
         item = covered["result"]["channels"][0]
         assert item["recovered"] is True and [p["data"] for p in item["publications"]] == [7, 8, 9]
         await client.call("unsubscribe", channels=["tiny:room"])
@@ -236,7 +245,9 @@ async def test_http_api_with_and_without_key(server: ServerProcess) -> None:
         status, body = api(server, "POST", "/api/publish", {"channel": "chat:api", "data": {"from": "http"}})
         assert status == 200 and body["offset"] >= 1 and body["epoch"]
         assert (await subscriber.push("publication"))["data"] == {"from": "http"}
-        status, body = api(server, "POST", "/api/broadcast", {"channels": ["chat:api", "chat:api2", "bad name"], "data": 5})
+        status, body = api(
+            server, "POST", "/api/broadcast", {"channels": ["chat:api", "chat:api2", "bad name"], "data": 5}
+        )
         assert status == 200
         assert [r.get("error", {}) and r["error"]["code"] for r in body["results"]] == [None, None, 106]
         assert (await subscriber.push("publication"))["data"] == 5
@@ -269,7 +280,7 @@ async def test_api_without_key_answers_only_loopback() -> None:
             headers={"Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT)
+            await asyncio.to_thread(urllib.request.urlopen, request, timeout=DEFAULT_TIMEOUT)
         assert refused.value.code == 403
         assert b"HERALD_API_KEY" in refused.value.read()
     finally:
@@ -300,7 +311,9 @@ async def test_heartbeats_close_silent_peers_and_idle_connections() -> None:
         await asyncio.wait_for(idle.closed.wait(), DEFAULT_TIMEOUT)
         assert idle.ws.close_code == 4003
         disconnect = [f for f in idle.frames if f.get("type") == "disconnect"]
-        assert disconnect == [{"type": "disconnect", "code": 4003, "reason": "idle timeout", "reconnect": True}]
+        assert disconnect == [
+            {"type": "disconnect", "code": 4003, "reason": "idle timeout", "reconnect": True}
+        ]
         # Meanwhile the lively one is still fine.
         assert not lively.closed.is_set()
         assert (await lively.call("ping"))["result"] == {}

@@ -15,7 +15,8 @@ from herald.client import Client
 
 from ..helpers import ROOT, ServerProcess, free_port
 
-TIMEOUT = 15.0
+# A safety net, not a wait target: `herald` starts in ~1 s, but the test machine may be loaded.
+TIMEOUT = 60.0
 
 
 def cli_env(**extra: str) -> dict[str, str]:

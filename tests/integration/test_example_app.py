@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-
 from examples import chat_app
 
 from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
@@ -31,7 +31,8 @@ async def test_route_publishes_to_subscribers(example: ThreadServer) -> None:
             data=json.dumps({"item": "book", "quantity": 2}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT) as response:
+        response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=DEFAULT_TIMEOUT)
+        with response:
             body = json.loads(response.read())
         push = await client.push("publication")
         assert push["data"] == {"item": "book", "quantity": 2}
@@ -60,14 +61,22 @@ async def test_typed_rpc(example: ThreadServer) -> None:
 
 
 async def test_hooks_authenticate_authorize_and_transform(example: ThreadServer) -> None:
-    alice = await ProtocolClient.open(example.ws("/connect"), additional_headers={"Cookie": "session=s3cret-alice"})
-    admin = await ProtocolClient.open(example.ws("/connect"), additional_headers={"Cookie": "session=s3cret-admin"})
+    alice = await ProtocolClient.open(
+        example.ws("/connect"), additional_headers={"Cookie": "session=s3cret-alice"}
+    )
+    admin = await ProtocolClient.open(
+        example.ws("/connect"), additional_headers={"Cookie": "session=s3cret-admin"}
+    )
     try:
-        connect_users = [f["result"]["user"] for c in (alice, admin) for f in c.frames if f.get("type") == "connect"]
+        connect_users = [
+            f["result"]["user"] for c in (alice, admin) for f in c.frames if f.get("type") == "connect"
+        ]
         assert connect_users == ["alice", "admin"]
         denied = await alice.call("subscribe", channels=[{"channel": "chat:admin-room"}])
         assert denied["result"]["channels"][0]["error"] == {"code": 110, "message": "admins only"}
-        allowed = await admin.call("subscribe", channels=[{"channel": "chat:admin-room"}, {"channel": "chat:lobby"}])
+        allowed = await admin.call(
+            "subscribe", channels=[{"channel": "chat:admin-room"}, {"channel": "chat:lobby"}]
+        )
         assert all("error" not in item for item in allowed["result"]["channels"])
         await alice.call("subscribe", channels=[{"channel": "chat:lobby"}])
         sent = await alice.call("publish", channel="chat:lobby", data={"text": "  hello  "})
@@ -78,7 +87,9 @@ async def test_hooks_authenticate_authorize_and_transform(example: ThreadServer)
         assert empty["error"]["code"] == 110
         client_id = alice.client_id
         await alice.close()
-        await async_wait_for(lambda: any(c == client_id for c, _ in chat_app.disconnects), what="disconnect hook")
+        await async_wait_for(
+            lambda: any(c == client_id for c, _ in chat_app.disconnects), what="disconnect hook"
+        )
     finally:
         await admin.close()
 

@@ -94,7 +94,9 @@ async def test_foreign_origin_refused_before_accept(server: ServerProcess, path:
     with pytest.raises(InvalidStatus) as refused:
         await websockets.connect(server.ws(path), origin="http://evil.example")  # type: ignore[arg-type]
     assert refused.value.response.status_code == 403
-    await async_wait_for(lambda: "origin http://evil.example not allowed" in server.log(), what="logged reason")
+    await async_wait_for(
+        lambda: "origin http://evil.example not allowed" in server.log(), what="logged reason"
+    )
     # Same origin and no origin are accepted.
     async with websockets.connect(server.ws(path), origin=f"http://127.0.0.1:{server.port}") as ws:  # type: ignore[arg-type]
         assert ws.response is not None and ws.response.status_code == 101
@@ -103,7 +105,9 @@ async def test_foreign_origin_refused_before_accept(server: ServerProcess, path:
 
 
 async def test_configured_origin_allowed() -> None:
-    server = ServerProcess(env={"HERALD_ALLOWED_ORIGINS": "https://app.example.com,https://*.corp.example"}).start()
+    server = ServerProcess(
+        env={"HERALD_ALLOWED_ORIGINS": "https://app.example.com,https://*.corp.example"}
+    ).start()
     try:
         for origin in ["https://app.example.com", "https://x.corp.example", "https://a.b.corp.example"]:
             async with websockets.connect(server.ws("/ws"), origin=origin) as ws:  # type: ignore[arg-type]
@@ -170,7 +174,9 @@ async def test_broadcast_survives_vanished_client(server: ServerProcess) -> None
     vanishing = _raw_handshake(server.port, "/ws_broadcast")
     try:
         vanishing.sendall(_masked_text_frame("hello from the doomed"))
-        assert await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == "New message: hello from the doomed"
+        assert (
+            await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == "New message: hello from the doomed"
+        )
         assert await asyncio.wait_for(sender.recv(), DEFAULT_TIMEOUT) == "New message: hello from the doomed"
         # Vanish: RST, no close frame.
         vanishing.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -188,7 +194,9 @@ async def test_broadcast_survives_vanished_client(server: ServerProcess) -> None
 async def test_broadcast_client_that_stops_reading_does_not_delay_others() -> None:
     """A peer that never reads fills its bounded queue, is disconnected as a slow consumer, and the
     others receive every message promptly meanwhile."""
-    server = ServerProcess(env={"HERALD_MAX_QUEUE_MESSAGES": "50", "HERALD_MAX_QUEUE_BYTES": "262144"}).start()
+    server = ServerProcess(
+        env={"HERALD_MAX_QUEUE_MESSAGES": "50", "HERALD_MAX_QUEUE_BYTES": "262144"}
+    ).start()
     stuck = _raw_handshake(server.port, "/ws_broadcast")
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sender = await websockets.connect(server.ws("/ws_broadcast"))
@@ -230,8 +238,7 @@ async def test_broadcast_client_that_stops_reading_does_not_delay_others() -> No
 
 
 async def test_broadcast_clients_are_removed_on_disconnect(server: ServerProcess) -> None:
-    status, body = http_get(server.http + "/healthz")
-    assert status == 200
+    assert http_get(server.http + "/healthz")[0] == 200
     for _ in range(3):
         ws = await websockets.connect(server.ws("/ws_broadcast"))
         await ws.close()

@@ -9,14 +9,30 @@ from herald.exceptions import CommandError
 from herald.protocol.channels import ChannelRules, allowed_users, namespace_of, validate_channel
 
 
-@pytest.mark.parametrize("name", ["chat:lobby", "lobby", "game:room-1", "a.b_c:d@e=f,g", "dm:chat#alice,bob", "x" * 255])
+@pytest.mark.parametrize(
+    "name", ["chat:lobby", "lobby", "game:room-1", "a.b_c:d@e=f,g", "dm:chat#alice,bob", "x" * 255]
+)
 def test_valid_names(name: str) -> None:
     assert validate_channel(name) == name
 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "x" * 256, "chat lobby", "chat/../etc", "tab\there", "nul\x00", "newline\n", "ünïcode", "$tutorial:broadcast", "a/b", None, 5, ["a"]],
+    [
+        "",
+        "x" * 256,
+        "chat lobby",
+        "chat/../etc",
+        "tab\there",
+        "nul\x00",
+        "newline\n",
+        "ünïcode",
+        "$tutorial:broadcast",
+        "a/b",
+        None,
+        5,
+        ["a"],
+    ],
 )
 def test_invalid_names(name: object) -> None:
     with pytest.raises(CommandError) as caught:

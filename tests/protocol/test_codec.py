@@ -26,13 +26,24 @@ COMMANDS: list[dict[str, Any]] = [
     {"id": 1, "type": "connect"},
     {"id": 2, "type": "connect", "token": "t", "name": "cli", "version": "1"},
     {"id": 3, "type": "subscribe", "channels": [{"channel": "chat:lobby"}]},
-    {"id": 4, "type": "subscribe", "channels": [{"channel": "a", "since": {"offset": 3, "epoch": "e"}}, {"channel": "b"}]},
+    {
+        "id": 4,
+        "type": "subscribe",
+        "channels": [{"channel": "a", "since": {"offset": 3, "epoch": "e"}}, {"channel": "b"}],
+    },
     {"id": 5, "type": "unsubscribe", "channels": ["chat:lobby"]},
     {"id": 6, "type": "publish", "channel": "chat:lobby", "data": {"text": "hi", "n": [1, 2.5, None]}},
     {"id": 7, "type": "rpc", "method": "move", "params": {"x": 1}},
     {"id": 8, "type": "presence", "channel": "chat:lobby"},
     {"id": 9, "type": "presence_stats", "channel": "chat:lobby"},
-    {"id": 10, "type": "history", "channel": "chat:lobby", "since": {"offset": 0, "epoch": "x"}, "limit": 10, "reverse": True},
+    {
+        "id": 10,
+        "type": "history",
+        "channel": "chat:lobby",
+        "since": {"offset": 0, "epoch": "x"},
+        "limit": 10,
+        "reverse": True,
+    },
     {"id": 11, "type": "ping"},
     {"type": "pong"},
 ]
@@ -79,7 +90,11 @@ def test_bytes_input_accepted() -> None:
         ('{"id": 3, "type": "publish", "channel": 5, "data": 1}', ErrorCode.BAD_REQUEST, 3),
         ('{"id": 4, "type": "subscribe", "channels": []}', ErrorCode.BAD_REQUEST, 4),
         ('{"id": 4, "type": "subscribe", "channels": "chat"}', ErrorCode.BAD_REQUEST, 4),
-        ('{"id": 4, "type": "subscribe", "channels": [{"channel": "a", "since": {"offset": -1, "epoch": "e"}}]}', ErrorCode.BAD_REQUEST, 4),
+        (
+            '{"id": 4, "type": "subscribe", "channels": [{"channel": "a", "since": {"offset": -1, "epoch": "e"}}]}',
+            ErrorCode.BAD_REQUEST,
+            4,
+        ),
         ('{"id": 5, "type": "ping", "extra": true}', ErrorCode.BAD_REQUEST, 5),  # unknown field
         ('{"id": 6, "type": "history", "channel": "a", "limit": "ten"}', ErrorCode.BAD_REQUEST, 6),
         ('{"id": 7, "type": "rpc", "method": ""}', ErrorCode.BAD_REQUEST, 7),
@@ -113,7 +128,9 @@ def test_json_depth_counts_containers_only() -> None:
 
 def test_publication_encoding_keeps_data_bytes_verbatim() -> None:
     data = orjson.dumps({"text": "héllo", "n": 1})
-    frame = json.loads(encode_publication("chat:lobby", 7, "ep", data, {"client": "c", "user": "u", "info": None}))
+    frame = json.loads(
+        encode_publication("chat:lobby", 7, "ep", data, {"client": "c", "user": "u", "info": None})
+    )
     push = m.PublicationPush.model_validate(frame)
     assert push.offset == 7 and push.epoch == "ep" and push.data == {"text": "héllo", "n": 1}
     assert push.info is not None and push.info.client == "c"
@@ -128,7 +145,9 @@ def test_pushes_and_replies_validate_against_models() -> None:
     leave = json.loads(encode_presence_event("leave", "a", {"client": "c", "user": "u", "info": {"x": 1}}))
     assert isinstance(push_adapter.validate_python(leave), m.LeavePush)
     disconnect = json.loads(encode_disconnect(4001, "slow consumer", True))
-    assert push_adapter.validate_python(disconnect) == m.DisconnectPush(code=4001, reason="slow consumer", reconnect=True)
+    assert push_adapter.validate_python(disconnect) == m.DisconnectPush(
+        code=4001, reason="slow consumer", reconnect=True
+    )
     reply = json.loads(encode_reply(3, "publish", {"offset": 1, "epoch": "e"}))
     assert m.PublishReply.model_validate(reply).result == m.PublishResult(offset=1, epoch="e")
     error = json.loads(encode_error(3, "publish", 110, "permission denied"))

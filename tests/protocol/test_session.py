@@ -17,7 +17,9 @@ def _code(session: Session, command_id: int | None, kind: str) -> ErrorCode | No
     return None
 
 
-@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe", "publish", "rpc", "presence", "presence_stats", "history", "ping"])
+@pytest.mark.parametrize(
+    "kind", ["subscribe", "unsubscribe", "publish", "rpc", "presence", "presence_stats", "history", "ping"]
+)
 def test_commands_before_connect_are_refused(kind: str) -> None:
     assert _code(Session(), 1, kind) == ErrorCode.NOT_CONNECTED
 

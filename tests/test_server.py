@@ -1,0 +1,38 @@
+"""create_app() wiring that needs no network."""
+
+from __future__ import annotations
+
+from herald.config import Settings
+from herald.server import create_app
+
+
+def test_openapi_document_builds_and_lists_the_api() -> None:
+    # Route annotations under postponed evaluation can break FastAPI's OpenAPI generation.
+    spec = create_app(Settings()).openapi()
+    for path in (
+        "/api/publish",
+        "/api/broadcast",
+        "/api/presence",
+        "/api/history",
+        "/api/channels",
+        "/api/disconnect",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in spec["paths"], path
+
+
+def test_module_level_app_is_built_lazily() -> None:
+    import herald.server as server
+
+    assert server.app is server.app  # built once, then cached
+    paths = {
+        name: server.app.url_path_for(name)
+        for name in ("herald_connect", "tutorial_echo", "tutorial_json", "tutorial_broadcast")
+    }
+    assert paths == {
+        "herald_connect": "/connect",
+        "tutorial_echo": "/ws",
+        "tutorial_json": "/ws_json",
+        "tutorial_broadcast": "/ws_broadcast",
+    }
