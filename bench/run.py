@@ -552,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=str(BENCH_DIR / "results" / "latest.json"), help="results JSON file"
     )
     parser.add_argument(
-        "--docs", action="store_true", help="write docs/benchmarks.md and the latency plot from the results"
+        "--docs",
+        nargs="?",
+        const=str(REPO / "docs"),
+        help="write benchmarks.md and the latency plot into this folder (default: docs/)",
     )
     args = parser.parse_args(argv)
     _raise_nofile()
@@ -563,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         from .report import write_report
 
-        write_report(results, REPO / "docs")
+        write_report(results, Path(args.docs))
     return 0
 
 

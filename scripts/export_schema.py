@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = stale_files()
         for path in stale:
             print(
-                f"{_shown(path)} is out of date with herald.protocol.messages: "
-                "run scripts/export_schema.py",
+                f"{_shown(path)} is out of date with herald.protocol.messages: run scripts/export_schema.py",
                 file=sys.stderr,
             )
         return 1 if stale else 0

@@ -6,13 +6,14 @@ import asyncio
 import json
 
 import pytest
+from pydantic import BaseModel
 
 from herald.brokers.base import ClientInfo
 from herald.codes import CloseCode
 from herald.commands import ProtocolHandler, render_publication
 from herald.config import Settings
 from herald.connection import Connection
-from herald.node import Node
+from herald.node import ClientContext, Node
 
 from .helpers import async_wait_for
 from .recording import RecordingTransport
@@ -174,3 +175,40 @@ async def test_publisher_info_is_attached(node: Node) -> None:
     first, second = client.publications()
     assert first["info"] == {"client": "pub", "user": "", "info": None}
     assert second["info"] == {"client": "server", "user": "system", "info": None}
+
+
+class Point(BaseModel):
+    x: int
+
+
+async def test_rpc_handler_signatures(node: Node) -> None:
+    node.add_rpc("none", lambda: "none")
+    node.add_rpc("params_only", lambda params: params)
+
+    async def ctx_only(ctx: ClientContext) -> str:
+        return ctx.client
+
+    async def typed(point: Point, ctx: ClientContext) -> dict[str, int | str]:
+        return {"x": point.x, "client": ctx.client}
+
+    async def reversed_order(ctx: ClientContext, point: Point) -> int:
+        return point.x * 2
+
+    node.add_rpc("ctx_only", ctx_only)
+    node.add_rpc("typed", typed)
+    node.add_rpc("reversed", reversed_order)
+    client = await connected(node, "caller")
+
+    async def call(method: str, params: object) -> object:
+        reply = await client.call("rpc", method=method, params=params)
+        return reply.get("result", reply.get("error"))
+
+    assert await call("none", None) == {"data": "none"}
+    assert await call("params_only", [1, 2]) == {"data": [1, 2]}
+    assert await call("ctx_only", None) == {"data": "caller"}
+    assert await call("typed", {"x": 3}) == {"data": {"x": 3, "client": "caller"}}
+    assert await call("reversed", {"x": 4}) == {"data": 8}
+    error = await call("typed", {"x": "three"})
+    assert isinstance(error, dict) and error["code"] == 114 and error["message"].startswith("x:")
+    with pytest.raises(TypeError):
+        node.add_rpc("bad", lambda a, b: None)

@@ -85,9 +85,7 @@ def export_models() -> list[type[Any]]:
 def test_every_command_type_is_in_the_client_union() -> None:
     union = protocol_json_schema()["$defs"]["ClientFrame"]
     refs = {option["$ref"].rsplit("/", 1)[-1] for option in union["oneOf"]}
-    kinds = {
-        protocol_json_schema()["$defs"][name]["properties"]["type"]["const"] for name in refs
-    }
+    kinds = {protocol_json_schema()["$defs"][name]["properties"]["type"]["const"] for name in refs}
     assert kinds == set(m.COMMAND_TYPES)
 
 
@@ -122,9 +120,7 @@ def test_model_dumps_are_server_frames() -> None:
             result=m.SubscribeResult(
                 channels=[
                     m.ChannelSubscribeResult(channel="a", epoch="e", offset=0),
-                    m.ChannelSubscribeResult(
-                        channel="b", error=m.ErrorInfo(code=106, message="bad")
-                    ),
+                    m.ChannelSubscribeResult(channel="b", error=m.ErrorInfo(code=106, message="bad")),
                 ]
             ),
         ),
@@ -161,9 +157,7 @@ _scalar = st.one_of(
 )
 _value = st.recursive(
     _scalar,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)),
     max_leaves=6,
 )
 _position = st.one_of(
@@ -182,9 +176,7 @@ _FIELDS: dict[str, Any] = {
     "token": st.one_of(st.none(), _text, st.just("t" * 8193), _value),
     "name": st.one_of(st.none(), _text, st.just("n" * 65)),
     "version": st.one_of(st.none(), _text),
-    "channels": st.one_of(
-        st.lists(_subscription, max_size=3), st.lists(_text, max_size=3), _value
-    ),
+    "channels": st.one_of(st.lists(_subscription, max_size=3), st.lists(_text, max_size=3), _value),
     "channel": st.one_of(st.sampled_from(["chat:lobby", "x" * 1025]), _value),
     "data": _value,
     "method": st.one_of(st.sampled_from(["echo", "", "m" * 129]), _value),
@@ -212,9 +204,7 @@ def _frames(draw: st.DrawFn) -> Any:
 
 _ids = st.one_of(st.integers(1, 1000), st.just(2**53 - 1))
 _short = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
-_valid_position = st.fixed_dictionaries(
-    {"offset": st.integers(0, 2**53 - 1), "epoch": st.text(max_size=64)}
-)
+_valid_position = st.fixed_dictionaries({"offset": st.integers(0, 2**53 - 1), "epoch": st.text(max_size=64)})
 _VALID_FIELDS: dict[str, dict[str, Any]] = {
     "connect": {"token": st.one_of(st.none(), _short), "name": st.one_of(st.none(), _short)},
     "subscribe": {
@@ -299,3 +289,21 @@ def test_schema_accepts_exactly_what_the_decoder_accepts(frame: Any) -> None:
 def test_invalid_frames_are_rejected_by_both(frame: dict[str, Any]) -> None:
     assert wire_schema.problem("ClientFrame", frame) is not None
     assert not _decoder_accepts(frame)
+
+
+def test_wire_check_records_what_the_schema_rejects() -> None:
+    """The hook ProtocolClient calls (and conftest turns into a test failure)."""
+    wire_schema.take_violations()
+    wire_schema.record_server_frame(
+        {"type": "publication", "channel": "a", "offset": 1, "epoch": "e", "data": 1}
+    )
+    assert wire_schema.take_violations() == []
+    wire_schema.record_server_frame({"type": "publication", "channel": "a"})
+    wire_schema.record_exchange({"id": 1, "type": "ping", "x": 1}, {"id": 1, "type": "ping", "result": {}})
+    found = wire_schema.take_violations()
+    assert len(found) == 2 and "not a ServerFrame" in found[0] and "not a ClientFrame" in found[1]
+    # A command the server could not decode is expected to be outside the schema.
+    wire_schema.record_exchange(
+        {"id": 1, "type": "ping", "x": 1}, {"id": 1, "type": None, "error": {"code": 101, "message": "x"}}
+    )
+    assert wire_schema.take_violations() == []

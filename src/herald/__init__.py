@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .app import Herald
+from typing import TYPE_CHECKING, Any
+
 from .brokers.base import Broker, ClientInfo, Publication, StreamPosition
 from .brokers.memory import MemoryBroker
 from .codes import CloseCode, ErrorCode
@@ -23,6 +24,19 @@ from .exceptions import (
 from .node import ClientContext
 from .presence.base import PresenceManager
 from .presence.memory import MemoryPresenceManager
+
+if TYPE_CHECKING:
+    from .app import Herald
+
+
+def __getattr__(name: str) -> Any:
+    # `Herald` pulls in FastAPI; importing it lazily keeps `herald.client` and the CLI's
+    # client commands quick to start.
+    if name == "Herald":
+        from .app import Herald
+
+        return Herald
+    raise AttributeError(f"module 'herald' has no attribute {name!r}")
 
 __all__ = [
     "Broker",

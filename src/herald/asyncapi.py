@@ -1007,7 +1007,7 @@ section{flex:1;min-width:0}h2{border-bottom:2px solid #d5dbe1;padding-bottom:.2r
 code{background:#eef2f6;padding:0 3px;border-radius:3px}pre{background:#f1f4f7;padding:.6rem;overflow:auto;border-radius:4px}
 table{border-collapse:collapse;width:100%;margin:.4rem 0}td,th{border:1px solid #e0e5ea;padding:3px 6px;text-align:left;vertical-align:top;font-size:13.5px}
 th{background:#f0f3f6}.tag{display:inline-block;font-size:12px;font-weight:600;border-radius:3px;padding:0 6px;margin-right:6px;color:#fff}
-.receive{background:#2f7d32}.send{background:#1e63a8}.muted{color:#66727e}details summary{cursor:pointer;color:#28557a}
+header code{background:#34495e;color:#fff}.receive{background:#2f7d32}.send{background:#1e63a8}.muted{color:#66727e}details summary{cursor:pointer;color:#28557a}
 """
 
 
@@ -1067,10 +1067,16 @@ def _schema_table(schema: Any) -> str:
             f"<tr><td><code>{html.escape(name)}</code></td><td><code>{_html_type(prop)}</code></td>"
             f"<td>{'yes' if name in required else ''}</td><td>{text}</td></tr>"
         )
+    one_of = [o.get("required", []) for o in schema.get("oneOf", []) if isinstance(o, dict)]
+    note = ""
+    if one_of and all(len(names) == 1 for names in one_of):
+        fields = ", ".join(f"<code>{html.escape(names[0])}</code>" for names in one_of)
+        note = f"<p>Exactly one of {fields} (not null).</p>"
     return (
         "<table><tr><th>field</th><th>type</th><th>required</th><th>description</th></tr>"
         + "".join(rows)
         + "</table>"
+        + note
     )
 
 

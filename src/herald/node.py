@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .auth import TokenClaims, TokenVerifier
 from .brokers.base import (
@@ -113,6 +113,8 @@ class RpcMethod:
     params: TypeAdapter[Any] | None
     params_type: Any
     result_type: Any
+    #: What each positional argument of the handler receives: "params" or "ctx".
+    arguments: tuple[str, ...] = ()
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -577,33 +579,51 @@ class Node:
         return [await _maybe_await(hook(*args)) for hook in self.hooks[event]]
 
     def add_rpc(self, name: str, handler: Callable[..., Any]) -> None:
-        """Register ``handler(params, ctx)``; ``params`` is validated against its annotation."""
-        hints = inspect.get_annotations(handler, eval_str=True)
-        parameters = list(inspect.signature(handler).parameters)
-        params_type = hints.get(parameters[0]) if parameters else None
+        """Register an RPC handler.
+
+        Its parameters are recognised by annotation: one annotated ``ClientContext`` (or
+        named ``ctx`` without annotation) receives the caller's context; the other one
+        receives the command's ``params``, validated against its annotation (no annotation:
+        any JSON value).  Both are optional: ``handler()``, ``handler(params)``,
+        ``handler(ctx)`` and ``handler(params, ctx)`` all work.
+        """
+        try:
+            hints = inspect.get_annotations(handler, eval_str=True)
+        except NameError as exc:
+            raise TypeError(
+                f"rpc handler {name!r}: cannot resolve its annotations ({exc}); "
+                "define the types it uses at module level"
+            ) from None
+        arguments: list[str] = []
+        params_type: Any = None
+        for parameter in inspect.signature(handler).parameters.values():
+            annotation = hints.get(parameter.name)
+            if annotation is ClientContext or (annotation is None and parameter.name == "ctx"):
+                arguments.append("ctx")
+            elif "params" in arguments:
+                raise TypeError(f"rpc handler {name!r} may take one params argument and one ctx")
+            else:
+                arguments.append("params")
+                params_type = annotation
         adapter = TypeAdapter(params_type) if params_type is not None else None
-        self.rpc_methods[name] = RpcMethod(name, handler, adapter, params_type, hints.get("return"))
+        self.rpc_methods[name] = RpcMethod(
+            name, handler, adapter, params_type, hints.get("return"), tuple(arguments)
+        )
 
     async def call_rpc(self, name: str, params: Any, ctx: ClientContext) -> Any:
         method = self.rpc_methods.get(name)
         if method is None:
             raise CommandError(ErrorCode.METHOD_NOT_FOUND, f"method not found: {name[:64]}")
-        from pydantic import ValidationError
-
-        args: list[Any] = []
         if method.params is not None:
             try:
-                args.append(method.params.validate_python(params))
+                params = method.params.validate_python(params)
             except ValidationError as exc:
                 first = exc.errors(include_url=False)[0]
                 where = ".".join(str(p) for p in first["loc"])
                 raise CommandError(
                     ErrorCode.INVALID_PARAMS, f"{where}: {first['msg']}" if where else first["msg"]
                 ) from None
-        elif len(inspect.signature(method.handler).parameters) >= 1:
-            args.append(params)
-        if len(inspect.signature(method.handler).parameters) > len(args):
-            args.append(ctx)
+        args = [ctx if kind == "ctx" else params for kind in method.arguments]
         result = await _maybe_await(method.handler(*args))
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")

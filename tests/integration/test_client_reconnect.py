@@ -148,6 +148,7 @@ async def test_socket_cut_recovers_every_publication_once_in_order(
     await client.close()
 
 
+@pytest.mark.slow  # two server start-ups per case
 @pytest.mark.parametrize("how", ["kill", "terminate"])
 async def test_server_restart_reports_recovery_failed(how: str) -> None:
     port = free_port()
