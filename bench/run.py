@@ -33,7 +33,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -60,9 +59,7 @@ HERALD_ENV = {
     "HERALD_LOG_LEVEL": "warning",
     # S3 drives 2000 commands per connection as fast as the server answers: not abuse here.
     "HERALD_RATE_LIMIT": "0",
-    "HERALD_NAMESPACES": json.dumps(
-        {"bench": {"presence": False, "join_leave": False, "history_size": 100}}
-    ),
+    "HERALD_NAMESPACES": json.dumps({"bench": {"presence": False, "join_leave": False, "history_size": 100}}),
 }
 CHANNEL = "bench:s1"
 
@@ -125,9 +122,7 @@ def workloads(scale: float) -> dict[str, Workload]:
             {"subs": n(1000), "rate": 100, "duration": d(10), "size": 1024, "slow": 1},
             "pubsub",
         ),
-        "idle10k": Workload(
-            "idle10k", f"{n(10000)} idle connections", "idle", {"conns": n(10000)}, "idle"
-        ),
+        "idle10k": Workload("idle10k", f"{n(10000)} idle connections", "idle", {"conns": n(10000)}, "idle"),
     }
 
 
@@ -324,7 +319,7 @@ def running(target: Target, nice: bool, extra_env: dict[str, str], log: Path) ->
         )
     try:
         wait_port(port, proc)
-        time.sleep(0.3)  # let the server finish its start-up allocations before the RSS baseline
+        time.sleep(0.2)  # let the server finish its start-up allocations before the RSS baseline
         yield port, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -360,7 +355,9 @@ def run_workload(
         rss0 = proc_rss_kib(pid)
         cpu0 = proc_cpu_seconds(pid)
         if workload.kind == "idle":
-            return _run_idle(argv, pid, rss0, timeout)
+            return _run_idle(
+                argv, pid, rss0, timeout, settle=1.0 if workload.params["conns"] >= 1000 else 0.2
+            )
         with RssSampler(pid) as sampler:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=timeout + 60, preexec_fn=_raise_nofile
@@ -378,7 +375,7 @@ def run_workload(
         return result
 
 
-def _run_idle(argv: list[str], pid: int, rss0: int, timeout: float) -> dict[str, Any]:
+def _run_idle(argv: list[str], pid: int, rss0: int, timeout: float, settle: float) -> dict[str, Any]:
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
@@ -395,7 +392,7 @@ def _run_idle(argv: list[str], pid: int, rss0: int, timeout: float) -> dict[str,
             raise RuntimeError(f"loadgen failed: {line!r} {proc.stderr.read() if proc.stderr else ''}")
         result: dict[str, Any] = json.loads(line[len("READY ") :])
         # Let the server settle (writer tasks started, handshakes' garbage collected).
-        time.sleep(1.0)
+        time.sleep(settle)
         rss1 = proc_rss_kib(pid)
         result["server_rss0_kib"] = rss0
         result["server_rss_kib"] = rss1
@@ -473,9 +470,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             runs, errors = [], []
             for _ in range(args.repeat):
                 try:
-                    runs.append(
-                        run_workload(target, workload, nice=args.nice, log=log, timeout=args.timeout)
-                    )
+                    runs.append(run_workload(target, workload, nice=args.nice, log=log, timeout=args.timeout))
                 except Exception as exc:
                     errors.append(str(exc))
             entry: dict[str, Any] = {"runs": runs, "errors": errors}
@@ -548,9 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", action="store_true", help="run servers and load under nice -n 19")
     parser.add_argument("--asgi", action="store_true", help="also run Herald with the fast path off")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per loadgen run")
-    parser.add_argument(
-        "--out", default=str(BENCH_DIR / "results" / "latest.json"), help="results JSON file"
-    )
+    parser.add_argument("--out", default=str(BENCH_DIR / "results" / "latest.json"), help="results JSON file")
     parser.add_argument(
         "--docs",
         nargs="?",

@@ -94,9 +94,18 @@ class _ServerBase:
 
 
 class RedisServer(_ServerBase):
-    """``redis-server`` without persistence: a restart comes back empty."""
+    """``redis-server``; without ``persistent`` a restart comes back empty.
+
+    With ``persistent`` every write goes to an append-only file in the server's
+    directory before it is acknowledged (``appendfsync always``), so even a
+    SIGKILL and restart brings every acknowledged write back.
+    """
 
     binary = "redis-server"
+
+    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
+        super().__init__(port)
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
@@ -112,7 +121,9 @@ class RedisServer(_ServerBase):
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.dir),
         ]
@@ -146,9 +157,9 @@ def require(binary: str) -> None:
         pytest.skip(f"{binary} is not installed (scripts/test installs it with apt-get)")
 
 
-def redis_server_fixture() -> Iterator[RedisServer]:
+def redis_server_fixture(*, persistent: bool = False) -> Iterator[RedisServer]:
     require("redis-server")
-    server = RedisServer()
+    server = RedisServer(persistent=persistent)
     server.start()
     try:
         yield server

@@ -216,7 +216,9 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
             highest = 0
             for i in range(1500):  # 6 MB: far past the stuck peer's socket buffers and the bound
                 await sender.send(f"{i} {payload}")
-                assert await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == f"New message: {i} {payload}"
+                assert (
+                    await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == f"New message: {i} {payload}"
+                )
                 if not protocol.transport.is_closing():
                     highest = max(highest, protocol.transport.get_write_buffer_size())
             assert stuck_connection.close_code == 4001  # type: ignore[attr-defined]

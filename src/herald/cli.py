@@ -148,6 +148,24 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    # The suite is not installed with the package: look in the working directory, then in the
+    # checkout this module comes from (src/herald/cli.py -> repository root).
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "bench" / "run.py").is_file():
+            extra = [a for a in args.bench_args if a != "--"]
+            return subprocess.call([sys.executable, "-m", "bench", *extra], cwd=root)
+    print(
+        "herald: the benchmark suite lives in the repository's bench/ folder; run this from a "
+        "source checkout (git clone ...; pip install -e '.[bench]').",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herald", description="Real-time messaging for FastAPI.")
     parser.add_argument("--version", action="version", version=f"herald {__version__}")
@@ -181,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--broker")
     _settings_flags(config)
     config.set_defaults(func=_config)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite (needs the repository's bench/ folder)",
+        description="Runs `python -m bench` from Herald's source checkout; arguments go to it "
+        "(try `herald bench -- --help`).  See docs/benchmarks.md.",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m bench")
+    bench.set_defaults(func=_bench)
 
     # connect, publish, presence, history: the client side lives in cli_client.py.
     add_client_commands(commands)

@@ -78,6 +78,8 @@ def test_two_people_chat_with_presence_and_history(herald_server: ServerProcess,
     bob.fill("#text", "Loud and clear, from my phone.")
     bob.click("#send")
     wait_message(ada, "Loud and clear, from my phone.")
+    # The phone layout fits 390 px: nothing scrolls sideways.
+    assert bob.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     assert message_texts(ada) == message_texts(bob)
     # The sender is shown by name, taken from the message itself.
     who = ada.eval_on_selector_all("#messages li .who", "nodes => nodes.map(n => n.textContent)")

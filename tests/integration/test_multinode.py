@@ -435,3 +435,63 @@ async def _settle_nats(nodes: list[ServerProcess], clients: list[ProtocolClient]
             break
     assert all(h == set(range(len(nodes))) for h in heard), heard
     # Probes still in flight are skipped by publications().
+
+
+@pytest.fixture(scope="module")
+def jetstream_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture(jetstream=True)
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_three_nodes_on_nats_jetstream_share_offsets_and_recover(
+    jetstream_server: NatsServer,
+) -> None:
+    """With ``?jetstream=1`` NATS gives what Redis gives: one gap-free offset order, recovery."""
+    async with _cluster(3, jetstream_server.url + "?jetstream=1") as nodes:
+        channel = "chat:jetstream"
+        clients = [await connect(node, f"user-{i}") for i, node in enumerate(nodes * 2)]
+        try:
+            starts = [await subscribe(client, channel) for client in clients]
+            epoch = starts[0]["epoch"]
+            assert epoch and {s["epoch"] for s in starts} == {epoch}
+            base = max(s["offset"] for s in starts)
+
+            per_client = 6
+            replies = await asyncio.gather(
+                *(
+                    c.call("publish", channel=channel, data={"from": i, "n": n})
+                    for i, c in enumerate(clients)
+                    for n in range(per_client)
+                )
+            )
+            assert all("result" in r for r in replies), replies
+            total = per_client * len(clients)
+            published = sorted(r["result"]["offset"] for r in replies)
+            assert published == list(range(base + 1, base + total + 1))
+            sequences = []
+            for client in clients:
+                received = await publications(client, total)
+                assert [p["offset"] for p in received] == published  # offset order everywhere
+                assert {p["epoch"] for p in received} == {epoch}
+                sequences.append([(p["offset"], p["data"]["from"], p["data"]["n"]) for p in received])
+                await no_more_publications(client)
+            assert all(s == sequences[0] for s in sequences)
+
+            # A client that saw up to the middle resumes on another node with no gap.
+            middle = published[total // 2]
+            late = await connect(nodes[2])
+            try:
+                result = await subscribe(late, channel, since={"offset": middle, "epoch": epoch})
+                assert result["recovered"] is True and result["epoch"] == epoch
+                assert [p["offset"] for p in result["publications"]] == published[total // 2 + 1 :]
+                expected = [(f, n) for _, f, n in sequences[0][total // 2 + 1 :]]
+                assert [(p["data"]["from"], p["data"]["n"]) for p in result["publications"]] == expected
+                status, body = await api(nodes[0], "/api/publish", {"channel": channel, "data": "live"})
+                assert status == 200 and body["offset"] == published[-1] + 1, body
+                [live] = await publications(late, 1)
+                assert live["offset"] == body["offset"] and live["data"] == "live"
+            finally:
+                await late.close()
+        finally:
+            await close_all(clients)

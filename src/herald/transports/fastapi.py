@@ -17,6 +17,8 @@ import contextlib
 import inspect
 import logging
 import secrets
+import socket
+import struct
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -87,8 +89,15 @@ class StarletteTransport:
         receive = getattr(self.websocket, "_receive", None)
         transport = getattr(getattr(receive, "__self__", None), "transport", None)
         abort = getattr(transport, "abort", None)
-        if callable(abort):
-            abort()
+        if not callable(abort):
+            return
+        # Linger 0: the kernel resets the connection and drops the unsent bytes at once,
+        # instead of holding them (and the socket) until the stuck peer reads them.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        abort()
 
 
 def new_client_id() -> str:

@@ -60,17 +60,19 @@ def frame_text(payload: bytes) -> bytes:
 
 # Fan-out hands the *same* str object to every subscriber in a row, so a one-entry
 # cache keyed by identity frames each publication once per node, not once per copy.
-_last_text: str | None = None
-_last_frame: bytes = b""
+# One tuple, read and replaced whole, so servers in several threads never mix entries.
+_cache: tuple[str | None, bytes] = (None, b"")
 
 
 def framed(text: str) -> bytes:
     """``text`` as a text frame, reusing the previous result for the same object."""
-    global _last_text, _last_frame
-    if text is not _last_text:
-        _last_frame = frame_text(text.encode())
-        _last_text = text
-    return _last_frame
+    global _cache
+    cached = _cache
+    if cached[0] is text:
+        return cached[1]
+    frame = frame_text(text.encode())
+    _cache = (text, frame)
+    return frame
 
 
 class HeraldWebSocketProtocol(WebSocketsSansIOProtocol):

@@ -1,0 +1,156 @@
+"""NATS with JetStream beyond the shared suite: in-order delivery when fan-outs are lost.
+
+Publications reach nodes over core NATS after JetStream stored them; a node that
+misses one (the publisher died between the store and the fan-out, or the node's
+link dropped) must still deliver the channel in offset order, reading what it
+missed from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from herald.brokers.base import Publication, PublishOptions
+from herald.brokers.nats import NatsBroker, NatsBrokerConfig
+from herald.exceptions import ConfigError
+
+from ..helpers import async_wait_for
+from ..servers import NatsServer, nats_server_fixture
+from .conformance import HISTORY, Engine, NodeEngines, channel_name
+
+pytestmark = pytest.mark.nats
+
+
+class _DiesAfterStore(NatsBroker):
+    """A publisher whose next fan-out never happens, as if it died right after JetStream's ack."""
+
+    drop_next_fan_out = False
+
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        if self.drop_next_fan_out and subject.startswith(f"{self.config.prefix}.c."):
+            self.drop_next_fan_out = False
+            return
+        await super()._publish(subject, payload)
+
+
+@pytest.fixture(scope="module")
+def jetstream_server() -> Iterator[NatsServer]:
+    yield from nats_server_fixture(jetstream=True)
+
+
+@pytest.fixture
+async def engine(jetstream_server: NatsServer) -> AsyncIterator[Engine]:
+    config = NatsBrokerConfig(
+        url=jetstream_server.url, prefix=f"t{secrets.token_hex(4)}", jetstream=True, gap_wait=0.1
+    )
+
+    def make() -> tuple[NatsBroker, object]:
+        broker = _DiesAfterStore(config)
+        return broker, broker.presence_manager()
+
+    engine = Engine(make)  # type: ignore[arg-type]
+    yield engine
+    await engine.close()
+
+
+def _offsets(node: NodeEngines, channel: str) -> list[int]:
+    return [p.offset for p in node.publications(channel)]
+
+
+async def test_lost_fan_out_is_read_from_the_stream_in_order(engine: Engine) -> None:
+    receiver, publisher = await engine.node(), await engine.node()
+    broker = publisher.broker
+    assert isinstance(broker, _DiesAfterStore)
+    channel = channel_name()
+    await receiver.broker.subscribe(channel)
+    await broker.publish(channel, b"1", HISTORY)
+    broker.drop_next_fan_out = True
+    await broker.publish(channel, b"2", HISTORY)  # stored, never fanned out
+    await broker.publish(channel, b"3", HISTORY)
+    received = await receiver.wait_publications(channel, 3)
+    # Offset 3 arrived first, but 2 was read from the stream and delivered before it.
+    assert [(p.offset, p.data) for p in received] == [(1, b"1"), (2, b"2"), (3, b"3")]
+    assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_filled == 1
+
+
+async def test_offset_missing_from_history_is_skipped(engine: Engine) -> None:
+    receiver, publisher = await engine.node(), await engine.node()
+    broker = publisher.broker
+    assert isinstance(broker, _DiesAfterStore)
+    channel = channel_name()
+    no_history = PublishOptions()  # offsets are counted, nothing is kept
+    await receiver.broker.subscribe(channel)
+    await broker.publish(channel, b"1", no_history)
+    broker.drop_next_fan_out = True
+    await broker.publish(channel, b"2", no_history)
+    await broker.publish(channel, b"3", no_history)
+    await async_wait_for(lambda: _offsets(receiver, channel) == [1, 3], 5)
+    assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_skipped == 1
+
+
+def _local_port(broker: NatsBroker) -> int:
+    writer = broker._nc._transport._io_writer
+    return int(writer.get_extra_info("sockname")[1])
+
+
+async def test_node_catches_up_after_its_link_drops(
+    engine: Engine, jetstream_server: NatsServer
+) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    receiver, publisher = await engine.node(), await engine.node()
+    assert isinstance(receiver.broker, NatsBroker)
+    channel = channel_name()
+    await receiver.broker.subscribe(channel)
+    await publisher.broker.publish(channel, b"0", HISTORY)
+    await receiver.wait_publications(channel, 1)
+    # Abort only the receiver's socket (its own source port): the publisher stays connected.
+    port = _local_port(receiver.broker)
+    subprocess.run(
+        ["ss", "-K", "-tn", f"( sport = :{port} and dport = :{jetstream_server.port} )"],
+        check=True,
+        capture_output=True,
+    )
+    await async_wait_for(lambda: not receiver.broker._connected.is_set(), 5, what="link down")
+    for n in range(1, 6):
+        await publisher.broker.publish(channel, b"%d" % n, HISTORY)
+    # No publication follows: the reconnect alone makes the node read what it missed.
+    received = await receiver.wait_publications(channel, 6)
+    assert [p.offset for p in received] == list(range(1, 7))
+    assert [p.data for p in received] == [b"%d" % n for n in range(6)]
+    assert receiver.broker.gaps_filled == 5
+    assert all(isinstance(p, Publication) for p in received)
+
+
+async def test_concurrent_publishers_reach_each_node_in_offset_order(engine: Engine) -> None:
+    nodes = [await engine.node() for _ in range(3)]
+    channel = channel_name()
+    for node in nodes:
+        await node.broker.subscribe(channel)
+    # Many concurrent publishes per node: fan-outs overtake each other on the wire.
+    await asyncio.gather(
+        *(node.broker.publish(channel, b"%d" % i, HISTORY) for node in nodes for i in range(30))
+    )
+    for node in nodes:
+        received = await node.wait_publications(channel, 90)
+        assert [p.offset for p in received] == list(range(1, 91))
+
+
+def test_config_from_url() -> None:
+    config = NatsBrokerConfig.from_url("nats://a:4222,nats://b:4222?jetstream=1&prefix=app&max_age=60")
+    assert config.url == "nats://a:4222,nats://b:4222"
+    assert config.jetstream and config.prefix == "app" and config.max_age == 60
+    assert config.stream_name == "HERALD_app"
+    assert not NatsBrokerConfig.from_url("nats://a:4222").jetstream
+    with pytest.raises(ConfigError, match="unknown NATS broker URL option 'jetsream'"):
+        NatsBrokerConfig.from_url("nats://a:4222?jetsream=1")
+    with pytest.raises(ConfigError, match="boolean"):
+        NatsBrokerConfig.from_url("nats://a:4222?jetstream=maybe")
+    with pytest.raises(ConfigError, match="storage"):
+        NatsBrokerConfig.from_url("nats://a:4222?jetstream=1&storage=disk")
