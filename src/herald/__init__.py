@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
         return Herald
     raise AttributeError(f"module 'herald' has no attribute {name!r}")
 
+
 __all__ = [
     "Broker",
     "BrokerError",

@@ -71,9 +71,7 @@ class HistoryOut(BaseModel):
 
 
 class ChannelsOut(BaseModel):
-    channels: dict[str, int] = Field(
-        description="Channels with subscribers on this node, and counts."
-    )
+    channels: dict[str, int] = Field(description="Channels with subscribers on this node, and counts.")
 
 
 class DisconnectOut(BaseModel):
@@ -118,9 +116,7 @@ def build_api_router(herald: Herald) -> APIRouter:
             scheme, _, value = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() in ("apikey", "bearer"):
                 supplied = value.strip()
-        if supplied is None or not hmac.compare_digest(
-            supplied.encode(), key.get_secret_value().encode()
-        ):
+        if supplied is None or not hmac.compare_digest(supplied.encode(), key.get_secret_value().encode()):
             raise HTTPException(401, detail="missing or wrong API key")
 
     router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
@@ -135,9 +131,7 @@ def build_api_router(herald: Herald) -> APIRouter:
             raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
         return PositionOut(offset=position.offset, epoch=position.epoch)
 
-    @router.post(
-        "/broadcast", response_model=BroadcastOut, summary="Publish one message to many channels"
-    )
+    @router.post("/broadcast", response_model=BroadcastOut, summary="Publish one message to many channels")
     async def broadcast(body: BroadcastBody) -> BroadcastOut:
         results: list[BroadcastItem] = []
         for channel in body.channels:
@@ -145,9 +139,7 @@ def build_api_router(herald: Herald) -> APIRouter:
                 position = await node.publish(channel, body.data)
             except CommandError as exc:
                 results.append(
-                    BroadcastItem(
-                        channel=channel, error={"code": int(exc.code), "message": exc.message}
-                    )
+                    BroadcastItem(channel=channel, error={"code": int(exc.code), "message": exc.message})
                 )
             except BrokerError as exc:
                 results.append(
@@ -157,9 +149,7 @@ def build_api_router(herald: Herald) -> APIRouter:
                     )
                 )
             else:
-                results.append(
-                    BroadcastItem(channel=channel, offset=position.offset, epoch=position.epoch)
-                )
+                results.append(BroadcastItem(channel=channel, offset=position.offset, epoch=position.epoch))
         return BroadcastOut(results=results)
 
     @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
@@ -201,15 +191,11 @@ def build_api_router(herald: Herald) -> APIRouter:
         since = None
         if since_offset is not None:
             since = StreamPosition(since_offset, since_epoch or "")
-        limit = min(
-            limit if limit is not None else settings.max_history_limit, settings.max_history_limit
-        )
+        limit = min(limit if limit is not None else settings.max_history_limit, settings.max_history_limit)
         result = await node.history(name, since=since, limit=limit, reverse=reverse)
         if since is not None and since_epoch and since_epoch != result.position.epoch:
             raise _error(
-                CommandError(
-                    ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset"
-                )
+                CommandError(ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset")
             )
         return HistoryOut(
             publications=[
@@ -224,17 +210,11 @@ def build_api_router(herald: Herald) -> APIRouter:
             epoch=result.position.epoch,
         )
 
-    @router.get(
-        "/channels", response_model=ChannelsOut, summary="Channels with subscribers on this node"
-    )
+    @router.get("/channels", response_model=ChannelsOut, summary="Channels with subscribers on this node")
     async def channels() -> ChannelsOut:
-        return ChannelsOut(
-            channels={c: n for c, n in node.hub.channels().items() if not c.startswith("$")}
-        )
+        return ChannelsOut(channels={c: n for c, n in node.hub.channels().items() if not c.startswith("$")})
 
-    @router.post(
-        "/disconnect", response_model=DisconnectOut, summary="Disconnect every connection of a user"
-    )
+    @router.post("/disconnect", response_model=DisconnectOut, summary="Disconnect every connection of a user")
     async def disconnect(body: DisconnectBody) -> DisconnectOut:
         try:
             count = await node.disconnect_user(body.user, body.code, body.reason)

@@ -84,9 +84,7 @@ class Herald:
 
     # ------------------------------------------------------------ app API
 
-    async def publish(
-        self, channel: str, data: Any, *, info: ClientInfo | None = None
-    ) -> StreamPosition:
+    async def publish(self, channel: str, data: Any, *, info: ClientInfo | None = None) -> StreamPosition:
         """Publish ``data`` to ``channel`` on every node; returns its position."""
         return await self.node.publish(channel, data, info=info)
 
@@ -163,9 +161,7 @@ class Herald:
             # after start-up still appear.
             key = (request.url.netloc, request.url.scheme == "https", tuple(self.node.rpc_methods))
             if key not in cache:
-                doc = build_asyncapi(
-                    self.settings, self.node.rpc_methods, host=key[0], secure=key[1]
-                )
+                doc = build_asyncapi(self.settings, self.node.rpc_methods, host=key[0], secure=key[1])
                 cache.clear()
                 cache[key] = (doc, render_html(doc))
             return cache[key]
@@ -193,9 +189,7 @@ class Herald:
 
     # ------------------------------------------------------------ endpoints
 
-    def _connection(
-        self, websocket: WebSocket, renderer: Any, *, echo_own: bool, events: bool
-    ) -> Connection:
+    def _connection(self, websocket: WebSocket, renderer: Any, *, echo_own: bool, events: bool) -> Connection:
         settings = self.settings
         return Connection(
             transport_for(websocket, fast_path=settings.fast_path),
@@ -235,13 +229,9 @@ class Herald:
 
     def _add_routes(self, router: APIRouter) -> None:
         guarded = self._guarded
-        router.add_api_websocket_route(
-            "/connect", guarded(self._connect_endpoint), name="herald_connect"
-        )
+        router.add_api_websocket_route("/connect", guarded(self._connect_endpoint), name="herald_connect")
         router.add_api_websocket_route("/ws", guarded(self._echo_endpoint), name="tutorial_echo")
-        router.add_api_websocket_route(
-            "/ws_json", guarded(self._json_endpoint), name="tutorial_json"
-        )
+        router.add_api_websocket_route("/ws_json", guarded(self._json_endpoint), name="tutorial_json")
         router.add_api_websocket_route(
             "/ws_broadcast", guarded(self._broadcast_endpoint), name="tutorial_broadcast"
         )

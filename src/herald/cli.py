@@ -174,13 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the Herald server")
     serve.add_argument("--host", help="bind address (HERALD_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (HERALD_PORT, default 8000)")
-    serve.add_argument(
-        "--workers", type=int, help="worker processes (HERALD_WORKERS; >1 needs --broker)"
-    )
+    serve.add_argument("--workers", type=int, help="worker processes (HERALD_WORKERS; >1 needs --broker)")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
-    serve.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"]
-    )
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--broker", help="memory (default), redis://host:port/db, nats://host:port")
     _settings_flags(serve)
     serve.set_defaults(func=_serve)

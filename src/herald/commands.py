@@ -101,9 +101,7 @@ class ProtocolHandler:
         # Every frame costs a token, garbage included, so that a flood of anything is metered.
         verdict = self.rate.check()
         try:
-            command = decode_command(
-                text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys
-            )
+            command = decode_command(text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
         except ProtocolError as exc:
             if verdict is not RateVerdict.OK:
                 self._rate_limited(verdict, exc.command_id, None)
@@ -143,9 +141,7 @@ class ProtocolHandler:
             connection.close(CloseCode.RATE_LIMIT, "rate limit exceeded")
             return
         self.node.record_rejected_command("rate_limited")
-        connection.send(
-            encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded")
-        )
+        connection.send(encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded"))
 
     # ------------------------------------------------------------ token expiry
 
@@ -222,9 +218,7 @@ class ProtocolHandler:
                 command.type,
                 extra={"conn": connection.client_id, "user": connection.user},
             )
-            frame = encode_error(
-                command.id, command.type, int(ErrorCode.INTERNAL), "internal error"
-            )
+            frame = encode_error(command.id, command.type, int(ErrorCode.INTERNAL), "internal error")
         if frame is not None:
             connection.send(frame)
 
@@ -232,9 +226,7 @@ class ProtocolHandler:
         if len(self._rpc_tasks) >= self.node.settings.max_rpc_in_flight:
             self.session.finish(command.id)
             self.connection.send(
-                encode_error(
-                    command.id, "rpc", int(ErrorCode.LIMIT_EXCEEDED), "too many rpc calls in flight"
-                )
+                encode_error(command.id, "rpc", int(ErrorCode.LIMIT_EXCEEDED), "too many rpc calls in flight")
             )
             return
 
@@ -341,18 +333,12 @@ class ProtocolHandler:
         node, connection, session = self.node, self.connection, self.session
         channel, options = node.check_channel(item.channel)
         if not options.allow_subscribe:
-            raise CommandError(
-                ErrorCode.PERMISSION_DENIED, "subscribing is not allowed in this namespace"
-            )
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "subscribing is not allowed in this namespace")
         if not options.allow_anonymous and not connection.user:
-            raise CommandError(
-                ErrorCode.PERMISSION_DENIED, "anonymous clients may not subscribe here"
-            )
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not subscribe here")
         self._check_user_limited(channel)
         session.check_subscribe(channel)
-        await node.authorize_subscribe(
-            self.context, channel, item.token, private=options.private
-        )
+        await node.authorize_subscribe(self.context, channel, item.token, private=options.private)
         await node.run_hooks("subscribe", self.context, channel)
 
         connection.hold(channel)
@@ -414,13 +400,9 @@ class ProtocolHandler:
         node, connection = self.node, self.connection
         channel, options = node.check_channel(command.channel)
         if not options.allow_publish:
-            raise CommandError(
-                ErrorCode.PERMISSION_DENIED, "clients may not publish in this namespace"
-            )
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "clients may not publish in this namespace")
         if not options.allow_anonymous and not connection.user:
-            raise CommandError(
-                ErrorCode.PERMISSION_DENIED, "anonymous clients may not publish here"
-            )
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not publish here")
         self._check_user_limited(channel)
         data = command.data
         for replaced in await node.run_hooks("publish", self.context, channel, data):
@@ -428,9 +410,7 @@ class ProtocolHandler:
                 data = replaced
         info = ClientInfo(connection.client_id, connection.user, connection.info)
         position = await node.publish_json(channel, orjson.dumps(data), options, info=info)
-        return encode_reply(
-            command.id, "publish", {"offset": position.offset, "epoch": position.epoch}
-        )
+        return encode_reply(command.id, "publish", {"offset": position.offset, "epoch": position.epoch})
 
     async def _cmd_rpc(self, command: m.RpcRequest) -> str:
         data = await self.node.call_rpc(command.method, command.params, self.context)
@@ -438,9 +418,7 @@ class ProtocolHandler:
 
     def _readable(self, channel: str, allowed: bool, what: str) -> None:
         if not allowed:
-            raise CommandError(
-                ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace"
-            )
+            raise CommandError(ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace")
         self._check_user_limited(channel)
 
     async def _cmd_presence(self, command: m.PresenceRequest) -> str:
@@ -449,9 +427,7 @@ class ProtocolHandler:
         if not options.presence:
             raise CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace")
         clients = await self.node.presence_of(channel)
-        return encode_reply(
-            command.id, "presence", {"clients": {c: i.as_dict() for c, i in clients.items()}}
-        )
+        return encode_reply(command.id, "presence", {"clients": {c: i.as_dict() for c, i in clients.items()}})
 
     async def _cmd_presence_stats(self, command: m.PresenceStatsRequest) -> str:
         channel, options = self.node.check_channel(command.channel)
@@ -475,13 +451,9 @@ class ProtocolHandler:
         limit = max_limit if command.limit is None else min(command.limit, max_limit)
         since = command.since
         position_since = StreamPosition(since.offset, since.epoch) if since is not None else None
-        history = await node.history(
-            channel, since=position_since, limit=limit, reverse=command.reverse
-        )
+        history = await node.history(channel, since=position_since, limit=limit, reverse=command.reverse)
         if since is not None and since.epoch != history.position.epoch:
-            raise CommandError(
-                ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset"
-            )
+            raise CommandError(ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset")
         return encode_reply(
             command.id,
             "history",
@@ -493,9 +465,7 @@ class ProtocolHandler:
         )
 
 
-def _covers(
-    since: m.StreamPositionModel, publications: list[Publication], top: StreamPosition
-) -> bool:
+def _covers(since: m.StreamPositionModel, publications: list[Publication], top: StreamPosition) -> bool:
     """Whether ``publications`` are exactly everything after ``since`` up to ``top``."""
     if since.epoch != top.epoch or since.offset > top.offset:
         return False

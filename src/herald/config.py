@@ -20,14 +20,10 @@ class NamespaceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     history_size: int = Field(default=100, ge=0, le=1_000_000, description="Publications kept.")
-    history_ttl: float = Field(
-        default=600.0, ge=0, description="Seconds history is kept (0: forever)."
-    )
+    history_ttl: float = Field(default=600.0, ge=0, description="Seconds history is kept (0: forever).")
     presence: bool = Field(default=True, description="Track who is subscribed.")
     join_leave: bool = Field(default=True, description="Push join/leave to subscribers.")
-    allow_publish: bool = Field(
-        default=True, description="Clients may publish (the API always may)."
-    )
+    allow_publish: bool = Field(default=True, description="Clients may publish (the API always may).")
     allow_subscribe: bool = True
     allow_history: bool = Field(default=True, description="Clients may read history.")
     allow_presence: bool = Field(default=True, description="Clients may read presence.")
@@ -43,9 +39,7 @@ def _default_namespaces() -> dict[str, NamespaceOptions]:
     return {
         "": NamespaceOptions(),
         "chat": NamespaceOptions(),
-        "dashboard": NamespaceOptions(
-            history_size=60, presence=False, join_leave=False, allow_publish=False
-        ),
+        "dashboard": NamespaceOptions(history_size=60, presence=False, join_leave=False, allow_publish=False),
         "game": NamespaceOptions(history_size=200),
     }
 
@@ -81,9 +75,7 @@ class Settings(BaseSettings):
         default=True, description="Serve the admin page at /admin (needs api_key, or loopback)."
     )
     reload: bool = False
-    broker: str = Field(
-        default="memory", description="memory, redis://host:port/db or nats://host:port"
-    )
+    broker: str = Field(default="memory", description="memory, redis://host:port/db or nats://host:port")
     demos: bool = Field(default=True, description="Serve the demo pages at /.")
     ws_impl: str = Field(
         default="websockets-sansio",
@@ -107,12 +99,8 @@ class Settings(BaseSettings):
         description="Accept handshakes without an Origin header (non-browser clients).",
     )
     api_key: SecretStr | None = Field(default=None, description="Key for the HTTP API.")
-    token_secret: SecretStr | None = Field(
-        default=None, description="HS256 secret for connection JWTs."
-    )
-    token_public_key: str | None = Field(
-        default=None, description="PEM public key for RS256/ES256 JWTs."
-    )
+    token_secret: SecretStr | None = Field(default=None, description="HS256 secret for connection JWTs.")
+    token_public_key: str | None = Field(default=None, description="PEM public key for RS256/ES256 JWTs.")
     token_audience: str | None = None
     token_issuer: str | None = None
     token_jwks_file: str | None = Field(
@@ -174,13 +162,9 @@ class Settings(BaseSettings):
     )
 
     # -- timing (seconds)
-    ping_interval: float = Field(
-        default=25.0, ge=0, description="Server ping period; 0 turns pings off."
-    )
+    ping_interval: float = Field(default=25.0, ge=0, description="Server ping period; 0 turns pings off.")
     pong_timeout: float = Field(default=10.0, gt=0)
-    handshake_timeout: float = Field(
-        default=10.0, gt=0, description="Time to send the connect command."
-    )
+    handshake_timeout: float = Field(default=10.0, gt=0, description="Time to send the connect command.")
     idle_timeout: float = Field(
         default=0.0,
         ge=0,

@@ -31,11 +31,7 @@ def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
         try:
             from .brokers.nats import NatsBroker, NatsBrokerConfig
         except ImportError as exc:
-            raise ConfigError(
-                f"the NATS broker needs nats-py: pip install 'herald[nats]' ({exc})"
-            ) from exc
+            raise ConfigError(f"the NATS broker needs nats-py: pip install 'herald[nats]' ({exc})") from exc
         nats_broker = NatsBroker(NatsBrokerConfig.from_url(url))
         return nats_broker, nats_broker.presence_manager()
-    raise ConfigError(
-        f"unknown broker {url!r}: use memory, redis://host:port/db or nats://host:port"
-    )
+    raise ConfigError(f"unknown broker {url!r}: use memory, redis://host:port/db or nats://host:port")

@@ -44,9 +44,7 @@ class ProtocolError(CommandError):
     so the error reply can still be matched by the client.
     """
 
-    def __init__(
-        self, code: ErrorCode, message: str | None = None, command_id: int | None = None
-    ) -> None:
+    def __init__(self, code: ErrorCode, message: str | None = None, command_id: int | None = None) -> None:
         super().__init__(code, message)
         self.command_id = command_id
 

@@ -312,9 +312,7 @@ class Node:
         by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
         return position
 
-    async def publish_internal(
-        self, channel: str, data_json: bytes, info: ClientInfo | None
-    ) -> None:
+    async def publish_internal(self, channel: str, data_json: bytes, info: ClientInfo | None) -> None:
         """Publish on a reserved ``$`` channel (no history, no namespace)."""
         await self.broker.publish(channel, data_json, PublishOptions(info=info))
 
@@ -415,9 +413,7 @@ class Node:
                         continue
                     try:
                         if self.namespace(channel).presence:
-                            info = ClientInfo(
-                                connection.client_id, connection.user, connection.info
-                            )
+                            info = ClientInfo(connection.client_id, connection.user, connection.info)
                             await self.presence.add(channel, info, self.settings.presence_ttl)
                     except Exception as exc:
                         logger.debug("presence refresh failed: %r", exc)
@@ -473,15 +469,9 @@ class Node:
         ``max_connections_per_user`` connections on this node.
         """
         limit = self.settings.max_connections_per_user
-        if (
-            limit > 0
-            and connection.user
-            and len(self.hub.user_connections(connection.user)) >= limit
-        ):
+        if limit > 0 and connection.user and len(self.hub.user_connections(connection.user)) >= limit:
             self.record_rejection("user_limit")
-            raise DisconnectError(
-                CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user"
-            )
+            raise DisconnectError(CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user")
         self.hub.add(connection)
         self.stats["connections"] += 1
 
@@ -509,9 +499,7 @@ class Node:
             if command.get("node") == self.id:
                 return
             if command.get("op") == "disconnect":
-                self._disconnect_local(
-                    str(command["user"]), int(command["code"]), str(command["reason"])
-                )
+                self._disconnect_local(str(command["user"]), int(command["code"]), str(command["reason"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             logger.warning("ignoring malformed control message: %r", exc)
 
@@ -539,9 +527,7 @@ class Node:
         """Ping protocol clients, close dead and idle ones, enforce the handshake timeout."""
         settings = self.settings
         intervals = [
-            v
-            for v in (settings.ping_interval, settings.handshake_timeout, settings.idle_timeout)
-            if v > 0
+            v for v in (settings.ping_interval, settings.handshake_timeout, settings.idle_timeout) if v > 0
         ]
         tick = min(max(min(intervals) / 4, 0.05), 1.0) if intervals else 1.0
         while True:

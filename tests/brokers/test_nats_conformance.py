@@ -65,9 +65,7 @@ class TestNatsJetStreamBroker(BrokerConformance):
     @pytest.fixture
     async def engine(self, jetstream_server: NatsServer) -> AsyncIterator[Engine]:
         # A prefix (hence a stream) per test: tests never see each other's messages.
-        config = NatsBrokerConfig(
-            url=jetstream_server.url, prefix=f"t{secrets.token_hex(4)}", jetstream=True
-        )
+        config = NatsBrokerConfig(url=jetstream_server.url, prefix=f"t{secrets.token_hex(4)}", jetstream=True)
         engine = _engine(config, lose_data=True)
         yield engine
         await engine.close()

@@ -99,9 +99,7 @@ def _local_port(broker: NatsBroker) -> int:
     return int(writer.get_extra_info("sockname")[1])
 
 
-async def test_node_catches_up_after_its_link_drops(
-    engine: Engine, jetstream_server: NatsServer
-) -> None:
+async def test_node_catches_up_after_its_link_drops(engine: Engine, jetstream_server: NatsServer) -> None:
     if shutil.which("ss") is None:
         pytest.skip("ss (iproute2) is not installed")
     receiver, publisher = await engine.node(), await engine.node()
@@ -112,7 +110,8 @@ async def test_node_catches_up_after_its_link_drops(
     await receiver.wait_publications(channel, 1)
     # Abort only the receiver's socket (its own source port): the publisher stays connected.
     port = _local_port(receiver.broker)
-    subprocess.run(
+    await asyncio.to_thread(
+        subprocess.run,
         ["ss", "-K", "-tn", f"( sport = :{port} and dport = :{jetstream_server.port} )"],
         check=True,
         capture_output=True,

@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+import redis.asyncio as aioredis
 
 from ..helpers import ROOT, ProtocolClient, ServerProcess, http_get
 from ..servers import NatsServer, RedisServer, nats_server_fixture, redis_server_fixture
@@ -495,3 +496,126 @@ async def test_three_nodes_on_nats_jetstream_share_offsets_and_recover(
                 await late.close()
         finally:
             await close_all(clients)
+
+
+# ---------------------------------------------------------------- Redis: more faults
+
+
+async def _redis(url: str, *command: str) -> Any:
+    client = aioredis.Redis.from_url(url)
+    try:
+        return await client.execute_command(*command)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_one_node_link_drops_while_others_publish(redis_server: RedisServer) -> None:
+    """Only node A loses Redis (its ACL user is switched off and its connections killed)
+    while node B keeps publishing: A's clients see the gap and recover it with ``since``."""
+    user, password = "herald-node-a", "node-a-secret"
+    await _redis(redis_server.url, "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    url_a = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+    a = ServerProcess(env=_env(url_a))
+    b = ServerProcess(env=_env(redis_server.url))
+    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    channel = "chat:linkdrop"
+    watcher = await connect(a, "watcher")
+    try:
+        start = await subscribe(watcher, channel)
+        epoch = start["epoch"]
+
+        async def publish(data: Any) -> int:
+            status, body = await api(b, "/api/publish", {"channel": channel, "data": data})
+            assert status == 200, body
+            return int(body["offset"])
+
+        before = [await publish(n) for n in range(3)]
+        assert [p["offset"] for p in await publications(watcher, 3)] == before
+
+        # Cut node A off: it cannot reconnect while its user is off.
+        await _redis(redis_server.url, "ACL", "SETUSER", user, "off")
+        await _redis(redis_server.url, "CLIENT", "KILL", "USER", user)
+        await async_wait_for_async(lambda: _is(readyz(a), 503), 5)
+        missed = [await publish(n) for n in range(3, 7)]  # B is unaffected
+        await _redis(redis_server.url, "ACL", "SETUSER", user, "on")
+        await async_wait_for_async(lambda: _is(readyz(a), 200), 10)
+        assert not watcher.closed.is_set()  # the node kept its client
+
+        after = await publish(7)
+        [live] = await publications(watcher, 1)
+        # The link is back but what B published meanwhile never reached A: a gap.
+        assert live["offset"] == after == missed[-1] + 1
+
+        # The client resumes from the last offset it had before the gap.
+        await watcher.call("unsubscribe", channels=[channel])
+        result = await subscribe(watcher, channel, since={"offset": before[-1], "epoch": epoch})
+        assert result["recovered"] is True and result["epoch"] == epoch
+        assert [p["offset"] for p in result["publications"]] == [*missed, after]
+        assert [p["data"] for p in result["publications"]] == [3, 4, 5, 6, 7]
+        final = await publish(8)
+        [live] = await publications(watcher, 1)
+        assert live["offset"] == final == after + 1
+        await no_more_publications(watcher)
+    finally:
+        await watcher.close()
+        await asyncio.gather(asyncio.to_thread(a.kill), asyncio.to_thread(b.kill))
+        with contextlib.suppress(Exception):
+            await _redis(redis_server.url, "ACL", "DELUSER", user)
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    yield from redis_server_fixture(persistent=True)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_redis_restart_with_its_data_loses_nothing(persistent_redis: RedisServer) -> None:
+    """Redis killed and restarted with its append-only file: same epoch, no gap, recovered."""
+    async with _cluster(2, persistent_redis.url) as nodes:
+        a, b = nodes
+        channel = "chat:persistent"
+        sub_a, sub_b = await connect(a, "sub-a"), await connect(b, "sub-b")
+        try:
+            start = await subscribe(sub_a, channel)
+            await subscribe(sub_b, channel)
+            for n in range(3):
+                status, body = await api(a, "/api/publish", {"channel": channel, "data": n})
+                assert status == 200, body
+            seen = await publications(sub_b, 3)
+            await publications(sub_a, 3)
+            last = {"offset": seen[-1]["offset"], "epoch": seen[-1]["epoch"]}
+
+            await asyncio.to_thread(persistent_redis.kill)
+            try:
+                status, body = await api(b, "/api/publish", {"channel": channel, "data": "x"})
+                assert status == 503, body  # refused, so it is not part of the stream
+            finally:
+                await asyncio.to_thread(persistent_redis.start)  # same port, same directory
+            for node in nodes:
+                await async_wait_for_async(lambda n=node: _is(readyz(n), 200), 10)
+
+            # A client that was away resumes: everything is still there, same epoch.
+            status, body = await api(b, "/api/publish", {"channel": channel, "data": 3})
+            assert status == 200 and body["epoch"] == start["epoch"], body
+            assert body["offset"] == last["offset"] + 1  # no gap
+            resumed = await connect(b, "resumed")
+            try:
+                result = await subscribe(resumed, channel, since=last)
+                assert result["recovered"] is True and result["epoch"] == start["epoch"]
+                assert [p["data"] for p in result["publications"]] == [3]
+                history = await resumed.call(
+                    "history", channel=channel, since={"offset": 0, "epoch": start["epoch"]}
+                )
+                assert [p["data"] for p in history["result"]["publications"]] == [0, 1, 2, 3]
+            finally:
+                await resumed.close()
+            # The clients that stayed connected get the live publication, in order.
+            for client in (sub_a, sub_b):
+                [publication] = await publications(client, 1)
+                assert publication["offset"] == last["offset"] + 1
+                assert publication["epoch"] == start["epoch"]
+        finally:
+            await close_all([sub_a, sub_b])

@@ -85,6 +85,8 @@ class RedisBrokerConfig:
     no history (0: forever, like the memory broker; with history the key lives
     as long as the history, ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
     the backoff between reconnect attempts (doubled each failure, with jitter).
+    ``max_connections``: command connections per node; more concurrent commands
+    wait (up to ``command_timeout``) for a free one.
     """
 
     url: str = "redis://localhost:6379/0"
@@ -94,6 +96,7 @@ class RedisBrokerConfig:
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
     stream_meta_ttl: float = 0.0
+    max_connections: int = 50
 
 
 def new_epoch() -> str:
@@ -243,8 +246,13 @@ class RedisBroker(Broker):
         """The command client (created on first use; shared with the presence manager)."""
         if self._client is None:
             cfg = self.config
-            self._client = aioredis.Redis.from_url(
+            # A blocking pool: a burst of more concurrent commands than ``max_connections``
+            # (300 clients subscribing at once) waits for a connection instead of failing
+            # with "Too many connections" as redis-py's default pool (100) does.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 cfg.url,
+                max_connections=cfg.max_connections,
+                timeout=cfg.command_timeout,
                 socket_connect_timeout=cfg.connect_timeout,
                 socket_timeout=cfg.command_timeout,
                 # One retry on a fresh connection: a pooled connection may be stale after a
@@ -252,6 +260,7 @@ class RedisBroker(Broker):
                 retry=Retry(NoBackoff(), 1),
                 retry_on_error=[RedisConnectionError],
             )
+            self._client = aioredis.Redis.from_pool(pool)
             self._publish_script = self._client.register_script(_PUBLISH)
             self._history_script = self._client.register_script(_HISTORY)
         return self._client

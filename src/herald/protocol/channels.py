@@ -26,9 +26,7 @@ class ChannelRules:
     max_length: int = DEFAULT_MAX_LENGTH
 
 
-def validate_channel(
-    name: object, rules: ChannelRules = ChannelRules(), *, internal: bool = False
-) -> str:
+def validate_channel(name: object, rules: ChannelRules = ChannelRules(), *, internal: bool = False) -> str:
     """Return ``name`` if it is a valid channel name, else raise ``CommandError(INVALID_CHANNEL)``.
 
     ``internal`` allows the reserved ``$`` prefix (server-side use only).

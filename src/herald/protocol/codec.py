@@ -65,9 +65,7 @@ def json_key_count_exceeds(value: Any, max_keys: int) -> bool:
     return False
 
 
-def loads(
-    text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_keys: int | None = None
-) -> Any:
+def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_keys: int | None = None) -> Any:
     """Parse JSON, mapping every failure to a :class:`ProtocolError`.
 
     ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``; ``TOO_LARGE`` (117)
@@ -90,17 +88,11 @@ def _parse(text: str | bytes) -> Any:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {message}") from None
 
 
-def _check_limits(
-    value: Any, max_depth: int, max_keys: int | None, command_id: int | None
-) -> None:
+def _check_limits(value: Any, max_depth: int, max_keys: int | None, command_id: int | None) -> None:
     if json_depth_exceeds(value, max_depth):
-        raise ProtocolError(
-            ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id
-        )
+        raise ProtocolError(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id)
     if max_keys is not None and json_key_count_exceeds(value, max_keys):
-        raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in one frame", command_id
-        )
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in one frame", command_id)
 
 
 def _readable_id(frame: Mapping[str, Any]) -> int | None:
@@ -204,8 +196,7 @@ def publication_dicts(
 ) -> list[dict[str, Any]]:
     """Publications as reply items ``{"offset", "data", "info"}`` with data kept as raw JSON."""
     return [
-        {"offset": offset, "data": orjson.Fragment(data), "info": info}
-        for offset, data, info in publications
+        {"offset": offset, "data": orjson.Fragment(data), "info": info} for offset, data, info in publications
     ]
 
 

@@ -89,7 +89,7 @@ class StarletteTransport:
         receive = getattr(self.websocket, "_receive", None)
         transport = getattr(getattr(receive, "__self__", None), "transport", None)
         abort = getattr(transport, "abort", None)
-        if not callable(abort):
+        if transport is None or not callable(abort):
             return
         # Linger 0: the kernel resets the connection and drops the unsent bytes at once,
         # instead of holding them (and the socket) until the stuck peer reads them.
@@ -111,9 +111,7 @@ def remote_address(websocket: WebSocket) -> str:
 
 async def refuse_handshake(websocket: WebSocket, status: int, reason: str) -> None:
     """Refuse before accept: the server answers the handshake with HTTP 403; ``reason`` is logged."""
-    logger.warning(
-        "refused WebSocket %s from %s: %s", websocket.url.path, remote_address(websocket), reason
-    )
+    logger.warning("refused WebSocket %s from %s: %s", websocket.url.path, remote_address(websocket), reason)
     await websocket.close(CloseCode.POLICY_VIOLATION, reason)
 
 
