@@ -36,3 +36,21 @@ def test_module_level_app_is_built_lazily() -> None:
         "tutorial_json": "/ws_json",
         "tutorial_broadcast": "/ws_broadcast",
     }
+
+
+def test_api_key_rule() -> None:
+    from pydantic import SecretStr
+
+    from herald.auth import api_key_allows, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("10.0.0.5") and not is_loopback(None) and not is_loopback("example.com")
+    # No key: loopback only, whatever is supplied.
+    assert api_key_allows(None, None, "127.0.0.1")
+    assert not api_key_allows(None, "anything", "192.168.1.9")
+    # With a key: the key, from anywhere; never without it, not even from loopback.
+    key = SecretStr("k3y")
+    assert api_key_allows(key, "k3y", "192.168.1.9")
+    assert not api_key_allows(key, None, "127.0.0.1")
+    assert not api_key_allows(key, "", "127.0.0.1")
+    assert not api_key_allows(key, "k3y ", "127.0.0.1")

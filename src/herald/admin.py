@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +31,7 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import HTMLResponse
 
 from . import __version__
+from .auth import api_key_allows
 from .brokers.memory import MemoryBroker
 from .codes import CloseCode
 from .commands import render_publication
@@ -44,6 +43,7 @@ from .transports.fastapi import (
     new_client_id,
     read_loop,
     remote_address,
+    settle,
 )
 
 if TYPE_CHECKING:
@@ -63,23 +63,9 @@ MAX_CHANNELS = 1000
 AUTH_TIMEOUT = 10.0
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def key_allows(settings: Settings, supplied: str | None, client_host: str | None) -> bool:
     """Whether ``supplied`` (the key a client sent) lets it in; see the module docstring."""
-    key = settings.api_key
-    if key is None:
-        return _is_loopback(client_host)
-    if not supplied:
-        return False
-    return hmac.compare_digest(supplied.encode(), key.get_secret_value().encode())
+    return api_key_allows(settings.api_key, supplied, client_host)
 
 
 class Admin:
@@ -242,14 +228,8 @@ class Admin:
             ending = await read_loop(websocket, ignore, max_size=4096)
         except Exception as exc:
             logger.debug("admin connection ended: %r", exc)
-            connection.peer_closed(1006)
         finally:
-            if ending is not None:
-                if ending.by_peer:
-                    connection.peer_closed(ending.code)
-                else:
-                    connection.close(ending.code, ending.reason, push=False)
-                    await connection.wait_closed(2.0)
+            await settle(connection, ending, push=False)
             await node.unregister(connection, protocol_channels=False)
             await connection.stop()
 

@@ -7,13 +7,12 @@ requests from the loopback interface, and says so in its 403.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
+from .auth import api_key_allows
 from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
 from .exceptions import BrokerError, CommandError
@@ -78,15 +77,6 @@ class DisconnectOut(BaseModel):
     disconnected: int
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _error(exc: CommandError) -> HTTPException:
     status = {
         ErrorCode.INVALID_CHANNEL: 400,
@@ -102,22 +92,30 @@ def build_api_router(herald: Herald) -> APIRouter:
     node = herald.node
 
     def require_key(request: Request) -> None:
-        key = settings.api_key
-        if key is None:
-            if _is_loopback(request.client.host if request.client else None):
-                return
-            raise HTTPException(
-                403,
-                detail="HERALD_API_KEY is not set: the API answers only from loopback; "
-                "set a key to use it from other hosts",
-            )
         supplied = request.headers.get("x-api-key")
         if supplied is None:
             scheme, _, value = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() in ("apikey", "bearer"):
                 supplied = value.strip()
-        if supplied is None or not hmac.compare_digest(supplied.encode(), key.get_secret_value().encode()):
-            raise HTTPException(401, detail="missing or wrong API key")
+        if api_key_allows(settings.api_key, supplied, request.client.host if request.client else None):
+            return
+        if settings.api_key is None:
+            raise HTTPException(
+                403,
+                detail="HERALD_API_KEY is not set: the API answers only from loopback; "
+                "set a key to use it from other hosts",
+            )
+        raise HTTPException(401, detail="missing or wrong API key")
+
+    def presence_channel(channel: str) -> str:
+        """Validate ``channel`` for the presence endpoints (HTTP errors on failure)."""
+        try:
+            name, options = node.check_channel(channel)
+        except CommandError as exc:
+            raise _error(exc) from None
+        if not options.presence:
+            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
+        return name
 
     router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
 
@@ -154,24 +152,12 @@ def build_api_router(herald: Herald) -> APIRouter:
 
     @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
     async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceOut:
-        try:
-            name, options = node.check_channel(channel)
-        except CommandError as exc:
-            raise _error(exc) from None
-        if not options.presence:
-            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
-        clients = await node.presence_of(name)
+        clients = await node.presence_of(presence_channel(channel))
         return PresenceOut(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
 
     @router.get("/presence_stats", response_model=PresenceStatsOut, summary="Presence counts")
     async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsOut:
-        try:
-            name, options = node.check_channel(channel)
-        except CommandError as exc:
-            raise _error(exc) from None
-        if not options.presence:
-            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
-        stats = await node.presence_stats(name)
+        stats = await node.presence_stats(presence_channel(channel))
         return PresenceStatsOut(num_clients=stats.num_clients, num_users=stats.num_users)
 
     @router.get("/history", response_model=HistoryOut, summary="A channel's history")

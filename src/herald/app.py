@@ -48,6 +48,7 @@ from .transports.fastapi import (
     read_loop,
     refuse_handshake,
     remote_address,
+    settle,
 )
 from .transports.fastpath import transport_for
 from .tutorial import BROADCAST_CHANNEL, echo_reply, json_reply, render_broadcast
@@ -263,14 +264,8 @@ class Herald:
             )
         except Exception as exc:  # the socket broke under us
             logger.debug("connection %s ended: %r", connection.client_id, exc)
-            connection.peer_closed(1006)
         finally:
-            if ending is not None:
-                if ending.by_peer:
-                    connection.peer_closed(ending.code)
-                else:
-                    connection.close(ending.code, ending.reason)
-                    await connection.wait_closed(2.0)
+            await settle(connection, ending)
             await handler.close()
             await connection.stop()
         # Structured fields (see herald.logs); never payloads or tokens.
@@ -358,14 +353,8 @@ class Herald:
             ending = await read_loop(websocket, on_text, max_size=self.settings.max_message_size)
         except Exception as exc:
             logger.debug("broadcast connection %s ended: %r", connection.client_id, exc)
-            connection.peer_closed(1006)
         finally:
-            if ending is not None:
-                if ending.by_peer:
-                    connection.peer_closed(ending.code)
-                else:
-                    connection.close(ending.code, ending.reason, push=False)
-                    await connection.wait_closed(2.0)
+            await settle(connection, ending, push=False)
             await node.unregister(connection, protocol_channels=False)
             await connection.stop()
 

@@ -24,6 +24,8 @@ channels the token grants (exact names, or a prefix ending in ``*``);
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -34,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
+from pydantic import SecretStr
 
 from .codes import ErrorCode
 from .exceptions import CommandError, ConfigError
@@ -309,3 +312,23 @@ __all__ = [
     "redact_tokens",
     "seconds_left",
 ]
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a client address) is this machine's loopback interface."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def api_key_allows(key: SecretStr | None, supplied: str | None, client_host: str | None) -> bool:
+    """The HTTP API's and admin page's rule: with a configured ``key`` the client must send
+    it (compared in constant time); without one only loopback clients are let in."""
+    if key is None:
+        return is_loopback(client_host)
+    if not supplied:
+        return False
+    return hmac.compare_digest(supplied.encode(), key.get_secret_value().encode())

@@ -75,9 +75,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         # Fast path (transports/fastpath.py): a synchronous, bounded write of a pre-framed
         # frame, used while nothing is queued so that order is kept.  None elsewhere.
-        self._direct: Callable[[str, int, int], bool | None] | None = getattr(
-            transport, "write_nowait", None
-        )
+        self._direct: Callable[[str, int, int], bool | None] | None = getattr(transport, "write_nowait", None)
         self._writing = False  # the writer task is between popping a frame and writing it
         self.closed = asyncio.Event()
 

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from ..auth import check_origin, install_token_redaction
 from ..codes import CloseCode
 from ..config import Settings
+from ..connection import Connection
 
 logger = logging.getLogger("herald.transport")
 
@@ -191,6 +192,22 @@ async def read_loop(
         await on_text(text)
 
 
+async def settle(connection: Connection, ending: Ending | None, *, push: bool = True) -> None:
+    """After a read loop: record how ``connection`` ended and let its writer finish.
+
+    ``ending`` is None when the socket broke under the loop (counted as 1006).  When
+    Herald ended the loop (bad frame, timeout), the client is closed with that code, after
+    a disconnect push if ``push``, and given up to 2 s to flush.
+    """
+    if ending is None:
+        connection.peer_closed(1006)
+    elif ending.by_peer:
+        connection.peer_closed(ending.code)
+    else:
+        connection.close(ending.code, ending.reason, push=push)
+        await connection.wait_closed(2.0)
+
+
 async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):
         if websocket.application_state is WebSocketState.CONNECTED and (
@@ -257,4 +274,5 @@ __all__ = [
     "refuse_handshake",
     "remote_address",
     "run_dependency",
+    "settle",
 ]
