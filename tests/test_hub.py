@@ -212,3 +212,13 @@ async def test_rpc_handler_signatures(node: Node) -> None:
     assert isinstance(error, dict) and error["code"] == 114 and error["message"].startswith("x:")
     with pytest.raises(TypeError):
         node.add_rpc("bad", lambda a, b: None)
+
+
+async def test_disconnect_hook_runs_only_for_connected_clients(node: Node) -> None:
+    seen: list[str] = []
+    node.add_hook("disconnect", lambda ctx, code, reason: seen.append(ctx.client))
+    never = Client(node, "never-connected")
+    await never.handler.close()
+    client = await connected(node, "was-connected")
+    await client.handler.close()
+    assert seen == ["was-connected"]

@@ -39,7 +39,7 @@ from .protocol.codec import (
     encode_reply,
     publication_dicts,
 )
-from .protocol.session import Session
+from .protocol.session import Session, SessionState
 
 logger = logging.getLogger("herald.protocol")
 
@@ -171,10 +171,11 @@ class ProtocolHandler:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        # Disconnect hooks are for clients that got through connect (and its hooks).
+        connected = self.session.state is SessionState.CONNECTED
         self.session.close()
         for task in list(self._rpc_tasks):
             task.cancel()
-        connected = self.connection.user is not None and self.session.subscriptions is not None
         await self.node.unregister(self.connection, protocol_channels=True)
         if connected:
             try:
@@ -288,7 +289,8 @@ class ProtocolHandler:
         if users is not None and self.connection.user not in users:
             raise CommandError(ErrorCode.PERMISSION_DENIED, "channel is limited to other users")
 
-    async def _cmd_subscribe(self, command: m.SubscribeRequest) -> str:
+    async def _cmd_subscribe(self, command: m.SubscribeRequest) -> None:
+        """Sends its own reply: held live publications must follow it, not precede it."""
         node, connection = self.node, self.connection
         results: list[dict[str, Any]] = []
         held: list[tuple[str, int]] = []
@@ -327,7 +329,6 @@ class ProtocolHandler:
         for channel, _ in held:
             if channel in connection.channels:
                 await node.join(channel, node.namespace(channel), connection)
-        return None  # type: ignore[return-value]
 
     async def _subscribe_one(self, item: m.ChannelSubscription) -> tuple[dict[str, Any], int]:
         node, connection, session = self.node, self.connection, self.session
@@ -421,20 +422,19 @@ class ProtocolHandler:
             raise CommandError(ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace")
         self._check_user_limited(channel)
 
-    async def _cmd_presence(self, command: m.PresenceRequest) -> str:
-        channel, options = self.node.check_channel(command.channel)
+    def _presence_channel(self, name: str) -> str:
+        channel, options = self.node.check_channel(name)
         self._readable(channel, options.allow_presence, "presence")
         if not options.presence:
             raise CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace")
-        clients = await self.node.presence_of(channel)
+        return channel
+
+    async def _cmd_presence(self, command: m.PresenceRequest) -> str:
+        clients = await self.node.presence_of(self._presence_channel(command.channel))
         return encode_reply(command.id, "presence", {"clients": {c: i.as_dict() for c, i in clients.items()}})
 
     async def _cmd_presence_stats(self, command: m.PresenceStatsRequest) -> str:
-        channel, options = self.node.check_channel(command.channel)
-        self._readable(channel, options.allow_presence, "presence")
-        if not options.presence:
-            raise CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace")
-        stats = await self.node.presence_stats(channel)
+        stats = await self.node.presence_stats(self._presence_channel(command.channel))
         return encode_reply(
             command.id,
             "presence_stats",
