@@ -316,9 +316,12 @@ async def _connect_protocol(args: argparse.Namespace) -> int:
     except ClientError as exc:
         raise CliError(str(exc)) from None
     try:
-        for channel in args.channel:
+        since = _parse_since(args.since) if args.since else None
+        for index, channel in enumerate(args.channel):
             try:
-                sub = await client.subscribe(channel, on_publication=on_publication)
+                sub = await client.subscribe(
+                    channel, on_publication=on_publication, since=since if index == 0 else None
+                )
             except ReplyError as exc:
                 raise CliError(f"cannot subscribe to {channel}: {exc.message} ({exc.code})") from None
             position = sub.position
@@ -357,6 +360,14 @@ async def _connect_protocol(args: argparse.Namespace) -> int:
                     show("published", "", channel=target, offset=published.offset, epoch=published.epoch)
     finally:
         await client.close()
+
+
+def _parse_since(text: str) -> tuple[int, str]:
+    """``OFFSET:EPOCH`` (as printed by ``* subscribed to ... (offset N, epoch E)``)."""
+    offset, sep, epoch = text.partition(":")
+    if not sep or not offset.isdigit() or not epoch:
+        raise CliError(f"--since must look like OFFSET:EPOCH (e.g. 12:77e0aa12), got {text!r}", 2)
+    return int(offset), epoch
 
 
 async def _client_closed(client: Any) -> ClientClosedError:
@@ -542,6 +553,11 @@ def add_client_commands(commands: Any) -> None:
         "--channel",
         action="append",
         help="protocol mode: subscribe to this channel (repeatable)",
+    )
+    connect.add_argument(
+        "--since",
+        metavar="OFFSET:EPOCH",
+        help="protocol mode: resume the first channel after this position (prints what was missed)",
     )
     connect.add_argument("--token", help="protocol mode: connection token (JWT)")
     connect.add_argument("--name", help="protocol mode: client name shown in server logs")

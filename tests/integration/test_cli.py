@@ -270,3 +270,56 @@ async def test_http_errors_are_clear(server: ServerProcess) -> None:
     assert code == 2 and "--since-epoch needs --since-offset" in err
     for _code, _out, err in (bad_key, unreachable, unknown, usage):
         assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+async def test_walkthrough_resume_with_since(server: ServerProcess) -> None:
+    """docs/protocol.md's walk-through: two CLI sessions, publish with HTTP, presence changes,
+    one leaves, more is published, it comes back with --since and sees exactly what it missed."""
+    channel = f"chat:walk-{uuid.uuid4().hex[:8]}"
+    first = await Interactive.start(server.ws("/connect"), "--channel", channel, "--json")
+    second = await Interactive.start(server.ws("/connect"), "--channel", channel, "--json")
+    try:
+        start = json.loads(await first.line(lambda t: '"subscribed"' in t))
+        await second.line(lambda t: '"subscribed"' in t)
+        async with httpx.AsyncClient(headers={"X-API-Key": "test-key"}) as api:
+
+            async def publish(n: int) -> int:
+                reply = await api.post(
+                    server.http + "/api/publish", json={"channel": channel, "data": {"n": n}}
+                )
+                assert reply.status_code == 200
+                return int(reply.json()["offset"])
+
+            async def presence_count() -> int:
+                reply = await api.get(server.http + "/api/presence", params={"channel": channel})
+                return len(reply.json()["clients"])
+
+            assert await presence_count() == 2
+            last = await publish(1)
+            seen = json.loads(await second.line(lambda t: '"publication"' in t))
+            assert seen["offset"] == last
+            code, _out, err = await second.finish()
+            assert code == 0, err
+            for _ in range(100):
+                if await presence_count() == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert await presence_count() == 1
+            missed = [await publish(n) for n in (2, 3, 4)]
+            resumed = await Interactive.start(
+                server.ws("/connect"), "--channel", channel, "--json", "--since", f"{last}:{start['epoch']}"
+            )
+            try:
+                replayed = [json.loads(await resumed.line(lambda t: '"publication"' in t)) for _ in missed]
+                assert [p["offset"] for p in replayed] == missed
+                assert [p["data"] for p in replayed] == [{"n": 2}, {"n": 3}, {"n": 4}]
+                live = await publish(5)
+                assert json.loads(await resumed.line(lambda t: '"publication"' in t))["offset"] == live
+                await resumed.finish()
+            finally:
+                resumed.kill()
+        code, _out, err = await first.finish()
+        assert code == 0, err
+    finally:
+        first.kill()
+        second.kill()
