@@ -97,3 +97,29 @@ async def test_write_failure_marks_peer_gone() -> None:
     await asyncio.wait_for(connection.closed.wait(), 5)
     assert connection.close_code == 1006
     assert not connection.send("y")
+
+
+async def test_release_sets_a_floor_for_late_duplicates() -> None:
+    transport = RecordingTransport()
+    connection = make(transport)
+    connection.hold("ch")
+    connection.release("ch", 4)  # the reply carried everything up to offset 4
+    connection.deliver("ch", 3, "late3")
+    connection.deliver("ch", 4, "late4")
+    connection.deliver("ch", None, "join")
+    connection.deliver("ch", 5, "pub5")
+    connection.deliver("other", 1, "other1")
+    await async_wait_for(lambda: len(transport.frames) == 3)
+    assert transport.frames == ["join", "pub5", "other1"]
+    await connection.stop()
+
+
+async def test_abort_cuts_a_close_stuck_behind_a_silent_peer() -> None:
+    transport = RecordingTransport()
+    connection = make(transport)
+    transport.block()  # the peer stopped reading
+    connection.close(CloseCode.FORCE_DISCONNECT, "bye")  # the disconnect push is now stuck
+    assert not await connection.wait_closed(0.2)
+    connection.abort(CloseCode.FORCE_DISCONNECT, "bye")
+    assert await connection.wait_closed(2.0)
+    assert transport.closed == (CloseCode.FORCE_DISCONNECT, "bye")

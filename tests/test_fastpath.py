@@ -17,7 +17,9 @@ import websockets
 from fastapi import FastAPI, WebSocket
 from websockets.frames import Frame, Opcode
 
+from herald.codes import CloseCode
 from herald.config import Settings
+from herald.connection import Connection
 from herald.server import create_app
 from herald.transports.fastapi import StarletteTransport
 from herald.transports.fastpath import (
@@ -27,8 +29,10 @@ from herald.transports.fastpath import (
     framed,
     uvicorn_ws_protocol,
 )
+from herald.tutorial import render_broadcast
 
 from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
+from .recording import RecordingTransport
 
 CHANNEL = "fast:one"
 NAMESPACES = {"fast": {"presence": False, "join_leave": False, "history_size": 1000}}
@@ -249,3 +253,175 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
             stuck.close()
             await sender.close()
             await receiver.close()
+
+
+# ------------------------------------------------------------------ batching (in-process)
+
+
+class _Wire:
+    """Everything that leaves one fake connection, in order: raw writes and ASGI sends."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object]] = []
+        self.buffered = 0  # what the fake socket reports as its write buffer
+
+    # asyncio transport side
+    def write(self, data: bytes) -> None:
+        self.log.append(("write", data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+    # ASGI side (Starlette's websocket.send)
+    async def send(self, message: dict[str, object]) -> None:
+        self.log.append(("asgi", message["text"]))
+
+
+class _Protocol:
+    """The attributes of uvicorn's protocol that the fast path reads."""
+
+    def __init__(self, wire: _Wire) -> None:
+        self.transport = wire
+        self.loop = asyncio.get_running_loop()
+        self.handshake_complete = True
+        self.close_sent = False
+        self.disconnected = False
+
+
+def _fast(wire: _Wire) -> tuple[FastTransport, _Protocol]:
+    protocol = _Protocol(wire)
+    websocket = type("FakeWebSocket", (), {"send": wire.send})()
+    return FastTransport(websocket, protocol), protocol  # type: ignore[arg-type]
+
+
+async def test_frames_of_one_loop_turn_leave_in_one_write() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    for text in ("a", "b", "c"):
+        assert transport.write_nowait(text, 1 << 20, 100) is True
+    assert wire.log == []  # nothing is written before the end of this turn
+    await async_wait_for(lambda: wire.log != [])
+    assert wire.log == [("write", frame_text(b"a") + frame_text(b"b") + frame_text(b"c"))]
+
+
+async def test_an_asgi_send_writes_the_waiting_batch_first() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    assert transport.write_nowait("first", 1 << 20, 100) is True
+    await transport.send("second")
+    assert wire.log == [("write", frame_text(b"first")), ("asgi", "second")]
+
+
+async def test_the_bounds_count_the_batch_and_the_socket_buffer() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    frame_size = len(frame_text(b"x" * 100))
+    # Bytes: the socket already holds 1000 bytes; room for two more frames.
+    wire.buffered = 1000
+    bound = 1000 + 2 * frame_size
+    assert transport.write_nowait("x" * 100, bound, 100) is True
+    assert transport.write_nowait("x" * 100, bound, 100) is True
+    assert transport.write_nowait("x" * 100, bound, 100) is False
+    transport.flush()
+    # Frames: the buffer never emptied, so the written frames count against the bound.
+    assert transport.write_nowait("y", 1 << 20, 3) is True
+    assert transport.write_nowait("y", 1 << 20, 3) is False
+    # Once the socket drained, the count starts again.
+    transport.flush()
+    wire.buffered = 0
+    assert transport.write_nowait("z", 1 << 20, 3) is True
+
+
+async def test_nothing_is_written_after_the_close_frame() -> None:
+    wire = _Wire()
+    transport, protocol = _fast(wire)
+    assert transport.write_nowait("late", 1 << 20, 100) is True
+    protocol.close_sent = True  # e.g. the peer closed and uvicorn answered in this turn
+    transport.flush()
+    assert wire.log == []
+    assert transport.write_nowait("later", 1 << 20, 100) is None  # the caller queues (and drops) it
+
+
+class _RefusingTransport(RecordingTransport):
+    """A transport with a fast path that is unusable while ``usable`` is False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.usable = False
+        self.direct: list[str] = []
+
+    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
+        if not self.usable:
+            return None
+        self.direct.append(frame)
+        self.frames.append(frame)
+        return True
+
+
+async def test_lazy_writer_delivers_refused_frames_in_order() -> None:
+    transport = _RefusingTransport()
+    connection = Connection(transport, "c1", renderer=render_broadcast)  # type: ignore[arg-type]
+    connection.start()
+    assert connection._writer is None  # no task until one is needed
+    transport.block()  # the first queued frame is stuck in the writer's send
+    assert connection.send("a")  # fast path refused: queued, the writer starts
+    assert connection._writer is not None
+    transport.usable = True
+    assert connection.send("b")  # the queue is not empty: must not overtake "a"
+    transport.unblock()
+    await async_wait_for(lambda: connection.queued == (0, 0) and not connection._writing)
+    assert connection.send("c")  # queue drained: the fast path again
+    assert transport.frames == ["a", "b", "c"]
+    assert transport.direct == ["c"]
+    connection.close(1000, "bye", push=False)
+    assert await connection.wait_closed(DEFAULT_TIMEOUT)
+    assert transport.closed == (1000, "bye")
+
+
+async def test_a_connection_that_never_queued_closes_through_a_late_writer() -> None:
+    transport = _RefusingTransport()
+    transport.usable = True
+    connection = Connection(transport, "c1", renderer=render_broadcast)  # type: ignore[arg-type]
+    connection.start()
+    assert connection.send("only")
+    assert connection._writer is None
+    connection.close(CloseCode.SERVICE_RESTART, "restart")
+    assert await connection.wait_closed(DEFAULT_TIMEOUT)
+    assert transport.frames[0] == "only" and '"disconnect"' in transport.frames[1]
+    assert transport.closed == (CloseCode.SERVICE_RESTART, "restart")
+
+
+# ------------------------------------------------------------------ lazy writer (real server)
+
+
+async def test_idle_subscribers_have_no_writer_and_still_close_cleanly() -> None:
+    app = _app()
+
+    @app.post("/test/close-all")
+    async def close_all() -> dict[str, int]:
+        connections = _server_connections(app)
+        for connection in connections:
+            connection.close(CloseCode.SERVICE_RESTART, "test restart")  # type: ignore[attr-defined]
+        return {"closed": len(connections)}
+
+    with serving(app) as server:
+        client = await ProtocolClient.open(server.ws("/connect"))
+        reply = await client.call("subscribe", channels=[{"channel": CHANNEL}])
+        assert "error" not in reply["result"]["channels"][0], reply
+        [connection] = _server_connections(app)
+        # The connect and subscribe replies went out on the fast path: no task was needed.
+        assert connection._writer is None  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /test/close-all HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        response = await asyncio.wait_for(reader.read(), DEFAULT_TIMEOUT)
+        writer.close()
+        assert response.startswith(b"HTTP/1.1 200"), response
+        push = await client.push("disconnect")
+        assert push["code"] == CloseCode.SERVICE_RESTART and push["reconnect"] is True
+        await asyncio.wait_for(client.closed.wait(), DEFAULT_TIMEOUT)
+        assert client.ws.close_code == CloseCode.SERVICE_RESTART

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from herald.brokers.base import ClientInfo
+from herald.brokers.memory import MemoryBroker
 from herald.codes import CloseCode
 from herald.commands import ProtocolHandler, render_publication
 from herald.config import Settings
@@ -222,3 +224,75 @@ async def test_disconnect_hook_runs_only_for_connected_clients(node: Node) -> No
     client = await connected(node, "was-connected")
     await client.handler.close()
     assert seen == ["was-connected"]
+
+
+class LaggingBroker(MemoryBroker):
+    """A memory broker whose fan-out runs behind a reader task, as Redis Pub/Sub does: a
+    publication is in history before it reaches the node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lag: asyncio.Queue[Any] = asyncio.Queue()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def start(self, handler: Any) -> None:
+        await super().start(handler)
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.lag.get()
+            await asyncio.sleep(0.02)
+            await MemoryBroker._deliver(self, message)
+
+    async def _deliver(self, message: Any) -> None:
+        self.lag.put_nowait(message)
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await super().close()
+
+
+@pytest.mark.parametrize("with_since", [True, False])
+async def test_no_duplicate_when_live_delivery_lags_behind_history(with_since: bool) -> None:
+    node = Node(Settings(ping_interval=0), broker=LaggingBroker())
+    await node.start()
+    try:
+        first = await connected(node, "first")
+        await first.call("subscribe", channels=[{"channel": "chat:lag"}])  # the node is subscribed
+        epoch = (await node.history("chat:lag", limit=0)).position.epoch
+        await node.publish("chat:lag", 1)  # in history now; its live copy is still on its way
+        late = await connected(node, "late")
+        item: dict[str, Any] = {"channel": "chat:lag"}
+        if with_since:
+            item["since"] = {"offset": 0, "epoch": epoch}
+        reply = await late.call("subscribe", channels=[item])
+        result = reply["result"]["channels"][0]  # type: ignore[index]
+        assert result["offset"] == 1
+        await node.publish("chat:lag", 2)
+        await async_wait_for(lambda: len(first.publications()) == 2)
+        await async_wait_for(lambda: any(p["offset"] == 2 for p in late.publications()))
+        live = [p["offset"] for p in late.publications()]
+        recovered = [p["offset"] for p in result["publications"]]
+        # Offset 1 is in the reply (with since) or before the reported position (without):
+        # either way it must not come again as a live push.
+        assert recovered == ([1] if with_since else [])
+        assert live == [2]
+    finally:
+        await node.close()
+
+
+async def test_a_failing_subscribe_hook_fails_only_its_channel(node: Node) -> None:
+    def hook(ctx: ClientContext, channel: str) -> None:
+        if channel == "chat:broken":
+            raise ValueError("bug in the app's hook")
+
+    node.add_hook("subscribe", hook)
+    client = await connected(node, "c")
+    reply = await client.call("subscribe", channels=[{"channel": "chat:fine"}, {"channel": "chat:broken"}])
+    items = reply["result"]["channels"]  # type: ignore[index]
+    assert "error" not in items[0]
+    assert items[1]["error"] == {"code": 100, "message": "internal error"}
+    assert await node.presence_of("chat:fine")
+    assert node.hub.subscriber_count("chat:broken") == 0

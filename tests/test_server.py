@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from herald.config import Settings
 from herald.server import create_app
 
@@ -54,3 +56,44 @@ def test_api_key_rule() -> None:
     assert not api_key_allows(key, None, "127.0.0.1")
     assert not api_key_allows(key, "", "127.0.0.1")
     assert not api_key_allows(key, "k3y ", "127.0.0.1")
+
+
+def test_broker_urls_are_redacted() -> None:
+    from herald.config import redact_url
+
+    assert redact_url("redis://:s3cret@localhost:6379/0") == "redis://***@localhost:6379/0"
+    assert redact_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("nats://tok3n@h:4222") == "nats://***@h:4222"
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert redact_url("memory") == "memory"
+
+
+def test_herald_config_masks_a_broker_password() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "herald", "config", "--broker", "redis://:hunter2@localhost:6379/0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "hunter2" not in out
+    assert json.loads(out)["broker"] == "redis://***@localhost:6379/0"
+
+
+def test_nats_without_nats_py_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from herald.engines import engines_for
+    from herald.exceptions import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'herald\[nats\]'"):
+        engines_for(Settings(broker="nats://127.0.0.1:4222"))
+    with pytest.raises(ConfigError, match="unknown broker"):
+        engines_for(Settings(broker="kafka://x"))

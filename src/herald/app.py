@@ -35,6 +35,7 @@ from .codes import CloseCode
 from .commands import ProtocolHandler, render_publication
 from .config import Settings
 from .connection import Connection
+from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
 from .presence.base import PresenceManager
 from .protocol.messages import SUBPROTOCOL
@@ -230,10 +231,13 @@ class Herald:
 
     def _add_routes(self, router: APIRouter) -> None:
         guarded = self._guarded
-        router.add_api_websocket_route("/connect", guarded(self._connect_endpoint), name="herald_connect")
-        router.add_api_websocket_route("/ws", guarded(self._echo_endpoint), name="tutorial_echo")
-        router.add_api_websocket_route("/ws_json", guarded(self._json_endpoint), name="tutorial_json")
-        router.add_api_websocket_route(
+        # Plain Starlette WebSocket routes: the endpoints take no FastAPI dependencies, and
+        # FastAPI's WebSocket route would keep two AsyncExitStacks and its dependency
+        # state alive for the whole life of every connection (about 3 KiB each).
+        router.add_websocket_route("/connect", guarded(self._connect_endpoint), name="herald_connect")
+        router.add_websocket_route("/ws", guarded(self._echo_endpoint), name="tutorial_echo")
+        router.add_websocket_route("/ws_json", guarded(self._json_endpoint), name="tutorial_json")
+        router.add_websocket_route(
             "/ws_broadcast", guarded(self._broadcast_endpoint), name="tutorial_broadcast"
         )
 
@@ -338,9 +342,21 @@ class Herald:
         await node.admit(connection)
         node.hub.subscribe(BROADCAST_CHANNEL, connection)
         info = ClientInfo(connection.client_id, "")
+        settings = self.settings
+        # One fast sender fans out to everybody: meter it like a protocol client.
+        rate = CommandRateLimiter(settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes)
 
         async def on_text(text: str) -> None:
             node.stats["messages_in"] += 1
+            verdict = rate.check()
+            if verdict is RateVerdict.ABUSE:
+                node.record_rejected_command("rate_limit_disconnect")
+                connection.close(CloseCode.RATE_LIMIT, "rate limit exceeded", push=False)
+                return
+            if verdict is RateVerdict.LIMITED:
+                node.record_rejected_command("rate_limited")
+                connection.send("Error: rate limit exceeded, message dropped")
+                return
             try:
                 await node.publish_internal(BROADCAST_CHANNEL, orjson.dumps(text), info)
             except Exception as exc:

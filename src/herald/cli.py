@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .cli_client import add_client_commands
+from .config import redact_url
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,8 +65,10 @@ def _config(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
-    # SecretStr fields dump as "**********" in JSON mode.
-    print(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+    # SecretStr fields dump as "**********" in JSON mode; a broker URL may carry a password.
+    effective = settings.model_dump(mode="json")
+    effective["broker"] = redact_url(settings.broker)
+    print(json.dumps(effective, indent=2, sort_keys=True))
     return 0
 
 
@@ -105,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     print(
         f"Herald {__version__} on http://{settings.host}:{settings.port} "
-        f"(broker: {settings.broker}, workers: {settings.workers})",
+        f"(broker: {redact_url(settings.broker)}, workers: {settings.workers})",
         file=sys.stderr,
     )
     uvicorn.run(

@@ -48,6 +48,7 @@ _DISCONNECT_ERRORS: dict[int, ErrorCode] = {
     CloseCode.CONNECTION_LIMIT: ErrorCode.LIMIT_EXCEEDED,
     CloseCode.RATE_LIMIT: ErrorCode.RATE_LIMITED,
     CloseCode.TOKEN_EXPIRED: ErrorCode.TOKEN_EXPIRED,
+    CloseCode.SERVICE_RESTART: ErrorCode.NOT_AVAILABLE,
 }
 
 
@@ -73,6 +74,9 @@ def _publication_items(publications: list[Publication]) -> list[dict[str, Any]]:
 
 class ProtocolHandler:
     """Protocol v1 for one client."""
+
+    # One per open connection: no per-instance dict.
+    __slots__ = ("_expiry", "_rpc_tasks", "connection", "context", "node", "rate", "session")
 
     def __init__(self, node: Node, connection: Connection, scope: MutableMapping[str, Any]) -> None:
         self.node = node
@@ -110,6 +114,9 @@ class ProtocolHandler:
             connection.send(encode_error(exc.command_id, None, int(exc.code), exc.message))
             return
         if isinstance(command, m.PongCommand):
+            # Pongs get no reply, over the limit or not; a flood of them still ends in 4504.
+            if verdict is RateVerdict.ABUSE:
+                self._rate_limited(verdict, None, None)
             return
         if verdict is not RateVerdict.OK:
             self._rate_limited(verdict, command.id, command.type)
@@ -299,24 +306,21 @@ class ProtocolHandler:
                 try:
                     result, top = await self._subscribe_one(item)
                 except CommandError as exc:
-                    results.append(
-                        {
-                            "channel": item.channel[:255],
-                            "error": {"code": int(exc.code), "message": exc.message},
-                        }
-                    )
+                    results.append(_channel_error(item.channel, exc.code, exc.message))
                     continue
                 except BrokerError as exc:
                     logger.warning("subscribe %s: %s", item.channel, exc)
                     results.append(
-                        {
-                            "channel": item.channel,
-                            "error": {
-                                "code": int(ErrorCode.BROKER_UNAVAILABLE),
-                                "message": "broker unavailable",
-                            },
-                        }
+                        _channel_error(item.channel, ErrorCode.BROKER_UNAVAILABLE, "broker unavailable")
                     )
+                    continue
+                except Exception:
+                    # A failing hook must not leave the channels before it half-subscribed
+                    # under an error reply for the whole command.
+                    logger.exception(
+                        "subscribe %s failed", item.channel, extra={"conn": connection.client_id}
+                    )
+                    results.append(_channel_error(item.channel, ErrorCode.INTERNAL, "internal error"))
                     continue
                 results.append(result)
                 held.append((item.channel, top))
@@ -463,6 +467,11 @@ class ProtocolHandler:
                 "epoch": history.position.epoch,
             },
         )
+
+
+def _channel_error(channel: str, code: int, message: str) -> dict[str, Any]:
+    """A subscribe result item for a channel that was not subscribed."""
+    return {"channel": channel[:255], "error": {"code": int(code), "message": message}}
 
 
 def _covers(since: m.StreamPositionModel, publications: list[Publication], top: StreamPosition) -> bool:

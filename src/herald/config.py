@@ -14,6 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password or token in its user info replaced, for logs and output:
+    ``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    # "user:password" keeps the user; a lone value ("nats://TOKEN@host") is itself the secret.
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:" if colon and user else ""
+    return f"{scheme}://{shown}***@{host}"
+
+
 class NamespaceOptions(BaseModel):
     """What channels of one namespace (``chat`` in ``chat:lobby``) can do."""
 

@@ -34,7 +34,45 @@ class Connection:
     ``renderer`` turns a publication into this client's frame (protocol JSON, or
     the tutorial's ``New message: ...``); ``echo_own=False`` skips publications
     this client published itself; ``events=False`` skips join/leave pushes.
+
+    The writer task, its wake-up event, the queue and the hold buffers are created
+    on first use: on ``herald serve``'s fast path frames go straight to the socket,
+    so an idle connection (and most busy ones) never needs a writer until it closes.
     """
+
+    __slots__ = (
+        "_buffering",
+        "_closed",
+        "_closing",
+        "_direct",
+        "_done",
+        "_floors",
+        "_max_bytes",
+        "_max_messages",
+        "_queue",
+        "_queued_bytes",
+        "_started",
+        "_wakeup",
+        "_writer",
+        "_writing",
+        "bytes_out",
+        "channels",
+        "client_id",
+        "close_code",
+        "close_reason",
+        "created_at",
+        "echo_own",
+        "events",
+        "frames_out",
+        "info",
+        "last_active",
+        "last_ping",
+        "last_seen",
+        "remote",
+        "renderer",
+        "transport",
+        "user",
+    )
 
     def __init__(
         self,
@@ -67,17 +105,22 @@ class Connection:
         self.bytes_out = 0
         self._max_messages = max_queue_messages
         self._max_bytes = max_queue_bytes
-        self._queue: deque[str] = deque()
+        self._queue: deque[str] | None = None  # created when a frame first has to wait
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        self._wakeup: asyncio.Event | None = None  # created with the writer
         self._closing = False
-        self._buffering: dict[str, list[tuple[int | None, str]]] = {}
+        self._buffering: dict[str, list[tuple[int | None, str]]] | None = None
+        # channel -> offset already sent in a subscribe reply: a live publication at or below
+        # it that was still on its way from the broker (asynchronous brokers) is a duplicate.
+        self._floors: dict[str, int] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._started = False
         # Fast path (transports/fastpath.py): a synchronous, bounded write of a pre-framed
         # frame, used while nothing is queued so that order is kept.  None elsewhere.
         self._direct: Callable[[str, int, int], bool | None] | None = getattr(transport, "write_nowait", None)
         self._writing = False  # the writer task is between popping a frame and writing it
-        self.closed = asyncio.Event()
+        self._closed: asyncio.Event | None = None
+        self._done = False  # the writer finished (or was never needed) after the close
 
     # ------------------------------------------------------------ sending
 
@@ -86,66 +129,127 @@ class Connection:
         return self._closing
 
     @property
+    def closed(self) -> asyncio.Event:
+        """Set once the connection is closed and its writer has finished."""
+        event = self._closed
+        if event is None:
+            event = self._closed = asyncio.Event()
+            if self._done:
+                event.set()
+        return event
+
+    @property
     def queued(self) -> tuple[int, int]:
         """(frames, bytes) waiting to be written."""
-        return len(self._queue), self._queued_bytes
+        return (len(self._queue) if self._queue else 0), self._queued_bytes
 
     def send(self, frame: str) -> bool:
         """Queue ``frame``; never awaits.  Returns False if the frame was not queued."""
         if self._closing:
             return False
-        size = len(frame)
-        direct = self._direct
-        if direct is not None and not self._queue and not self._writing:
-            written = direct(frame, self._max_bytes, self._max_messages)
-            if written is not None:
-                if not written:
+        queue = self._queue
+        if not queue and not self._writing:
+            direct = self._direct
+            if direct is not None:
+                written = direct(frame, self._max_bytes, self._max_messages)
+                if written:
+                    self.frames_out += 1
+                    self.bytes_out += len(frame)
+                    return True
+                if written is not None:
                     self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
                     return False
-                self.frames_out += 1
-                self.bytes_out += size
-                return True
-        if len(self._queue) >= self._max_messages or self._queued_bytes + size > self._max_bytes:
+        size = len(frame)
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= self._max_messages or self._queued_bytes + size > self._max_bytes:
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
             return False
-        self._queue.append(frame)
+        queue.append(frame)
         self._queued_bytes += size
-        self._wakeup.set()
+        self._wake()
         return True
 
     def deliver(self, channel: str, offset: int | None, frame: str) -> None:
         """Hand a channel frame to this client, holding it back while the channel recovers."""
-        pending = self._buffering.get(channel)
-        if pending is not None:
-            pending.append((offset, frame))
-        else:
-            self.send(frame)
+        buffering = self._buffering
+        if buffering is not None:
+            pending = buffering.get(channel)
+            if pending is not None:
+                pending.append((offset, frame))
+                return
+        floors = self._floors
+        if floors is not None and offset and channel in floors:
+            if offset <= floors[channel]:
+                return
+            # Per-channel order: everything after this one is above the floor too.
+            del floors[channel]
+            if not floors:
+                self._floors = None
+        self.send(frame)
 
     def hold(self, channel: str) -> None:
         """Buffer ``channel``'s live frames until :meth:`release` (used during subscribe)."""
+        if self._buffering is None:
+            self._buffering = {}
         self._buffering[channel] = []
 
     def release(self, channel: str, after_offset: int | None) -> None:
-        """Send the frames held for ``channel``, skipping publications at or below ``after_offset``."""
-        pending = self._buffering.pop(channel, None)
-        if not pending:
-            return
-        for offset, frame in pending:
+        """Send the frames held for ``channel``, skipping publications at or below ``after_offset``.
+
+        Publications at or below ``after_offset`` that arrive later (still in flight from
+        an asynchronous broker when the history was read) are dropped too.
+        """
+        pending = self._pop_hold(channel)
+        for offset, frame in pending or ():
             # Offset 0 marks a publication outside any stream (core NATS): never a duplicate.
             if offset and after_offset is not None and offset <= after_offset:
                 continue
+            after_offset = None if offset else after_offset  # passed the floor
             self.send(frame)
+        if after_offset:
+            if self._floors is None:
+                self._floors = {}
+            self._floors[channel] = after_offset
 
     def drop_hold(self, channel: str) -> None:
-        self._buffering.pop(channel, None)
+        self._pop_hold(channel)
+        if self._floors is not None:
+            self._floors.pop(channel, None)
+            if not self._floors:
+                self._floors = None
+
+    def _pop_hold(self, channel: str) -> list[tuple[int | None, str]] | None:
+        buffering = self._buffering
+        if buffering is None:
+            return None
+        pending = buffering.pop(channel, None)
+        if not buffering:
+            self._buffering = None
+        return pending
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the writer task."""
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_loop(), name=f"herald-writer-{self.client_id}"
-        )
+        """Allow the writer task to run; it is started when a frame has to be queued or
+        the connection closes (at once if that already happened)."""
+        self._started = True
+        if self._queue or self._closing:
+            self._spawn_writer()
+
+    def _spawn_writer(self) -> None:
+        if self._writer is None and not self._done:
+            self._wakeup = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"herald-writer-{self.client_id}"
+            )
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()
+        elif self._started:
+            self._spawn_writer()
 
     def close(self, code: int, reason: str, *, push: bool = True) -> None:
         """Close after flushing what is queued; with ``push`` a disconnect notice goes first."""
@@ -155,7 +259,7 @@ class Connection:
             self.send(encode_disconnect(code, reason, should_reconnect(code)))
         self._closing = True
         self.close_code, self.close_reason = code, reason
-        self._wakeup.set()
+        self._wake()
 
     def abort(self, code: int, reason: str) -> None:
         """Close now, dropping whatever is queued (slow consumers, protocol abuse).
@@ -164,14 +268,19 @@ class Connection:
         cancelled; its cleanup closes the transport, which aborts the socket if the close
         frame cannot be written either.
         """
+        writer = self._writer
         if self._closing and not self._queue and self.close_code is not None:
+            # Already closing (e.g. a disconnect push is being written): just make sure a
+            # writer stuck on a peer that stopped reading does not pin the connection.
+            if writer is not None and not writer.done() and self._writing:
+                writer.cancel()
             return
         self._closing = True
         self.close_code, self.close_reason = code, reason
-        self._queue.clear()
+        if self._queue:
+            self._queue.clear()
         self._queued_bytes = 0
-        self._wakeup.set()
-        writer = self._writer
+        self._wake()
         if writer is not None and not writer.done() and self._writing:
             writer.cancel()
         if code == CloseCode.SLOW_CONSUMER:
@@ -182,9 +291,11 @@ class Connection:
         if self.close_code is None:
             self.close_code, self.close_reason = code, "closed by client"
         self._closing = True
-        self._queue.clear()
+        if self._queue:
+            self._queue.clear()
         self._queued_bytes = 0
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def wait_closed(self, timeout: float | None = None) -> bool:
         try:
@@ -193,8 +304,17 @@ class Connection:
             return False
         return True
 
+    def _finished(self) -> None:
+        self._done = True
+        if self._closed is not None:
+            self._closed.set()
+
     async def _write_loop(self) -> None:
         queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        wakeup = self._wakeup
+        assert wakeup is not None
         transport = self.transport
         try:
             while True:
@@ -208,8 +328,8 @@ class Connection:
                     self.bytes_out += len(frame)
                 if self._closing:
                     break
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
         except asyncio.CancelledError:
             if self.close_code is None:  # cancelled from outside, not by abort()
                 raise
@@ -217,18 +337,19 @@ class Connection:
             logger.debug("write to %s failed: %r", self.client_id, exc)
             self.peer_closed(1006)
         finally:
-            self._queue.clear()
+            queue.clear()
             self._queued_bytes = 0
             if self.close_code is not None and self.close_code != 1006:
                 await transport.close(self.close_code, self.close_reason)
-            self.closed.set()
+            self._finished()
 
     async def stop(self) -> None:
         """Cancel the writer (after the read loop ended); waits for it to finish."""
         self._closing = True
-        self._wakeup.set()
         writer = self._writer
         if writer is not None and not writer.done():
+            if self._wakeup is not None:
+                self._wakeup.set()
             try:
                 await asyncio.wait_for(asyncio.shield(writer), 1.0)
             except TimeoutError:
@@ -239,4 +360,4 @@ class Connection:
                     pass
             except Exception:
                 pass
-        self.closed.set()
+        self._finished()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from urllib.parse import urlsplit
 
 from .brokers.base import Broker
@@ -28,10 +29,11 @@ def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
         broker = RedisBroker(config)
         return broker, RedisPresenceManager(broker)
     if scheme in ("nats", "tls"):
-        try:
-            from .brokers.nats import NatsBroker, NatsBrokerConfig
-        except ImportError as exc:
-            raise ConfigError(f"the NATS broker needs nats-py: pip install 'herald[nats]' ({exc})") from exc
+        # brokers.nats imports nats-py lazily, so look for it here to fail at start, clearly.
+        if importlib.util.find_spec("nats") is None:
+            raise ConfigError("the NATS broker needs nats-py: pip install 'herald[nats]'")
+        from .brokers.nats import NatsBroker, NatsBrokerConfig
+
         nats_broker = NatsBroker(NatsBrokerConfig.from_url(url))
         return nats_broker, nats_broker.presence_manager()
     raise ConfigError(f"unknown broker {url!r}: use memory, redis://host:port/db or nats://host:port")

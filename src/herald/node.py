@@ -28,6 +28,7 @@ from .brokers.base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
 )
 from .brokers.memory import MemoryBroker
@@ -234,10 +235,15 @@ class Node:
         for connection in connections:
             connection.close(code, reason)
         if connections:
-            await asyncio.wait(
-                [asyncio.ensure_future(c.closed.wait()) for c in connections],
-                timeout=self.settings.drain_timeout,
-            )
+            waiters = [asyncio.ensure_future(c.closed.wait()) for c in connections]
+            await asyncio.wait(waiters, timeout=self.settings.drain_timeout)
+            for waiter in waiters:
+                waiter.cancel()
+            # Whoever did not take its queue and close frame in time (a peer that stopped
+            # reading) is cut off now.
+            for connection in connections:
+                if not connection.closed.is_set():
+                    connection.abort(code, reason)
 
     def record_rejection(self, reason: str) -> None:
         """Count a refused handshake or connect (``origin``, ``auth``, ``limits``, ...)."""
@@ -328,15 +334,42 @@ class Node:
 
     # ------------------------------------------------------------ broker side
 
-    async def _on_broker_message(self, message: Publication | PresenceEvent) -> None:
+    async def _on_broker_message(self, message: Publication | PresenceEvent | StreamGap) -> None:
         if message.channel == CONTROL_CHANNEL:
             if isinstance(message, Publication):
                 self._on_control(message.data)
             return
         if isinstance(message, Publication):
             self.stats["messages_out"] += self.hub.fan_out(message)
+        elif isinstance(message, StreamGap):
+            self._on_stream_gap(message)
         else:
             self.hub.fan_out_event(message)
+
+    def _on_stream_gap(self, gap: StreamGap) -> None:
+        """The broker lost publications of ``gap.channel``: close its local subscribers
+        with 4005 (reconnect allowed) so they resume with ``since`` and learn
+        ``recovered: false`` instead of silently missing messages.
+
+        A history-less channel whose stream was merely reset (new epoch, nothing
+        published in it yet) lost nothing its clients could have recovered: no close.
+        """
+        try:
+            history_size = self.namespace(gap.channel).history_size
+        except CommandError:
+            history_size = 0
+        if gap.epoch_changed and gap.position.offset == 0 and history_size == 0:
+            return
+        subscribers = self.hub.subscribers(gap.channel)
+        logger.warning(
+            "channel %s: publications after offset %d lost by the broker; closing %d subscribers (4005)",
+            gap.channel,
+            gap.last.offset,
+            len(subscribers),
+        )
+        self.stats["stream_gaps"] = self.stats.get("stream_gaps", 0) + 1
+        for connection in subscribers:
+            connection.close(CloseCode.INSUFFICIENT_STATE, "publications lost; resume with since")
 
     async def ensure_broker_subscription(self, channel: str) -> None:
         """Make sure the broker delivers ``channel`` here (once per node, shared by callers)."""
@@ -349,8 +382,13 @@ class Node:
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     self._broker_error("subscribe")
+                    shared: BaseException = exc
+                else:
+                    # This caller was cancelled (its client left): the others waiting on the
+                    # same subscribe must get an error they answer, not a cancellation.
+                    shared = BrokerUnavailableError("broker subscribe was interrupted; retry")
                 del self._broker_subscriptions[channel]
-                pending.set_exception(exc)
+                pending.set_exception(shared)
                 pending.exception()  # mark retrieved; callers get their own raise
                 raise
             pending.set_result(None)
@@ -468,6 +506,8 @@ class Node:
         Raises ``DisconnectError(4503)`` when the user already has
         ``max_connections_per_user`` connections on this node.
         """
+        if self.closing:
+            raise DisconnectError(CloseCode.SERVICE_RESTART, "server shutting down")
         limit = self.settings.max_connections_per_user
         if limit > 0 and connection.user and len(self.hub.user_connections(connection.user)) >= limit:
             self.record_rejection("user_limit")
@@ -534,7 +574,10 @@ class Node:
             await asyncio.sleep(tick)
             now = time.monotonic()
             for connection in self.hub.connections():
-                self.check_liveness(connection, now)
+                try:
+                    self.check_liveness(connection, now)
+                except Exception:  # one bad connection must not stop the heartbeats of all
+                    logger.exception("liveness check failed", extra={"conn": connection.client_id})
 
     def check_liveness(self, connection: Connection, now: float) -> None:
         settings = self.settings

@@ -269,3 +269,33 @@ async def test_shutdown_closes_tutorial_sockets_with_1012_or_1001() -> None:
     finally:
         server.kill()
     assert "Traceback" not in server.log()
+
+
+async def test_broadcast_flood_is_metered() -> None:
+    server = ServerProcess(
+        env={"HERALD_RATE_LIMIT": "5", "HERALD_RATE_LIMIT_BURST": "5", "HERALD_RATE_LIMIT_STRIKES": "3"}
+    ).start()
+    try:
+        flooder = await websockets.connect(server.ws("/ws_broadcast"))
+        bystander = await websockets.connect(server.ws("/ws_broadcast"))
+        for i in range(100):
+            try:
+                await flooder.send(f"spam {i}")
+            except ConnectionClosed:
+                break
+        replies = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                replies.append(await asyncio.wait_for(flooder.recv(), DEFAULT_TIMEOUT))
+        assert flooder.close_code == 4504
+        assert "Error: rate limit exceeded, message dropped" in replies
+        received = []
+        with pytest.raises(TimeoutError):
+            while True:
+                received.append(await asyncio.wait_for(bystander.recv(), 0.5))
+        # The burst got through, in order; the rest was dropped, not fanned out.
+        assert 1 <= len(received) <= 10
+        assert received == [f"New message: spam {i}" for i in range(len(received))]
+        await bystander.close()
+    finally:
+        server.stop()

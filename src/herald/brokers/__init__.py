@@ -10,6 +10,7 @@ from .base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
 )
 from .memory import MemoryBroker
@@ -23,5 +24,6 @@ __all__ = [
     "PresenceEvent",
     "Publication",
     "PublishOptions",
+    "StreamGap",
     "StreamPosition",
 ]

@@ -19,6 +19,10 @@ Contract every broker keeps (checked by ``tests/brokers/conformance.py``):
   ``history_size`` publications for ``history_ttl`` seconds.
 * **Events.**  Join/leave events are fanned out like publications but carry no
   offset and are never stored.
+* **Gaps.**  A broker that learns it missed publications of a subscribed channel
+  it cannot deliver any more (its link to the backend dropped and the history no
+  longer covers them, or the stream was lost) hands the handler a
+  :class:`StreamGap` instead of skipping them silently.
 """
 
 from __future__ import annotations
@@ -74,6 +78,23 @@ class PresenceEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamGap:
+    """Publications of ``channel`` after ``last`` were missed by this node and are lost.
+
+    Delivery continues after ``position`` (the stream's top when the gap was found).
+    ``epoch_changed``: the stream itself was lost (``position`` is in a new epoch),
+    so whether anything after ``last`` existed cannot be known.  The node closes the
+    channel's local subscribers with close code 4005 so they resume with ``since``
+    and learn ``recovered: false``.
+    """
+
+    channel: str
+    last: StreamPosition
+    position: StreamPosition
+    epoch_changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PublishOptions:
     """Per-publication options, taken from the channel's namespace."""
 
@@ -88,8 +109,10 @@ class HistoryResult:
     position: StreamPosition = StreamPosition(0, "")
 
 
-#: Called by the broker for every publication or event on a channel this node subscribed to.
-BrokerHandler = Callable[[Publication | PresenceEvent], Awaitable[None] | None]
+#: Called by the broker for every publication or event on a channel this node subscribed to
+#: (and with a :class:`StreamGap` when it lost publications it cannot deliver).
+BrokerMessage = Publication | PresenceEvent | StreamGap
+BrokerHandler = Callable[[BrokerMessage], Awaitable[None] | None]
 
 
 class Broker(abc.ABC):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -83,6 +84,9 @@ class HeraldWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        # The parsed request is only read above (the scope now carries its headers);
+        # dropping it saves about 2 KiB per open connection.
+        self.request = None  # type: ignore[assignment]
         scope: Any = getattr(self, "scope", None)
         if scope is not None and not self.close_sent:
             # The ASGI task was created but has not run yet: it sees these keys.
@@ -92,39 +96,128 @@ class HeraldWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["herald.send"] = self.send
 
 
-class FastTransport(StarletteTransport):
-    """A :class:`StarletteTransport` that can also write pre-framed frames synchronously."""
+class _Flusher:
+    """The fast transports of one event loop with frames waiting, written once per loop turn.
 
-    __slots__ = ("_backlog", "_protocol")
+    Frames a connection receives during one turn of the event loop (a publisher's
+    burst of publish commands is read and fanned out in one turn) leave in a single
+    ``write()``: one system call per subscriber and turn instead of one per frame.
+    The flush is a ``call_soon`` callback, so frames wait for the rest of the current
+    turn only, never for a timer.
+    """
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[FastTransport] = []
+        self._scheduled = False
+
+    def add(self, transport: FastTransport) -> None:
+        self._dirty.append(transport)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for transport in dirty:
+            transport.flush()
+
+
+# One flusher per thread's running loop (test servers run loops in threads).
+_local = threading.local()
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher: _Flusher | None = getattr(_local, "flusher", None)
+    if flusher is None or flusher._loop is not loop:
+        flusher = _local.flusher = _Flusher(loop)
+    return flusher
+
+
+class FastTransport(StarletteTransport):
+    """A :class:`StarletteTransport` that can also write pre-framed frames synchronously.
+
+    Frames accepted by :meth:`write_nowait` wait in a small per-connection batch until
+    the end of the event loop's current turn (see :class:`_Flusher`); every other way
+    out (:meth:`send`, :meth:`close`) writes the batch first, so order is kept.
+    """
+
+    __slots__ = ("_backlog", "_buffered", "_flusher", "_pending", "_pending_bytes", "_protocol")
 
     def __init__(self, websocket: WebSocket, protocol: HeraldWebSocketProtocol) -> None:
         super().__init__(websocket)
         self._protocol = protocol
+        self._flusher = _flusher(protocol.loop)
+        self._pending: list[bytes] = []  # framed, not yet written (this loop turn)
+        self._pending_bytes = 0
+        self._buffered = 0  # the socket's write buffer when this batch began
         self._backlog = 0  # frames written since the write buffer was last seen empty
 
     def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
-        """Write ``frame`` without awaiting.
+        """Accept ``frame`` for writing at the end of this loop turn, without awaiting.
 
-        Returns True when written, False when writing it would exceed the bounds
-        (the caller disconnects the slow consumer), None when the fast path is not
-        usable (handshake not done, closing): the caller falls back to its queue.
+        Returns True when accepted, False when it would take the connection over its
+        bounds (the socket's write buffer plus the batch over ``max_bytes``, or more than
+        ``max_messages`` frames unwritten; the caller disconnects the slow consumer),
+        None when the fast path is not usable (handshake not done, closing): the caller
+        falls back to its queue.
         """
         protocol = self._protocol
-        if not protocol.handshake_complete:
+        if protocol.close_sent or protocol.disconnected or not protocol.handshake_complete:
             return None
-        data = framed(frame)
+        cached = _cache
+        data = cached[1] if cached[0] is frame else framed(frame)
+        pending = self._pending
+        if not pending:
+            # First frame of this turn: sample the socket's buffer once for the batch
+            # (it can only shrink until the flush, so the bound stays conservative).
+            transport = protocol.transport
+            if transport.is_closing():
+                return None
+            buffered = self._buffered = transport.get_write_buffer_size()
+            if buffered == 0:
+                self._backlog = 0
+        size = self._pending_bytes + len(data)
+        if self._buffered + size > max_bytes or self._backlog + len(pending) >= max_messages:
+            return False
+        if not pending:
+            self._flusher.add(self)
+        pending.append(data)
+        self._pending_bytes = size
+        return True
+
+    def flush(self) -> None:
+        """Write the frames accepted by :meth:`write_nowait`, in one ``write()``."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        protocol = self._protocol
         transport = protocol.transport
         if protocol.close_sent or protocol.disconnected or transport.is_closing():
-            return None
-        buffered = transport.get_write_buffer_size()
-        if buffered == 0:
-            self._backlog = 0
-        if buffered + len(data) > max_bytes or self._backlog >= max_messages:
-            return False
-        transport.write(data)
+            return  # the peer is gone or the close frame left: nothing may follow it
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if transport.get_write_buffer_size():
-            self._backlog += 1
-        return True
+            self._backlog += len(pending)
+        else:
+            self._backlog = 0
+
+    async def send(self, frame: str) -> None:
+        self.flush()
+        await super().send(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.flush()
+        await super().close(code, reason)
+
+    def abort(self) -> None:
+        self._pending = []
+        self._pending_bytes = 0
+        super().abort()
 
 
 def fast_protocol_of(websocket: WebSocket) -> HeraldWebSocketProtocol | None:
@@ -136,6 +229,9 @@ def transport_for(websocket: WebSocket, *, fast_path: bool = True) -> StarletteT
     """The best transport for ``websocket``: direct writes when the server allows them."""
     protocol = fast_protocol_of(websocket) if fast_path else None
     if protocol is not None:
+        if protocol.handshake_complete:
+            # The 101 response was sent at accept and is not read again: free its headers.
+            protocol.response = None  # type: ignore[assignment]
         return FastTransport(websocket, protocol)
     return StarletteTransport(websocket)
 
