@@ -123,3 +123,15 @@ async def test_abort_cuts_a_close_stuck_behind_a_silent_peer() -> None:
     connection.abort(CloseCode.FORCE_DISCONNECT, "bye")
     assert await connection.wait_closed(2.0)
     assert transport.closed == (CloseCode.FORCE_DISCONNECT, "bye")
+
+
+async def test_held_frames_count_against_the_bound() -> None:
+    transport = RecordingTransport()
+    connection = make(transport, max_queue_messages=5)
+    connection.hold("ch")
+    for offset in range(1, 6):
+        connection.deliver("ch", offset, f"pub{offset}")
+    assert not connection.is_closing
+    connection.deliver("ch", 6, "pub6")  # a sixth held frame: over the bound
+    assert connection.close_code == CloseCode.SLOW_CONSUMER
+    await asyncio.wait_for(connection.closed.wait(), 5)

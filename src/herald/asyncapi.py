@@ -675,8 +675,8 @@ def build_asyncapi(
                 "stays open). Frames without an id are pushes. Channels are named "
                 "`namespace:name`; each namespace below says what its channels do. Close codes "
                 "4000-4499 mean reconnect (with backoff, resuming by offset), 4500-4999 mean do "
-                "not. The JSON Schema of every frame is in `components/schemas` (`ClientFrame`, "
-                "`ServerFrame`)."
+                "not. The JSON Schema of every frame is in `components/schemas`; the unions "
+                "`ClientFrame` and `ServerFrame` are in docs/schema/protocol.schema.json."
             ),
             "x-herald-protocol-version": m.PROTOCOL_VERSION,
         },

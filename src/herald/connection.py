@@ -176,6 +176,10 @@ class Connection:
         if buffering is not None:
             pending = buffering.get(channel)
             if pending is not None:
+                # Held frames count against the same bound as the queue.
+                if len(pending) >= self._max_messages:
+                    self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    return
                 pending.append((offset, frame))
                 return
         floors = self._floors

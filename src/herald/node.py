@@ -450,9 +450,17 @@ class Node:
                     if channel.startswith("$"):
                         continue
                     try:
-                        if self.namespace(channel).presence:
-                            info = ClientInfo(connection.client_id, connection.user, connection.info)
-                            await self.presence.add(channel, info, self.settings.presence_ttl)
+                        if not self.namespace(channel).presence:
+                            continue
+                        info = ClientInfo(connection.client_id, connection.user, connection.info)
+                        await self.presence.add(channel, info, self.settings.presence_ttl)
+                        # The client may have left while we awaited: its leave already removed
+                        # the entry, so remove the one we just wrote instead of leaving a ghost.
+                        if (
+                            channel not in connection.channels
+                            or self.hub.get(connection.client_id) is not connection
+                        ):
+                            await self.presence.remove(channel, connection.client_id)
                     except Exception as exc:
                         logger.debug("presence refresh failed: %r", exc)
 

@@ -26,14 +26,28 @@ Both history keys expire ``history_ttl`` seconds after the last publication.
 When the meta key is missing (TTL expired, Redis restarted without persistence,
 ``remove_history``), the next publish or history read creates a new random
 epoch and offsets restart at 1, so clients holding an old position are told
-``recovered: false``.
+``recovered: false``.  A meta key created by a *read* (a client subscribed to or
+read the history of a channel that never had a publication) expires after
+``read_meta_ttl`` seconds, so clients cannot fill Redis with permanent keys by
+subscribing to random names; the first publish then applies the publish rules
+(``history_ttl``, ``stream_meta_ttl``, or no expiry).
 
 Faults: when Redis is unreachable, :meth:`RedisBroker.publish`, ``history`` and
 presence calls raise :class:`~herald.exceptions.BrokerUnavailableError`,
 :meth:`RedisBroker.ready` is False, and a background task reconnects with
-exponential backoff and jitter, then re-subscribes every channel.  Publications
-made while this node's subscriber link was down are not delivered to its
-clients live; clients get them from history by resubscribing with ``since``.
+exponential backoff and jitter, then re-subscribes every channel.
+
+No gap across a link blip: the broker remembers, per subscribed channel, the
+position (offset, epoch) of the last publication it delivered (Pub/Sub delivers
+a channel's publications in offset order).  While the subscriber link is down
+and until each channel has caught up after it came back, live publications are
+held; the catch-up reads the channel's stream from the remembered offset and
+delivers what was missed, in order, then the held ones, dropping any offset
+already delivered.  When the stream no longer covers the gap (trimmed, expired,
+a channel without history whose offset jumped) or the stream was lost (new
+epoch), nothing of the gap is delivered and the handler gets a
+:class:`~herald.brokers.base.StreamGap`; the node then closes the channel's
+subscribers with close code 4005 so they resume with ``since``.
 """
 
 from __future__ import annotations
@@ -44,8 +58,9 @@ import inspect
 import logging
 import random
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -66,6 +81,7 @@ from .base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
 )
 
@@ -86,10 +102,14 @@ class RedisBrokerConfig:
     as long as the history, ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
     the backoff between reconnect attempts (doubled each failure, with jitter).
     ``max_connections``: command connections per node; more concurrent commands
-    wait (up to ``command_timeout``) for a free one.
+    wait (up to ``command_timeout``) for a free one.  ``read_meta_ttl``: seconds
+    a channel's offset/epoch key lives when a read (subscribe, history) created
+    it and nothing was published yet (0: forever; the first publish applies the
+    rules above).  ``max_held``: live publications held per channel while it
+    catches up after a link blip; beyond it the gap is reported as lost.
     """
 
-    url: str = "redis://localhost:6379/0"
+    url: str = field(default="redis://localhost:6379/0", repr=False)  # may hold a password
     prefix: str = "herald"
     connect_timeout: float = 2.0
     command_timeout: float = 5.0
@@ -97,6 +117,20 @@ class RedisBrokerConfig:
     reconnect_max: float = 5.0
     stream_meta_ttl: float = 0.0
     max_connections: int = 50
+    read_meta_ttl: float = 3600.0
+    max_held: int = 10_000
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its credentials: ``redis://:secret@host`` -> ``redis://***@host``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def new_epoch() -> str:
@@ -135,6 +169,9 @@ if size > 0 then
   end
 elseif meta_ttl > 0 then
   redis.call('pexpire', meta, meta_ttl)
+else
+  -- A read may have created the key with an expiry (read_meta_ttl): published keys persist.
+  redis.call('persist', meta)
 end
 redis.call('publish', pubsub,
   'p' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. string.len(info) .. ':' .. info .. data)
@@ -150,6 +187,7 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('del', stream)
   redis.call('hset', meta, 'e', epoch)
+  -- Created by a read: expire it (read_meta_ttl) unless a publish comes and keeps it.
   if meta_ttl > 0 then redis.call('pexpire', meta, meta_ttl) end
 end
 local offset = tonumber(redis.call('hget', meta, 'o') or '0')
@@ -194,6 +232,44 @@ return {offset, epoch, entries}
 """
 
 
+_DELIVER, _DROP, _JUMP = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _Track:
+    """One subscribed channel: what this node delivered last, and its catch-up.
+
+    ``held`` is not None while live publications must wait (the link is down or
+    the channel is catching up).  ``wanted``/``done`` count catch-up requests and
+    the ones served by a read that started after them.
+    """
+
+    epoch: str | None = None
+    offset: int = 0
+    held: list[Publication] | None = None
+    wanted: int = 0
+    done: int = 0
+    catch_up: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def step(self, publication: Publication) -> int:
+        """Whether to deliver ``publication`` next (advancing), drop it (seen), or read first."""
+        if self.epoch is None:
+            self.epoch, self.offset = publication.epoch, publication.offset
+            return _DELIVER
+        if publication.epoch == self.epoch:
+            if publication.offset <= self.offset:
+                return _DROP
+            if publication.offset == self.offset + 1:
+                self.offset = publication.offset
+                return _DELIVER
+            return _JUMP
+        if publication.offset == 1:
+            # The stream restarted while we listened (expired, removed): nothing missed.
+            self.epoch, self.offset = publication.epoch, 1
+            return _DELIVER
+        return _JUMP
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -227,6 +303,12 @@ class RedisBroker(Broker):
         self.reconnects = 0  # link re-establishments after the first (for tests and metrics)
         self._publish_script: Any = None
         self._history_script: Any = None
+        #: Per subscribed channel: the last delivered position and the catch-up state.
+        self._tracks: dict[str, _Track] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Publications read from streams after a blip, and gaps reported lost (tests/metrics).
+        self.gaps_filled = 0
+        self.gaps_lost = 0
 
     # ------------------------------------------------------------ keys
 
@@ -284,7 +366,7 @@ class RedisBroker(Broker):
         try:
             await asyncio.wait_for(self._link_up.wait(), cfg.connect_timeout)
         except TimeoutError:
-            logger.warning("redis %s not reachable yet; retrying in the background", cfg.url)
+            logger.warning("redis %s not reachable yet; retrying in the background", redact_url(cfg.url))
 
     async def close(self) -> None:
         self._closed = True
@@ -296,6 +378,12 @@ class RedisBroker(Broker):
             self._runner = None
         self._link_up.clear()
         self._fail_pending(BrokerUnavailableError("broker closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tracks.clear()
         for client in (self._sub_client, self._client):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -356,6 +444,10 @@ class RedisBroker(Broker):
                             first = False
                             delay = cfg.reconnect_min
                             self._link_up.set()
+                            # Every channel is subscribed again: read what the blip hid.
+                            for channel, track in self._tracks.items():
+                                if track.held is not None or track.epoch is None:
+                                    self._start_catch_up(channel, track)
                         else:
                             future = self._pending.pop(name, None)
                             if future is not None and not future.done():
@@ -369,6 +461,12 @@ class RedisBroker(Broker):
                     logger.debug("redis link attempt failed: %r", exc)
                 self._link_up.clear()
                 self._pubsub = None
+                # From here on publications may be missed: hold live ones until each
+                # channel has read its stream after the link is back.
+                for track in self._tracks.values():
+                    if track.held is None:
+                        track.held = []
+                    track.wanted += 1  # a running catch-up must read again after the reconnect
                 self._fail_pending(BrokerUnavailableError(f"redis unavailable: {exc}"))
                 await _close_pubsub(pubsub)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -378,8 +476,7 @@ class RedisBroker(Broker):
                     await _close_pubsub(pubsub)
 
     async def _dispatch(self, name: str, payload: bytes) -> None:
-        handler = self._handler
-        if handler is None or not name.startswith(self._channel_prefix):
+        if self._handler is None or not name.startswith(self._channel_prefix):
             return
         channel = name[len(self._channel_prefix) :]
         try:
@@ -387,17 +484,141 @@ class RedisBroker(Broker):
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             logger.warning("dropping malformed envelope on %s: %r", name, exc)
             return
+        track = self._tracks.get(channel)
+        if track is None or not isinstance(message, Publication):
+            await self._deliver(message)
+            return
+        if track.held is not None:
+            await self._hold(channel, track, message)
+            return
+        step = track.step(message)
+        if step == _DELIVER:
+            await self._deliver(message)
+        elif step == _JUMP:
+            # Offsets are missing (a publication lost on the way): read them from the stream.
+            track.held = [message]
+            self._start_catch_up(channel, track)
+
+    async def _deliver(self, message: Publication | PresenceEvent | StreamGap) -> None:
+        handler = self._handler
+        if handler is None:
+            return
         try:
             result = handler(message)
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            logger.exception("broker handler failed for %s", channel)
+            logger.exception("broker handler failed for %s", message.channel)
+
+    # ------------------------------------------------------------ no gap across link blips
+
+    async def _hold(self, channel: str, track: _Track, publication: Publication) -> None:
+        assert track.held is not None
+        track.held.append(publication)
+        if len(track.held) > self.config.max_held:
+            # The catch-up cannot keep up (Redis reachable by Pub/Sub but not for reads):
+            # give the gap up rather than grow without bound; continue from the newest.
+            last = StreamPosition(track.offset, track.epoch or "")
+            newest = track.held[-1]
+            track.epoch, track.offset, track.held = newest.epoch, newest.offset, None
+            self.gaps_lost += 1
+            # Reported before anything newer is delivered: no client gets past the gap unaware.
+            await self._deliver(StreamGap(channel, last, StreamPosition(newest.offset, newest.epoch)))
+
+    def _start_catch_up(self, channel: str, track: _Track) -> None:
+        track.wanted += 1
+        if track.catch_up is None or track.catch_up.done():
+            track.catch_up = self._spawn(self._catch_up(channel, track))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _catch_up(self, channel: str, track: _Track) -> None:
+        """Deliver what ``channel`` missed while it was not (reliably) subscribed, then
+        the held live publications, in offset order; report what cannot be delivered.
+
+        Runs until a read that started after the latest (re)subscription succeeded
+        and nothing held is out of order; retries reads with backoff while Redis is
+        unreachable.  Only one runs per channel (``track.catch_up``).
+        """
+        delay = self.config.reconnect_min
+        while self._tracks.get(channel) is track and not self._closed:
+            if track.done >= track.wanted and track.held is None:
+                return
+            await self._link_up.wait()
+            wanted = track.wanted
+            since = StreamPosition(track.offset, track.epoch) if track.epoch is not None else None
+            try:
+                history = await self.history(channel, since=since, limit=None if since else 0)
+            except BrokerError as exc:
+                logger.debug("catching up %s failed: %s; retrying", channel, exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.config.reconnect_max)
+                continue
+            if self._tracks.get(channel) is not track:
+                return
+            delay = self.config.reconnect_min
+            if since is None and track.epoch is not None:
+                pass  # a live publication set the position meanwhile: keep it
+            elif since is not None and (track.epoch, track.offset) != (since.epoch, since.offset):
+                continue  # moved meanwhile (held publications given up): read again
+            else:
+                await self._apply(channel, track, since, history)
+            track.done = wanted
+            # Release the held publications in order; a jump among them needs another read.
+            held = track.held or []
+            while held:
+                publication = held[0]
+                step = track.step(publication)
+                if step == _JUMP:
+                    track.wanted += 1
+                    break
+                held.pop(0)
+                if step == _DELIVER:
+                    await self._deliver(publication)
+            else:
+                if track.done >= track.wanted:
+                    track.held = None  # no await since the last check: nothing slips in between
+
+    async def _apply(
+        self, channel: str, track: _Track, since: StreamPosition | None, history: HistoryResult
+    ) -> None:
+        top = history.position
+        if since is None:
+            # First position of this channel (it was registered while Redis was down).
+            track.epoch, track.offset = top.epoch, top.offset
+            return
+        if top.epoch != since.epoch:
+            # The stream was lost (expired, flushed, Redis restarted empty): whatever came
+            # after ``since`` in the old stream cannot be delivered any more.
+            track.epoch, track.offset = top.epoch, top.offset
+            self.gaps_lost += 1
+            await self._deliver(StreamGap(channel, since, top, epoch_changed=True))
+            return
+        missed = [p for p in history.publications if p.offset > track.offset]
+        if top.offset <= track.offset:
+            return
+        if missed and missed[0].offset == track.offset + 1:
+            self.gaps_filled += len(missed)
+            for publication in missed:
+                if track.step(publication) == _DELIVER:
+                    await self._deliver(publication)
+            return
+        # Trimmed, expired, or a channel without history: the gap cannot be filled.
+        # Deliver nothing of it (a client must not get past a gap it cannot see).
+        last = StreamPosition(track.offset, since.epoch)
+        track.offset = top.offset
+        self.gaps_lost += 1
+        await self._deliver(StreamGap(channel, last, top))
 
     # ------------------------------------------------------------ subscriptions
 
     async def subscribe(self, channel: str) -> None:
-        """Register ``channel`` and wait until Redis confirmed the subscription.
+        """Register ``channel``, wait until Redis confirmed the subscription, then read the
+        channel's position (from which this node guarantees delivery with no gap).
 
         Raises :class:`BrokerUnavailableError` when the link is down or the
         confirmation does not come within ``connect_timeout``; the channel stays
@@ -405,6 +626,11 @@ class RedisBroker(Broker):
         :meth:`unsubscribe`.
         """
         self._channels.add(channel)
+        track = self._tracks.get(channel)
+        if track is None:
+            track = self._tracks[channel] = _Track()
+            if not self._link_up.is_set():
+                track.held = []
         pubsub = self._pubsub
         if pubsub is None or not self._link_up.is_set():
             raise BrokerUnavailableError("redis unavailable: subscriber link is down")
@@ -419,9 +645,19 @@ class RedisBroker(Broker):
             raise
         except (RedisError, *_UNAVAILABLE) as exc:
             raise BrokerUnavailableError(f"redis subscribe failed: {exc!r}") from exc
+        if track.epoch is None:
+            # Read after the confirmation: every later publication arrives live.  A live
+            # one at or below this top may still be in the socket; dropping it is safe
+            # because every client subscribing reads the position after this one.
+            position = (await self.history(channel, limit=0)).position
+            if self._tracks.get(channel) is track and track.epoch is None:
+                track.epoch, track.offset = position.epoch, position.offset
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
+        track = self._tracks.pop(channel, None)
+        if track is not None and track.catch_up is not None:
+            track.catch_up.cancel()
         pubsub = self._pubsub
         if pubsub is not None and self._link_up.is_set():
             with contextlib.suppress(RedisError, *_UNAVAILABLE):
@@ -472,7 +708,7 @@ class RedisBroker(Broker):
             since.epoch if since is not None else "",
             -1 if limit is None else max(limit, 0),
             "1" if reverse else "0",
-            int(self.config.stream_meta_ttl * 1000),
+            int(self.config.read_meta_ttl * 1000),
         ]
         result = await self._call(
             self._history_script,
