@@ -7,6 +7,9 @@ requests from the loopback interface, and says so in its 403.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -15,8 +18,10 @@ from pydantic import BaseModel, Field
 from .auth import api_key_allows
 from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
-from .exceptions import BrokerError, CommandError
+from .exceptions import BrokerError, CommandError, NotAvailableError
 from .protocol.messages import ClientInfoModel, PublicationModel
+
+logger = logging.getLogger("herald.api")
 
 if TYPE_CHECKING:
     from .app import Herald
@@ -75,6 +80,20 @@ class ChannelsOut(BaseModel):
 
 class DisconnectOut(BaseModel):
     disconnected: int
+
+
+@contextlib.contextmanager
+def _broker_errors() -> Iterator[None]:
+    """A broker that cannot answer right now is a 503, not a 500."""
+    try:
+        yield
+    except NotAvailableError as exc:
+        raise HTTPException(409, detail={"code": int(ErrorCode.NOT_AVAILABLE), "message": str(exc)}) from None
+    except BrokerError as exc:
+        raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
+    except Exception as exc:  # redis/nats client errors that the broker did not wrap
+        logger.exception("broker call failed")
+        raise HTTPException(503, detail=f"broker unavailable: {type(exc).__name__}") from None
 
 
 def _error(exc: CommandError) -> HTTPException:
@@ -152,12 +171,16 @@ def build_api_router(herald: Herald) -> APIRouter:
 
     @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
     async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceOut:
-        clients = await node.presence_of(presence_channel(channel))
+        name = presence_channel(channel)
+        with _broker_errors():
+            clients = await node.presence_of(name)
         return PresenceOut(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
 
     @router.get("/presence_stats", response_model=PresenceStatsOut, summary="Presence counts")
     async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsOut:
-        stats = await node.presence_stats(presence_channel(channel))
+        name = presence_channel(channel)
+        with _broker_errors():
+            stats = await node.presence_stats(name)
         return PresenceStatsOut(num_clients=stats.num_clients, num_users=stats.num_users)
 
     @router.get("/history", response_model=HistoryOut, summary="A channel's history")
@@ -178,7 +201,8 @@ def build_api_router(herald: Herald) -> APIRouter:
         if since_offset is not None:
             since = StreamPosition(since_offset, since_epoch or "")
         limit = min(limit if limit is not None else settings.max_history_limit, settings.max_history_limit)
-        result = await node.history(name, since=since, limit=limit, reverse=reverse)
+        with _broker_errors():
+            result = await node.history(name, since=since, limit=limit, reverse=reverse)
         if since is not None and since_epoch and since_epoch != result.position.epoch:
             raise _error(
                 CommandError(ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset")

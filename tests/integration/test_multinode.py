@@ -277,6 +277,13 @@ async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None
                 assert status == 503 and "broker unavailable" in body["detail"]
                 reply = await publisher.call("publish", channel=channel, data="x")
                 assert reply["error"]["code"] == 121, reply
+                # Reads that need the broker are 503 too, not 500.
+                history = urllib.request.Request(
+                    f"{a.http}/api/history?channel={channel}", headers={"X-API-Key": API_KEY}
+                )
+                with pytest.raises(urllib.error.HTTPError) as failed:
+                    await asyncio.to_thread(urllib.request.urlopen, history, timeout=5)
+                assert failed.value.code == 503
                 for node in nodes:
                     await async_wait_for_async(lambda n=node: _is(readyz(n), 503), 5)
                 # Nodes stay up and keep their clients.
@@ -291,7 +298,20 @@ async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None
             for node in nodes:
                 assert node.proc is not None and node.proc.poll() is None
 
-            # The stream was lost: a client resuming from its old position is told so.
+            # The stream was lost with Redis: each node finds a new epoch when it catches up
+            # and closes its subscribers with 4005 (reconnect, resume, recovered: false)
+            # instead of letting them continue past what they may have missed.
+            for client in (sub_a, sub_b):
+                disconnect = await client.push("disconnect", 10)
+                assert disconnect["code"] == 4005 and disconnect["reconnect"] is True
+                await asyncio.wait_for(client.closed.wait(), 5)
+            await close_all([sub_a, sub_b])
+            sub_a, sub_b = await connect(a, "sub-a"), await connect(b, "sub-b")
+            for client in (sub_a, sub_b):
+                result = await subscribe(client, channel, since=last)
+                assert result["recovered"] is False and result["epoch"] != old["epoch"]
+
+            # A client resuming from its old position is told so.
             fresh = await connect(b, "fresh")
             try:
                 result = await subscribe(fresh, channel, since=last)
@@ -320,6 +340,10 @@ async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def async_wait_for_async(check: Any, timeout: float) -> None:
@@ -512,8 +536,10 @@ async def _redis(url: str, *command: str) -> Any:
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_one_node_link_drops_while_others_publish(redis_server: RedisServer) -> None:
-    """Only node A loses Redis (its ACL user is switched off and its connections killed)
-    while node B keeps publishing: A's clients see the gap and recover it with ``since``."""
+    """Only node A loses Redis (its ACL user is switched off and its Pub/Sub link killed
+    with ``CLIENT KILL TYPE pubsub``) while node B keeps publishing: when the link is
+    back, A reads what it missed from the stream, and its client, which never
+    reconnected, gets every publication exactly once, in order."""
     user, password = "herald-node-a", "node-a-secret"
     await _redis(redis_server.url, "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
     url_a = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
@@ -534,32 +560,96 @@ async def test_one_node_link_drops_while_others_publish(redis_server: RedisServe
         before = [await publish(n) for n in range(3)]
         assert [p["offset"] for p in await publications(watcher, 3)] == before
 
-        # Cut node A off: it cannot reconnect while its user is off.
+        # Cut node A's Pub/Sub link off: it cannot reconnect while its user is off.
         await _redis(redis_server.url, "ACL", "SETUSER", user, "off")
-        await _redis(redis_server.url, "CLIENT", "KILL", "USER", user)
+        await _redis(redis_server.url, "CLIENT", "KILL", "TYPE", "pubsub", "USER", user)
         await async_wait_for_async(lambda: _is(readyz(a), 503), 5)
         missed = [await publish(n) for n in range(3, 7)]  # B is unaffected
         await _redis(redis_server.url, "ACL", "SETUSER", user, "on")
-        await async_wait_for_async(lambda: _is(readyz(a), 200), 10)
-        assert not watcher.closed.is_set()  # the node kept its client
+        # B keeps publishing while A comes back and catches up.
+        stop = asyncio.Event()
+        later: list[int] = []
 
-        after = await publish(7)
-        [live] = await publications(watcher, 1)
-        # The link is back but what B published meanwhile never reached A: a gap.
-        assert live["offset"] == after == missed[-1] + 1
+        async def keep_publishing() -> None:
+            n = 7
+            while not stop.is_set():
+                later.append(await publish(n))
+                n += 1
 
-        # The client resumes from the last offset it had before the gap.
-        await watcher.call("unsubscribe", channels=[channel])
-        result = await subscribe(watcher, channel, since={"offset": before[-1], "epoch": epoch})
-        assert result["recovered"] is True and result["epoch"] == epoch
-        assert [p["offset"] for p in result["publications"]] == [*missed, after]
-        assert [p["data"] for p in result["publications"]] == [3, 4, 5, 6, 7]
-        final = await publish(8)
+        publisher = asyncio.create_task(keep_publishing())
+        try:
+            await async_wait_for_async(lambda: _is(readyz(a), 200), 10)
+            await async_wait_for_async(lambda: _true(len(later) >= 5), 10)
+        finally:
+            stop.set()
+            await publisher
+        received = await publications(watcher, len(missed) + len(later))
+        # Every publication once, in order, the missed ones first, without reconnecting.
+        assert [p["offset"] for p in received] == [*missed, *later]
+        assert [p["data"] for p in received] == list(range(3, 7 + len(later)))
+        assert {p["epoch"] for p in received} == {epoch}
+        assert not watcher.closed.is_set()
+        final = await publish(7 + len(later))
         [live] = await publications(watcher, 1)
-        assert live["offset"] == final == after + 1
+        assert live["offset"] == final == later[-1] + 1
         await no_more_publications(watcher)
     finally:
         await watcher.close()
+        await asyncio.gather(asyncio.to_thread(a.kill), asyncio.to_thread(b.kill))
+        with contextlib.suppress(Exception):
+            await _redis(redis_server.url, "ACL", "DELUSER", user)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_link_gap_history_cannot_fill_closes_subscribers_with_4005(
+    redis_server: RedisServer,
+) -> None:
+    """A's link is down while B publishes more than the namespace keeps (history_size 2):
+    A cannot fill the gap, so its subscriber is closed with 4005 (reconnect allowed)
+    before anything past the gap reaches it, and resuming tells it ``recovered: false``."""
+    user, password = "herald-node-gap", "node-gap-secret"
+    await _redis(redis_server.url, "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    namespaces = json.dumps({"short": {"history_size": 2, "history_ttl": 60}})
+    url_a = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+    a = ServerProcess(env={**_env(url_a), "HERALD_NAMESPACES": namespaces})
+    b = ServerProcess(env={**_env(redis_server.url), "HERALD_NAMESPACES": namespaces})
+    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    channel = "short:gap"
+    watcher = await connect(a, "watcher")
+    resumed: ProtocolClient | None = None
+    try:
+        epoch = (await subscribe(watcher, channel))["epoch"]
+
+        async def publish(data: Any) -> int:
+            status, body = await api(b, "/api/publish", {"channel": channel, "data": data})
+            assert status == 200, body
+            return int(body["offset"])
+
+        before = [await publish(n) for n in range(2)]
+        assert [p["offset"] for p in await publications(watcher, 2)] == before
+
+        await _redis(redis_server.url, "ACL", "SETUSER", user, "off")
+        await _redis(redis_server.url, "CLIENT", "KILL", "TYPE", "pubsub", "USER", user)
+        await async_wait_for_async(lambda: _is(readyz(a), 503), 5)
+        missed = [await publish(n) for n in range(2, 7)]  # the stream keeps the last 2 only
+        await _redis(redis_server.url, "ACL", "SETUSER", user, "on")
+
+        disconnect = await watcher.push("disconnect", 10)
+        assert disconnect["code"] == 4005 and disconnect["reconnect"] is True
+        await asyncio.wait_for(watcher.closed.wait(), 5)
+        assert watcher.ws.close_code == 4005
+        # Nothing past the gap was delivered before the close.
+        assert [f for f in watcher.frames if f.get("type") == "publication"][2:] == []
+
+        resumed = await connect(a, "watcher")
+        result = await subscribe(resumed, channel, since={"offset": before[-1], "epoch": epoch})
+        assert result["recovered"] is False and result["offset"] == missed[-1]
+        final = await publish(7)
+        [live] = await publications(resumed, 1)
+        assert live["offset"] == final == missed[-1] + 1
+    finally:
+        await close_all([c for c in (watcher, resumed) if c is not None])
         await asyncio.gather(asyncio.to_thread(a.kill), asyncio.to_thread(b.kill))
         with contextlib.suppress(Exception):
             await _redis(redis_server.url, "ACL", "DELUSER", user)
