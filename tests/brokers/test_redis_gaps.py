@@ -255,7 +255,7 @@ async def test_read_meta_ttl_zero_keeps_read_created_keys(redis_server: RedisSer
 
 def test_redact_url_hides_credentials() -> None:
     assert redact_url("redis://:secret@host:6379/0") == "redis://***@host:6379/0"
-    assert redact_url("rediss://user:pw@example.com/1") == "rediss://***@example.com/1"
+    assert redact_url("rediss://user:pw@example.com/1") == "rediss://user:***@example.com/1"
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert "secret" not in repr(RedisBrokerConfig(url="redis://:secret@host"))
 

@@ -60,7 +60,6 @@ import random
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -71,6 +70,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..config import redact_url
 from ..exceptions import BrokerError, BrokerUnavailableError
 from . import envelope
 from .base import (
@@ -119,18 +119,6 @@ class RedisBrokerConfig:
     max_connections: int = 50
     read_meta_ttl: float = 3600.0
     max_held: int = 10_000
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its credentials: ``redis://:secret@host`` -> ``redis://***@host``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def new_epoch() -> str:
