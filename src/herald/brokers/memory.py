@@ -42,11 +42,18 @@ class MemoryBroker(Broker):
 
     A stream whose history has fully expired (no publication for ``history_ttl``)
     is forgotten, and the next publish starts a new epoch, as a Redis key with a
-    TTL would.  ``clock`` is injectable for tests.
+    TTL would.  A stream that only a read created (a subscribe to a channel nobody
+    published to) is forgotten after ``read_stream_ttl`` seconds, so clients cannot
+    grow the broker by naming channels.  Expired streams are swept once a minute.
+    ``clock`` is injectable for tests.
     """
 
-    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+    SWEEP_INTERVAL = 60.0
+
+    def __init__(self, *, clock: Callable[[], float] | None = None, read_stream_ttl: float = 3600.0) -> None:
         self._clock = clock or time.monotonic
+        self._read_stream_ttl = read_stream_ttl
+        self._next_sweep = 0.0
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
         self._handler: BrokerHandler | None = None
@@ -67,11 +74,25 @@ class MemoryBroker(Broker):
     def channels(self) -> set[str]:
         return set(self._subscribed)
 
-    def _stream(self, channel: str, now: float) -> _Stream:
+    def _stream(self, channel: str, now: float, *, read: bool = False) -> _Stream:
+        if now >= self._next_sweep:
+            self._sweep(now)
         stream = self._streams.get(channel)
         if stream is None or (stream.expires_at and stream.expires_at <= now):
             stream = self._streams[channel] = _Stream()
+            if read and self._read_stream_ttl > 0:
+                stream.expires_at = now + self._read_stream_ttl
         return stream
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self.SWEEP_INTERVAL
+        expired = [name for name, s in self._streams.items() if s.expires_at and s.expires_at <= now]
+        for name in expired:
+            del self._streams[name]
+
+    def stream_count(self) -> int:
+        """Streams kept in memory (for tests and the admin page)."""
+        return len(self._streams)
 
     def _trim(self, stream: _Stream, now: float) -> None:
         entries = stream.entries
@@ -89,6 +110,8 @@ class MemoryBroker(Broker):
             while len(stream.entries) > options.history_size:
                 stream.entries.popleft()
             stream.expires_at = now + ttl if options.history_ttl > 0 else 0.0
+        else:
+            stream.expires_at = 0.0  # offsets of a channel without history are kept
         await self._deliver(publication)
         return StreamPosition(stream.offset, stream.epoch)
 
@@ -111,7 +134,7 @@ class MemoryBroker(Broker):
         reverse: bool = False,
     ) -> HistoryResult:
         now = self._clock()
-        stream = self._stream(channel, now)
+        stream = self._stream(channel, now, read=True)
         self._trim(stream, now)
         position = StreamPosition(stream.offset, stream.epoch)
         if limit == 0:
