@@ -369,6 +369,18 @@ async def test_serve_workers_share_redis(redis_server: RedisServer) -> None:
         for client in clients:
             [publication] = await publications(client, 1)
             assert publication["offset"] == body["offset"]
+        # /metrics adds up every worker (prometheus multiprocess mode), whichever worker
+        # answers the scrape: all six connections show, even though they are spread out.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        def open_connections() -> float:
+            text = http_get(node.http + "/metrics")[1].decode()
+            for family in text_string_to_metric_families(text):
+                if family.name == "herald_connections_open":
+                    return sum(sample.value for sample in family.samples)
+            return -1.0
+
+        await async_wait_for_async(lambda: _is(asyncio.to_thread(open_connections), 6.0), 10)
     finally:
         await close_all(clients)
         await asyncio.to_thread(node.stop)
