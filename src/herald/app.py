@@ -220,7 +220,7 @@ class Herald:
             ip = client_ip(websocket)
             if not node.ip_connections.acquire(ip):
                 node.record_rejection("ip_limit")
-                await refuse_handshake(websocket, 429, "too many connections from this address")
+                await refuse_handshake(websocket, "too many connections from this address")
                 return
             try:
                 await endpoint(websocket)
@@ -244,8 +244,6 @@ class Herald:
     async def _connect_endpoint(self, websocket: WebSocket) -> None:
         """Protocol v1 (see docs/protocol.md)."""
         settings = self.settings
-        if not await check_handshake(websocket, settings):
-            return
         requested = websocket.scope.get("subprotocols") or []
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in requested else None)
         connection = self._connection(websocket, render_publication, echo_own=True, events=True)
@@ -286,9 +284,6 @@ class Herald:
 
     async def _echo_endpoint(self, websocket: WebSocket) -> None:
         """``/ws``: ``Message text was: {data}``."""
-        settings = self.settings
-        if not await check_handshake(websocket, settings):
-            return
         await websocket.accept()
         send = websocket.send_text
 
@@ -302,8 +297,6 @@ class Herald:
 
         Malformed JSON gets ``{"error": {"code": 1007, "message": ...}}`` and a close 1007.
         """
-        if not await check_handshake(websocket, self.settings):
-            return
         await websocket.accept()
         send = websocket.send_text
 
@@ -334,8 +327,6 @@ class Herald:
     async def _broadcast_endpoint(self, websocket: WebSocket) -> None:
         """``/ws_broadcast``: ``New message: {data}`` to every other client, via the hub and broker."""
         node = self.node
-        if not await check_handshake(websocket, self.settings):
-            return
         await websocket.accept()
         connection = self._connection(websocket, render_broadcast, echo_own=False, events=False)
         connection.start()

@@ -110,7 +110,7 @@ def remote_address(websocket: WebSocket) -> str:
     return f"{client.host}:{client.port}" if client else "unknown"
 
 
-async def refuse_handshake(websocket: WebSocket, status: int, reason: str) -> None:
+async def refuse_handshake(websocket: WebSocket, reason: str) -> None:
     """Refuse before accept: the server answers the handshake with HTTP 403; ``reason`` is logged."""
     logger.warning("refused WebSocket %s from %s: %s", websocket.url.path, remote_address(websocket), reason)
     await websocket.close(CloseCode.POLICY_VIOLATION, reason)
@@ -136,7 +136,7 @@ async def check_handshake(websocket: WebSocket, settings: Settings) -> bool:
         scheme=websocket.url.scheme,
     )
     if refusal is not None:
-        await refuse_handshake(websocket, 403, refusal)
+        await refuse_handshake(websocket, refusal)
         return False
     return True
 
