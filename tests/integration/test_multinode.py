@@ -101,6 +101,32 @@ async def subscribe(
     return result
 
 
+async def subscribe_all(clients: list[ProtocolClient], channel: str) -> tuple[str, int]:
+    """Subscribe every client; all must see one epoch.  Returns (epoch, highest offset seen)."""
+    starts = [await subscribe(client, channel) for client in clients]
+    epoch = starts[0]["epoch"]
+    assert epoch and {s["epoch"] for s in starts} == {epoch}
+    return epoch, max(s["offset"] for s in starts)
+
+
+async def publish_from_all(
+    clients: list[ProtocolClient], channel: str, per_client: int, base: int
+) -> list[int]:
+    """Every client publishes ``per_client`` times at once, through its own node; the offsets
+    handed out must be exactly base+1 .. base+total.  Returns them sorted."""
+    replies = await asyncio.gather(
+        *(
+            c.call("publish", channel=channel, data={"from": i, "n": n})
+            for i, c in enumerate(clients)
+            for n in range(per_client)
+        )
+    )
+    assert all("result" in r for r in replies), replies
+    published = sorted(r["result"]["offset"] for r in replies)
+    assert published == list(range(base + 1, base + len(replies) + 1))
+    return published
+
+
 async def publications(client: ProtocolClient, count: int, timeout: float = 10) -> list[Any]:
     """The next ``count`` publications (settling probes are skipped)."""
     received: list[Any] = []
@@ -141,24 +167,11 @@ async def test_three_nodes_deliver_every_publication_once_in_order(
         channel = "chat:multinode"
         clients = [await connect(node, f"user-{i}") for i, node in enumerate(nodes * 2)]
         try:
-            starts = [await subscribe(client, channel) for client in clients]
-            epoch = starts[0]["epoch"]
-            assert {s["epoch"] for s in starts} == {epoch}
-            base = max(s["offset"] for s in starts)
-
+            epoch, base = await subscribe_all(clients, channel)
             # Every client publishes at once, through its own node.
             per_client = 8
-            replies = await asyncio.gather(
-                *(
-                    c.call("publish", channel=channel, data={"from": i, "n": n})
-                    for i, c in enumerate(clients)
-                    for n in range(per_client)
-                )
-            )
-            assert all("result" in r for r in replies), replies
-            total = per_client * len(clients)
-            published = sorted(r["result"]["offset"] for r in replies)
-            assert published == list(range(base + 1, base + total + 1))
+            published = await publish_from_all(clients, channel, per_client, base)
+            total = len(published)
 
             for client in clients:
                 received = await publications(client, total)
@@ -489,23 +502,9 @@ async def test_three_nodes_on_nats_jetstream_share_offsets_and_recover(
         channel = "chat:jetstream"
         clients = [await connect(node, f"user-{i}") for i, node in enumerate(nodes * 2)]
         try:
-            starts = [await subscribe(client, channel) for client in clients]
-            epoch = starts[0]["epoch"]
-            assert epoch and {s["epoch"] for s in starts} == {epoch}
-            base = max(s["offset"] for s in starts)
-
-            per_client = 6
-            replies = await asyncio.gather(
-                *(
-                    c.call("publish", channel=channel, data={"from": i, "n": n})
-                    for i, c in enumerate(clients)
-                    for n in range(per_client)
-                )
-            )
-            assert all("result" in r for r in replies), replies
-            total = per_client * len(clients)
-            published = sorted(r["result"]["offset"] for r in replies)
-            assert published == list(range(base + 1, base + total + 1))
+            epoch, base = await subscribe_all(clients, channel)
+            published = await publish_from_all(clients, channel, 6, base)
+            total = len(published)
             sequences = []
             for client in clients:
                 received = await publications(client, total)

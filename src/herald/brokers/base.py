@@ -28,9 +28,38 @@ Contract every broker keeps (checked by ``tests/brokers/conformance.py``):
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def new_epoch() -> str:
+    """A fresh random epoch for a stream that starts (again) at offset 1."""
+    return secrets.token_hex(4)
+
+
+class BackgroundTasks:
+    """Tasks a broker starts on its own (readers, catch-ups) and must stop on close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ reach the hub in offset order without any queue in between.
 from __future__ import annotations
 
 import inspect
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +20,8 @@ from .base import (
     Publication,
     PublishOptions,
     StreamPosition,
+    new_epoch,
 )
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
 
 
 @dataclass(slots=True)

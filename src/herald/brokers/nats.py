@@ -96,6 +96,7 @@ from ..presence.base import PresenceManager
 from ..presence.memory import MemoryPresenceManager
 from . import envelope
 from .base import (
+    BackgroundTasks,
     Broker,
     BrokerHandler,
     ClientInfo,
@@ -104,6 +105,7 @@ from .base import (
     Publication,
     PublishOptions,
     StreamPosition,
+    new_epoch,
 )
 
 logger = logging.getLogger("herald.brokers.nats")
@@ -130,10 +132,6 @@ _ERR_STREAM_NAME_IN_USE = 10058
 #: Give up a publish after this many lost optimistic-concurrency races in a row.
 _MAX_CONFLICTS = 200
 _BAD_NAME_CHARS = " .*>/\\\t\r\n"
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
 
 
 def _now_ms() -> int:
@@ -278,7 +276,7 @@ class NatsBroker(Broker):
         self._connected = asyncio.Event()
         self._closed = False
         self._stream_ready = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         #: Offsets read from the stream to fill a gap, and offsets given up (for tests/metrics).
         self.gaps_filled = 0
         self.gaps_skipped = 0
@@ -329,7 +327,7 @@ class NatsBroker(Broker):
             logger.warning("NATS connection re-established")
             self._connected.set()
             if cfg.jetstream:
-                self._spawn(self._after_reconnect())
+                self._tasks.spawn(self._after_reconnect())
 
         async def on_error(exc: Exception) -> None:
             logger.debug("NATS error: %r", exc)
@@ -358,7 +356,7 @@ class NatsBroker(Broker):
                     logger.error("JetStream stream %s: %s", self.stream_name, exc)
                 # Channels registered while the connection was not up yet get their start.
                 for channel in list(self._orders):
-                    self._spawn(self._catch_up(channel))
+                    self._tasks.spawn(self._catch_up(channel))
 
         self._connector = asyncio.get_running_loop().create_task(connect(), name="herald-nats")
         try:
@@ -377,11 +375,7 @@ class NatsBroker(Broker):
         for order in self._orders.values():
             if order.filler is not None:
                 order.filler.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -389,12 +383,6 @@ class NatsBroker(Broker):
         self._connected.clear()
         self._subscriptions.clear()
         self._orders.clear()
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def ready(self) -> bool:
         if self._live_connection() is None:
@@ -509,7 +497,7 @@ class NatsBroker(Broker):
         order.pending[publication.offset] = publication
         await self._drain(order)
         if order.pending and (order.filler is None or order.filler.done()):
-            order.filler = self._spawn(self._fill_later(channel, order))
+            order.filler = self._tasks.spawn(self._fill_later(channel, order))
 
     async def _drain(self, order: _Order) -> None:
         while order.next in order.pending:
@@ -582,7 +570,7 @@ class NatsBroker(Broker):
                 order.next = first
                 await self._drain(order)
             if order.pending and (order.filler is None or order.filler.done()):
-                order.filler = self._spawn(self._fill_later(channel, order))
+                order.filler = self._tasks.spawn(self._fill_later(channel, order))
 
     # ------------------------------------------------------------ JetStream requests
 

@@ -57,7 +57,6 @@ import contextlib
 import inspect
 import logging
 import random
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +73,7 @@ from ..config import redact_url
 from ..exceptions import BrokerError, BrokerUnavailableError
 from . import envelope
 from .base import (
+    BackgroundTasks,
     Broker,
     BrokerHandler,
     ClientInfo,
@@ -83,6 +83,7 @@ from .base import (
     PublishOptions,
     StreamGap,
     StreamPosition,
+    new_epoch,
 )
 
 logger = logging.getLogger("herald.brokers.redis")
@@ -119,10 +120,6 @@ class RedisBrokerConfig:
     max_connections: int = 50
     read_meta_ttl: float = 3600.0
     max_held: int = 10_000
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(4)
 
 
 # Lua scripts run atomically: nothing else touches a channel's keys between the
@@ -293,7 +290,7 @@ class RedisBroker(Broker):
         self._history_script: Any = None
         #: Per subscribed channel: the last delivered position and the catch-up state.
         self._tracks: dict[str, _Track] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         #: Publications read from streams after a blip, and gaps reported lost (tests/metrics).
         self.gaps_filled = 0
         self.gaps_lost = 0
@@ -366,11 +363,7 @@ class RedisBroker(Broker):
             self._runner = None
         self._link_up.clear()
         self._fail_pending(BrokerUnavailableError("broker closed"))
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
         self._tracks.clear()
         for client in (self._sub_client, self._client):
             if client is not None:
@@ -516,13 +509,7 @@ class RedisBroker(Broker):
     def _start_catch_up(self, channel: str, track: _Track) -> None:
         track.wanted += 1
         if track.catch_up is None or track.catch_up.done():
-            track.catch_up = self._spawn(self._catch_up(channel, track))
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+            track.catch_up = self._tasks.spawn(self._catch_up(channel, track))
 
     async def _catch_up(self, channel: str, track: _Track) -> None:
         """Deliver what ``channel`` missed while it was not (reliably) subscribed, then
