@@ -693,17 +693,18 @@ def build_asyncapi(
 
     # -- messages: every frame model, plus per-method RPC messages
     messages: JSON = {}
-    for model in COMMAND_MODELS:
-        kind = _type_of(model) or ""
-        summary, text = COMMAND_DOCS.get(kind, (kind, ""))
-        name = _message_name(model)
-        messages[name] = _message(
-            name,
-            {"$ref": _COMPONENTS_REF.format(model=model.__name__)},
-            summary,
-            text,
-            title=f"{kind} command",
-        )
+    for models, docs, role in ((COMMAND_MODELS, COMMAND_DOCS, "command"), (PUSH_MODELS, PUSH_DOCS, "push")):
+        for model in models:
+            kind = _type_of(model) or ""
+            summary, text = docs.get(kind, (kind, ""))
+            name = _message_name(model)
+            messages[name] = _message(
+                name,
+                {"$ref": _COMPONENTS_REF.format(model=model.__name__)},
+                summary,
+                text,
+                title=f"{kind} {role}",
+            )
     for model in REPLY_MODELS:
         reply_kind = _type_of(model)
         name = _message_name(model)
@@ -713,17 +714,6 @@ def build_asyncapi(
             summary, title_text = f"Reply to {reply_kind}", f"{reply_kind} reply"
         messages[name] = _message(
             name, {"$ref": _COMPONENTS_REF.format(model=model.__name__)}, summary, title=title_text
-        )
-    for model in PUSH_MODELS:
-        kind = _type_of(model) or ""
-        summary, text = PUSH_DOCS.get(kind, (kind, ""))
-        name = _message_name(model)
-        messages[name] = _message(
-            name,
-            {"$ref": _COMPONENTS_REF.format(model=model.__name__)},
-            summary,
-            text,
-            title=f"{kind} push",
         )
 
     rpc_ops: dict[str, tuple[str, str]] = {}

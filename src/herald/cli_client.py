@@ -265,21 +265,20 @@ async def _connect_protocol(args: argparse.Namespace) -> int:
             info=info_dict(pub.info),
         )
 
-    def on_join(event: JoinEvent) -> None:
-        show(
-            "join",
-            f"[{event.channel}] + {event.info.user or 'anonymous'} joined ({event.info.client})",
-            channel=event.channel,
-            info=info_dict(event.info),
-        )
+    def presence_printer(kind: str, mark: str, verb: str) -> Callable[[JoinEvent | LeaveEvent], None]:
+        def on_event(event: JoinEvent | LeaveEvent) -> None:
+            user = event.info.user or "anonymous"
+            show(
+                kind,
+                f"[{event.channel}] {mark} {user} {verb} ({event.info.client})",
+                channel=event.channel,
+                info=info_dict(event.info),
+            )
 
-    def on_leave(event: LeaveEvent) -> None:
-        show(
-            "leave",
-            f"[{event.channel}] - {event.info.user or 'anonymous'} left ({event.info.client})",
-            channel=event.channel,
-            info=info_dict(event.info),
-        )
+        return on_event
+
+    on_join = presence_printer("join", "+", "joined")
+    on_leave = presence_printer("leave", "-", "left")
 
     def on_recovered(event: RecoveredEvent) -> None:
         show(
