@@ -57,6 +57,16 @@ async def async_wait_for(predicate: Any, timeout: float = DEFAULT_TIMEOUT, what:
         await asyncio.sleep(0.01)
 
 
+async def async_until(check: Any, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
+    """Await ``check()`` (a coroutine function returning a truth value) until it is true,
+    or raise ``TimeoutError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.05)
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

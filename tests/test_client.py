@@ -32,7 +32,7 @@ from herald.exceptions import (
 )
 from herald.server import create_app
 
-from .helpers import ServerProcess, ThreadServer, free_port
+from .helpers import ServerProcess, ThreadServer, async_wait_for, free_port
 
 SECRET = "client-test-secret-0123456789abcdef"
 
@@ -153,10 +153,7 @@ async def test_client_events_for_publications_joins_and_leaves(
     assert left.info.client == b.client_id
     assert set(await a.presence(name)) == {a.client_id}
     # Handlers run in order on the event task, after wait_for futures resolve.
-    for _ in range(100):
-        if len(events) >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await async_wait_for(lambda: len(events) >= 2, what="both handlers ran")
     assert [type(e) for e in events] == [ClientPublication, LeaveEvent]
 
 

@@ -30,7 +30,7 @@ from herald.connection import Connection
 from herald.node import Node
 from herald.presence.base import PresenceManager
 
-from ..helpers import async_wait_for
+from ..helpers import async_until, async_wait_for
 
 TIMEOUT = 5.0
 
@@ -272,7 +272,7 @@ class BrokerConformance:
             history = await node.broker.history(channel)
             return [p.data for p in history.publications] == [b"new"]
 
-        await _until(only_new, "the first publication to expire")
+        await async_until(only_new, TIMEOUT, what="the first publication to expire")
         history = await node.broker.history(channel)
         assert history.position == top  # the stream lives on with the newer entry
 
@@ -288,7 +288,7 @@ class BrokerConformance:
             history = await node.broker.history(channel, since=old)
             return history.position.epoch != old.epoch
 
-        await _until(expired, "the stream to expire")
+        await async_until(expired, TIMEOUT, what="the stream to expire")
         history = await node.broker.history(channel, since=old)
         assert history.publications == [] and history.position.offset == 0
         new = await node.broker.publish(channel, b"3", options)
@@ -362,12 +362,14 @@ class BrokerConformance:
         await b.presence.add(channel, info(2), 30)
         expected = {"client-1": info(1), "client-2": info(2)}
         for node in (a, b):
-            await _until(lambda n=node: _presence_is(n, channel, expected), "presence to agree")
+            await async_until(lambda n=node: _presence_is(n, channel, expected), TIMEOUT, "presence to agree")
         stats = await b.presence.stats(channel)
         assert (stats.num_clients, stats.num_users) == (2, 2)
         await a.presence.remove(channel, "client-1")
         for node in (a, b):
-            await _until(lambda n=node: _presence_is(n, channel, {"client-2": info(2)}), "removal")
+            await async_until(
+                lambda n=node: _presence_is(n, channel, {"client-2": info(2)}), TIMEOUT, "removal"
+            )
 
     # ------------------------------------------------------------ presence
 
@@ -403,7 +405,7 @@ class BrokerConformance:
         async def expired() -> bool:
             return set(await presence.presence(channel)) == {"client-2"}
 
-        await _until(expired, "the entry to expire")
+        await async_until(expired, TIMEOUT, what="the entry to expire")
 
     # ------------------------------------------------------------ node-level ref counting
 
@@ -429,14 +431,6 @@ class BrokerConformance:
             assert channel not in broker.channels()
         finally:
             await node.close()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _settle(nodes: list[NodeEngines], channel: str) -> None:

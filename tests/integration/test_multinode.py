@@ -15,7 +15,7 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 
-from ..helpers import ROOT, ProtocolClient, ServerProcess, http_get
+from ..helpers import ROOT, ProtocolClient, ServerProcess, async_until, http_get
 from ..servers import NatsServer, RedisServer, nats_server_fixture, redis_server_fixture
 
 API_KEY = "multinode-key"
@@ -252,10 +252,7 @@ async def test_killed_node_clients_recover_elsewhere_and_presence_expires(
                     reply = await watcher.call("presence", channel=channel)
                     return victim.client_id not in reply["result"]["clients"]
 
-                deadline = asyncio.get_running_loop().time() + PRESENCE_TTL + 3
-                while not await gone():
-                    assert asyncio.get_running_loop().time() < deadline, "presence did not expire"
-                    await asyncio.sleep(0.1)
+                await async_until(gone, PRESENCE_TTL + 3, "presence to expire")
                 reply = await watcher.call("presence", channel=channel)
                 assert resumed.client_id in reply["result"]["clients"]
             finally:
@@ -298,7 +295,7 @@ async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None
                     await asyncio.to_thread(urllib.request.urlopen, history, timeout=5)
                 assert failed.value.code == 503
                 for node in nodes:
-                    await async_wait_for_async(lambda n=node: _is(readyz(n), 503), 5)
+                    await async_until(lambda n=node: _is(readyz(n), 503), 5)
                 # Nodes stay up and keep their clients.
                 assert (await sub_a.call("ping"))["result"] == {}
                 assert (await sub_b.call("ping"))["result"] == {}
@@ -307,7 +304,7 @@ async def test_redis_outage_and_empty_restart(redis_server: RedisServer) -> None
                 await asyncio.to_thread(redis_server.start)  # same port, empty
 
             for node in nodes:
-                await async_wait_for_async(lambda n=node: _is(readyz(n), 200), 10)
+                await async_until(lambda n=node: _is(readyz(n), 200), 10)
             for node in nodes:
                 assert node.proc is not None and node.proc.poll() is None
 
@@ -359,14 +356,6 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def async_wait_for_async(check: Any, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_serve_workers_share_redis(redis_server: RedisServer) -> None:
@@ -393,7 +382,7 @@ async def test_serve_workers_share_redis(redis_server: RedisServer) -> None:
                     return sum(sample.value for sample in family.samples)
             return -1.0
 
-        await async_wait_for_async(lambda: _is(asyncio.to_thread(open_connections), 6.0), 10)
+        await async_until(lambda: _is(asyncio.to_thread(open_connections), 6.0), 10)
     finally:
         await close_all(clients)
         await asyncio.to_thread(node.stop)
@@ -456,7 +445,7 @@ async def test_three_nodes_on_nats_deliver_every_publication_once(
                     reply = await client.call("presence", channel=channel)
                     return set(reply["result"]["clients"]) == expected
 
-                await async_wait_for_async(agrees, PRESENCE_TTL + 3)
+                await async_until(agrees, PRESENCE_TTL + 3)
 
             # Resuming is answered honestly: there is no history on core NATS.
             late = await connect(nodes[1])
@@ -574,7 +563,7 @@ async def test_one_node_link_drops_while_others_publish(redis_server: RedisServe
         # Cut node A's Pub/Sub link off: it cannot reconnect while its user is off.
         await _redis(redis_server.url, "ACL", "SETUSER", user, "off")
         await _redis(redis_server.url, "CLIENT", "KILL", "TYPE", "pubsub", "USER", user)
-        await async_wait_for_async(lambda: _is(readyz(a), 503), 5)
+        await async_until(lambda: _is(readyz(a), 503), 5)
         missed = [await publish(n) for n in range(3, 7)]  # B is unaffected
         await _redis(redis_server.url, "ACL", "SETUSER", user, "on")
         # B keeps publishing while A comes back and catches up.
@@ -589,8 +578,8 @@ async def test_one_node_link_drops_while_others_publish(redis_server: RedisServe
 
         publisher = asyncio.create_task(keep_publishing())
         try:
-            await async_wait_for_async(lambda: _is(readyz(a), 200), 10)
-            await async_wait_for_async(lambda: _true(len(later) >= 5), 10)
+            await async_until(lambda: _is(readyz(a), 200), 10)
+            await async_until(lambda: _true(len(later) >= 5), 10)
         finally:
             stop.set()
             await publisher
@@ -642,7 +631,7 @@ async def test_link_gap_history_cannot_fill_closes_subscribers_with_4005(
 
         await _redis(redis_server.url, "ACL", "SETUSER", user, "off")
         await _redis(redis_server.url, "CLIENT", "KILL", "TYPE", "pubsub", "USER", user)
-        await async_wait_for_async(lambda: _is(readyz(a), 503), 5)
+        await async_until(lambda: _is(readyz(a), 503), 5)
         missed = [await publish(n) for n in range(2, 7)]  # the stream keeps the last 2 only
         await _redis(redis_server.url, "ACL", "SETUSER", user, "on")
 
@@ -696,7 +685,7 @@ async def test_redis_restart_with_its_data_loses_nothing(persistent_redis: Redis
             finally:
                 await asyncio.to_thread(persistent_redis.start)  # same port, same directory
             for node in nodes:
-                await async_wait_for_async(lambda n=node: _is(readyz(n), 200), 10)
+                await async_until(lambda n=node: _is(readyz(n), 200), 10)
 
             # A client that was away resumes: everything is still there, same epoch.
             status, body = await api(b, "/api/publish", {"channel": channel, "data": 3})
