@@ -55,7 +55,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeAlias, TypeVar, overload
+from typing import Any, Literal, TypeAlias, overload
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -78,8 +78,6 @@ logger = logging.getLogger("herald.client")
 
 Token: TypeAlias = "str | Callable[[], str | Awaitable[str]] | None"
 Since: TypeAlias = "StreamPosition | tuple[int, str] | Mapping[str, Any] | None"
-
-E = TypeVar("E")
 
 # ---------------------------------------------------------------- values and events
 

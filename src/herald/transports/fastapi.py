@@ -144,10 +144,6 @@ async def check_handshake(websocket: WebSocket, settings: Settings) -> bool:
 TextHandler = Callable[[str], Awaitable[None]]
 
 
-class FrameTooBigError(Exception):
-    pass
-
-
 class Ending:
     """How a read loop ended: the close ``code`` and ``reason``, and whether the peer closed."""
 

@@ -35,8 +35,6 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
     """Closes connections whose request headers do not arrive in time."""
 
     header_timeout: float = _timeout_from_env()
-    #: Connections closed by the timer since start (read by tests and metrics).
-    timed_out = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -69,7 +67,6 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
             return
         if self.transport.get_protocol() is not self:
             return
-        type(self).timed_out += 1
         logger.info(
             "closed %s: request headers not received within %.1f s",
             f"{self.client[0]}:{self.client[1]}" if self.client else "a client",
