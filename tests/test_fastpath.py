@@ -24,11 +24,11 @@ from herald.server import create_app
 from herald.transports.fastapi import StarletteTransport
 from herald.transports.fastpath import (
     FastTransport,
-    HeraldWebSocketProtocol,
     frame_text,
     framed,
     uvicorn_ws_protocol,
 )
+from herald.transports.native import HeraldWebSocketProtocol
 from herald.tutorial import render_broadcast
 
 from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
@@ -93,8 +93,22 @@ def test_uvicorn_ws_protocol_choice() -> None:
 # ------------------------------------------------------------------ real servers
 
 
-async def test_publications_in_order_with_offsets_on_the_fast_path() -> None:
-    app = _app()
+def _socket_of(transport: object) -> asyncio.Transport:
+    """The asyncio transport under a connection's fast transport (native or ASGI)."""
+    if isinstance(transport, HeraldWebSocketProtocol):
+        return transport.transport
+    assert isinstance(transport, FastTransport)
+    return transport._protocol.transport
+
+
+TRANSPORT_KINDS = pytest.mark.parametrize(
+    ("native", "kind"), [(True, HeraldWebSocketProtocol), (False, FastTransport)], ids=["native", "asgi"]
+)
+
+
+@TRANSPORT_KINDS
+async def test_publications_in_order_with_offsets_on_the_fast_path(native: bool, kind: type) -> None:
+    app = _app(native_routes=native)
     with serving(app) as server:
         subscriber = await ProtocolClient.open(server.ws("/connect"))
         publisher = await ProtocolClient.open(server.ws("/connect"))
@@ -103,7 +117,7 @@ async def test_publications_in_order_with_offsets_on_the_fast_path() -> None:
             assert "error" not in reply["result"]["channels"][0], reply
             connections = _server_connections(app)
             assert connections and all(
-                isinstance(c.transport, FastTransport)  # type: ignore[attr-defined]
+                type(c.transport) is kind  # type: ignore[attr-defined]
                 for c in connections
             )
             count = 300
@@ -199,9 +213,10 @@ class _FrameWalker:
 
 
 @pytest.mark.slow
-async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> None:
+@TRANSPORT_KINDS
+async def test_slow_consumer_is_disconnected_with_4001_within_the_bound(native: bool, kind: type) -> None:
     bound = 64 * 1024
-    app = _app(max_queue_bytes=bound, max_queue_messages=1000)
+    app = _app(max_queue_bytes=bound, max_queue_messages=1000, native_routes=native)
     with serving(app) as server:
         stuck = await asyncio.to_thread(_raw_handshake, server.port, "/ws_broadcast")
         sender = await websockets.connect(server.ws("/ws_broadcast"))
@@ -214,8 +229,8 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
                 if c.remote.endswith(f":{stuck.getsockname()[1]}")  # type: ignore[attr-defined]
             )
             transport = stuck_connection.transport  # type: ignore[attr-defined]
-            assert isinstance(transport, FastTransport)
-            protocol = transport._protocol
+            assert type(transport) is kind
+            socket_transport = _socket_of(transport)
             payload = "p" * 4000
             highest = 0
             for i in range(1500):  # 6 MB: far past the stuck peer's socket buffers and the bound
@@ -223,8 +238,8 @@ async def test_slow_consumer_is_disconnected_with_4001_within_the_bound() -> Non
                 assert (
                     await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) == f"New message: {i} {payload}"
                 )
-                if not protocol.transport.is_closing():
-                    highest = max(highest, protocol.transport.get_write_buffer_size())
+                if not socket_transport.is_closing():
+                    highest = max(highest, socket_transport.get_write_buffer_size())
             assert stuck_connection.close_code == 4001  # type: ignore[attr-defined]
             # The memory held for the stuck peer never went past the bound (plus the close frame).
             assert highest <= bound

@@ -27,15 +27,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 
 from .brokers.base import Broker, ClientInfo, StreamPosition
 from .codes import CloseCode
 from .commands import ProtocolHandler, render_publication
 from .config import Settings
-from .connection import Connection
-from .limits import CommandRateLimiter, RateVerdict
+from .connection import Connection, Renderer
+from .endpoints import BroadcastInput, json_answer, log_disconnect, new_connection
+from .exceptions import DisconnectError
 from .node import Node
 from .presence.base import PresenceManager
 from .protocol.messages import SUBPROTOCOL
@@ -45,14 +45,14 @@ from .transports.fastapi import (
     client_ip,
     close_quietly,
     install_log_filters,
-    new_client_id,
     read_loop,
     refuse_handshake,
     remote_address,
     settle,
 )
+from .transports.fastpath import SCOPE_KEY as FAST_PATH_SCOPE_KEY
 from .transports.fastpath import transport_for
-from .tutorial import BROADCAST_CHANNEL, echo_reply, json_reply, render_broadcast
+from .tutorial import echo_reply, render_broadcast
 
 logger = logging.getLogger("herald")
 
@@ -137,7 +137,38 @@ class Herald:
         try:
             yield
         finally:
+            if app is not None:
+                from .transports.native import unregister_routes
+
+                unregister_routes(app)
             await self.close()
+
+    def serve_natively(self, app: Any, paths: dict[str, str]) -> None:
+        """Serve ``app``'s WebSocket ``paths`` (path -> route name, as in :attr:`router`)
+        without ASGI under :class:`~herald.transports.native.HeraldWebSocketProtocol`.
+
+        ``create_app`` does it for its four routes.  In any other app a route is
+        registered the first time a handshake reaches it through ASGI on Herald's
+        protocol class, at the path the app routed it from (prefixes included).
+        Natively served routes bypass ASGI middleware (see :mod:`herald.transports.native`).
+        """
+        if not (self.settings.fast_path and self.settings.native_routes):
+            return
+        from .endpoints import native_route
+        from .transports.native import register_routes
+
+        register_routes(app, {path: native_route(self, name) for path, name in paths.items()})
+
+    def _learn_native_path(self, websocket: WebSocket, name: str) -> None:
+        scope = websocket.scope
+        app = scope.get("app")
+        if app is None or scope.get(FAST_PATH_SCOPE_KEY) is None:
+            return  # not on Herald's protocol class: nothing would serve it natively
+        root_path = scope.get("root_path", "")
+        path = scope["path"]
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        self.serve_natively(app, {path: name})
 
     @property
     def api_router(self) -> APIRouter:
@@ -191,21 +222,12 @@ class Herald:
 
     # ------------------------------------------------------------ endpoints
 
-    def _connection(self, websocket: WebSocket, renderer: Any, *, echo_own: bool, events: bool) -> Connection:
-        settings = self.settings
-        return Connection(
-            transport_for(websocket, fast_path=settings.fast_path),
-            new_client_id(),
-            renderer=renderer,
-            echo_own=echo_own,
-            events=events,
-            max_queue_messages=settings.max_queue_messages,
-            max_queue_bytes=settings.max_queue_bytes,
-            remote=remote_address(websocket),
-        )
+    def _connection(self, websocket: WebSocket, renderer: Renderer, *, protocol: bool) -> Connection:
+        transport = transport_for(websocket, fast_path=self.settings.fast_path)
+        return new_connection(self, transport, remote_address(websocket), renderer, protocol)
 
     def _guarded(
-        self, endpoint: Callable[[WebSocket], Awaitable[None]]
+        self, endpoint: Callable[[WebSocket], Awaitable[None]], name: str
     ) -> Callable[[WebSocket], Awaitable[None]]:
         """Wrap a WebSocket endpoint in the checks every route gets before accept: the
         Origin allow-list (HTTP 403) and the per-IP connection limit (HTTP 403, logged)."""
@@ -216,6 +238,7 @@ class Herald:
             if not await check_handshake(websocket, self.settings):
                 node.record_rejection("origin")
                 return
+            self._learn_native_path(websocket, name)
             websocket.scope["herald.handshake_checked"] = True
             ip = client_ip(websocket)
             if not node.ip_connections.acquire(ip):
@@ -234,19 +257,20 @@ class Herald:
         # Plain Starlette WebSocket routes: the endpoints take no FastAPI dependencies, and
         # FastAPI's WebSocket route would keep two AsyncExitStacks and its dependency
         # state alive for the whole life of every connection (about 3 KiB each).
-        router.add_websocket_route("/connect", guarded(self._connect_endpoint), name="herald_connect")
-        router.add_websocket_route("/ws", guarded(self._echo_endpoint), name="tutorial_echo")
-        router.add_websocket_route("/ws_json", guarded(self._json_endpoint), name="tutorial_json")
-        router.add_websocket_route(
-            "/ws_broadcast", guarded(self._broadcast_endpoint), name="tutorial_broadcast"
-        )
+        for path, name, endpoint in (
+            ("/connect", "herald_connect", self._connect_endpoint),
+            ("/ws", "tutorial_echo", self._echo_endpoint),
+            ("/ws_json", "tutorial_json", self._json_endpoint),
+            ("/ws_broadcast", "tutorial_broadcast", self._broadcast_endpoint),
+        ):
+            router.add_websocket_route(path, guarded(endpoint, name), name=name)
 
     async def _connect_endpoint(self, websocket: WebSocket) -> None:
         """Protocol v1 (see docs/protocol.md)."""
         settings = self.settings
         requested = websocket.scope.get("subprotocols") or []
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in requested else None)
-        connection = self._connection(websocket, render_publication, echo_own=True, events=True)
+        connection = self._connection(websocket, render_publication, protocol=True)
         handler = ProtocolHandler(self.node, connection, websocket.scope)
         connection.start()
         deadline = time.monotonic() + settings.handshake_timeout
@@ -270,17 +294,7 @@ class Herald:
             await settle(connection, ending)
             await handler.close()
             await connection.stop()
-        # Structured fields (see herald.logs); never payloads or tokens.
-        logger.info(
-            "client disconnected",
-            extra={
-                "conn": connection.client_id,
-                "user": connection.user,
-                "remote": connection.remote,
-                "code": connection.close_code,
-                "reason": connection.close_reason,
-            },
-        )
+        log_disconnect(connection)
 
     async def _echo_endpoint(self, websocket: WebSocket) -> None:
         """``/ws``: ``Message text was: {data}``."""
@@ -301,13 +315,10 @@ class Herald:
         send = websocket.send_text
 
         async def reply(text: str) -> None:
-            try:
-                value = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                message = f"malformed JSON: {exc}"
-                await send(orjson.dumps({"error": {"code": 1007, "message": message}}).decode())
-                raise _MalformedJSONError from None
-            await send(json_reply(value))
+            answer, malformed = json_answer(text)
+            await send(answer)
+            if malformed:
+                raise _MalformedJSONError
 
         try:
             await self._simple_loop(websocket, reply)
@@ -326,43 +337,22 @@ class Herald:
 
     async def _broadcast_endpoint(self, websocket: WebSocket) -> None:
         """``/ws_broadcast``: ``New message: {data}`` to every other client, via the hub and broker."""
-        node = self.node
         await websocket.accept()
-        connection = self._connection(websocket, render_broadcast, echo_own=False, events=False)
+        connection = self._connection(websocket, render_broadcast, protocol=False)
         connection.start()
-        await node.admit(connection)
-        node.hub.subscribe(BROADCAST_CHANNEL, connection)
-        info = ClientInfo(connection.client_id, "")
-        settings = self.settings
-        # One fast sender fans out to everybody: meter it like a protocol client.
-        rate = CommandRateLimiter(settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes)
-
-        async def on_text(text: str) -> None:
-            node.stats["messages_in"] += 1
-            verdict = rate.check()
-            if verdict is RateVerdict.ABUSE:
-                node.record_rejected_command("rate_limit_disconnect")
-                connection.close(CloseCode.RATE_LIMIT, "rate limit exceeded", push=False)
-                return
-            if verdict is RateVerdict.LIMITED:
-                node.record_rejected_command("rate_limited")
-                connection.send("Error: rate limit exceeded, message dropped")
-                return
-            try:
-                await node.publish_internal(BROADCAST_CHANNEL, orjson.dumps(text), info)
-            except Exception as exc:
-                logger.warning("broadcast publish failed: %r", exc)
-                connection.send(f"Error: broadcast failed ({type(exc).__name__})")
-
+        broadcast = BroadcastInput(self.node, connection)
         ending = None
         try:
-            await node.ensure_broker_subscription(BROADCAST_CHANNEL)
-            ending = await read_loop(websocket, on_text, max_size=self.settings.max_message_size)
+            await broadcast.join()
+            ending = await read_loop(websocket, broadcast.on_text, max_size=self.settings.max_message_size)
+        except DisconnectError as exc:
+            connection.close(exc.code, exc.reason, push=False)
+            await connection.wait_closed(2.0)
         except Exception as exc:
             logger.debug("broadcast connection %s ended: %r", connection.client_id, exc)
         finally:
             await settle(connection, ending, push=False)
-            await node.unregister(connection, protocol_channels=False)
+            await self.node.unregister(connection, protocol_channels=False)
             await connection.stop()
 
 

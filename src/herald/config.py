@@ -102,6 +102,13 @@ class Settings(BaseSettings):
         description="`herald serve` writes fan-out frames straight to each socket (framed once, "
         "still bounded per connection); only with ws_impl websockets-sansio. See docs/benchmarks.md.",
     )
+    native_routes: bool = Field(
+        default=True,
+        description="With the fast path, Herald's WebSocket routes (/connect, /ws, /ws_json, "
+        "/ws_broadcast) are served by Herald's own WebSocket protocol, without ASGI: about 5 KiB "
+        "per idle connection instead of about 29. ASGI middleware does not see them; set false "
+        "when yours must. See docs/library.md.",
+    )
 
     # -- security
     allowed_origins: Annotated[list[str], NoDecode] = Field(

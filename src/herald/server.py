@@ -19,6 +19,14 @@ from . import __version__
 from .app import Herald
 from .config import Settings
 
+#: The WebSocket routes ``create_app`` mounts at the root: path -> route name.
+ROUTE_NAMES = {
+    "/connect": "herald_connect",
+    "/ws": "tutorial_echo",
+    "/ws_json": "tutorial_json",
+    "/ws_broadcast": "tutorial_broadcast",
+}
+
 
 def create_app(settings: Settings | None = None, *, herald: Herald | None = None) -> FastAPI:
     """Build the Herald server application.
@@ -56,6 +64,8 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(herald.lifespan(app))
+            # Herald's WebSocket routes are this app's first routes: serve them natively.
+            herald.serve_natively(app, ROUTE_NAMES)
             await stack.enter_async_context(demo_context)
             for context in operations:
                 await stack.enter_async_context(context)

@@ -27,15 +27,38 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from herald.config import Settings
 from herald.transports.fastpath import uvicorn_ws_protocol
+from herald.transports.native import HeraldWebSocketProtocol, NativeRoute, register_routes
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import ThreadServer
 
 FULL = os.environ.get("HERALD_AUTOBAHN_FULL") == "1"
 CORE_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*"]
-#: Cases whose result lies below Herald (uvicorn's WebSocket implementation); see
-#: docs/conformance.md.  A case listed here may fail without failing the test.
+#: Cases whose result lies below Herald (uvicorn's WebSocket implementation, which
+#: serves ordinary ASGI routes); see docs/conformance.md.  A case listed here may fail
+#: on the ASGI path without failing the test.  The native path has no exception.
 KNOWN_BELOW_HERALD = {"7.1.5"}
+
+
+class NativeEcho:
+    """An echo served by Herald's own framing (transports/native.py), like Herald's routes."""
+
+    subprotocol = None
+
+    def __init__(self, ws: HeraldWebSocketProtocol) -> None:
+        self.ws = ws
+
+    def started(self) -> None:
+        return None
+
+    def message(self, data: str | bytes) -> None:
+        self.ws.send_now(data)
+
+    def fail(self, code: int, reason: str) -> None:
+        self.ws.close_now(code, reason)
+
+    def lost(self, code: int, reason: str, by_peer: bool) -> None:
+        return None
 
 
 def find_wstest() -> str | None:
@@ -47,8 +70,9 @@ def find_wstest() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def echo_app() -> FastAPI:
+def echo_app(max_size: int) -> FastAPI:
     app = FastAPI()
+    register_routes(app, {"/native-echo": NativeRoute(NativeEcho, max_size)})
 
     @app.websocket("/echo")
     async def echo(websocket: WebSocket) -> None:
@@ -71,11 +95,12 @@ def echo_app() -> FastAPI:
 @pytest.fixture(scope="module")
 def echo_server() -> Iterator[ThreadServer]:
     settings = Settings()
+    max_size = 16 * 1024 * 1024 if FULL else settings.max_message_size
     server = ThreadServer(
-        echo_app(),
+        echo_app(max_size),
         ws=uvicorn_ws_protocol(settings.ws_impl, settings.fast_path),
         http=HeaderTimeoutHTTPProtocol,
-        ws_max_size=16 * 1024 * 1024 if FULL else settings.max_message_size,
+        ws_max_size=max_size,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
     ).start()
@@ -83,7 +108,14 @@ def echo_server() -> Iterator[ThreadServer]:
     server.stop()
 
 
-def test_autobahn_fuzzingclient(echo_server: ThreadServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("path", "known_failures"),
+    [("/native-echo", set()), ("/echo", KNOWN_BELOW_HERALD)],
+    ids=["native", "asgi"],
+)
+def test_autobahn_fuzzingclient(
+    echo_server: ThreadServer, tmp_path: Path, path: str, known_failures: set[str]
+) -> None:
     wstest = find_wstest()
     if wstest is None:
         pytest.skip(
@@ -93,7 +125,7 @@ def test_autobahn_fuzzingclient(echo_server: ThreadServer, tmp_path: Path) -> No
     cases = ["*"] if FULL else CORE_CASES
     spec = {
         "outdir": str(tmp_path / "reports"),
-        "servers": [{"agent": "herald", "url": echo_server.ws("/echo")}],
+        "servers": [{"agent": "herald", "url": echo_server.ws(path)}],
         "cases": cases,
         # 6.4.*: fragmented invalid UTF-8 with deliberate pauses (~8 s, run in the full set).
         "exclude-cases": ["12.*", "13.*"] if FULL else ["12.*", "13.*", "6.4.*"],
@@ -113,7 +145,7 @@ def test_autobahn_fuzzingclient(echo_server: ThreadServer, tmp_path: Path) -> No
     for case_id, outcome in index.items():
         behaviours.setdefault(outcome["behavior"], []).append(case_id)
     failed = sorted(
-        set(behaviours.get("FAILED", [])) - KNOWN_BELOW_HERALD,
+        set(behaviours.get("FAILED", [])) - known_failures,
         key=lambda c: [int(p) for p in c.split(".")],
     )
     summary = {k: len(v) for k, v in behaviours.items()}

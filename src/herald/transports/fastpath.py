@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -84,10 +84,11 @@ def framed(text: str) -> bytes:
     return frame
 
 
-class HeraldWebSocketProtocol(WebSocketsSansIOProtocol):
+class AsgiWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, plus a direct-write entry for Herald.
 
-    Use as ``uvicorn.run(app, ws=HeraldWebSocketProtocol)`` (``herald serve`` does).
+    :class:`~herald.transports.native.HeraldWebSocketProtocol` hands it every
+    upgrade request that is not for a natively served route.
     """
 
     def handle_connect(self, event: Any) -> None:
@@ -118,10 +119,10 @@ class _Flusher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._dirty: list[FastTransport] = []
+        self._dirty: list[BatchedWrites] = []
         self._scheduled = False
 
-    def add(self, transport: FastTransport) -> None:
+    def add(self, transport: BatchedWrites) -> None:
         self._dirty.append(transport)
         if not self._scheduled:
             self._scheduled = True
@@ -138,31 +139,35 @@ class _Flusher:
 _local = threading.local()
 
 
-def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+def batch_flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
     flusher: _Flusher | None = getattr(_local, "flusher", None)
     if flusher is None or flusher._loop is not loop:
         flusher = _local.flusher = _Flusher(loop)
     return flusher
 
 
-class FastTransport(StarletteTransport):
-    """A :class:`StarletteTransport` that can also write pre-framed frames synchronously.
+class BatchedWrites:
+    """Synchronous, bounded writes of pre-framed text frames, batched per loop turn.
 
     Frames accepted by :meth:`write_nowait` wait in a small per-connection batch until
     the end of the event loop's current turn (see :class:`_Flusher`); every other way
-    out (:meth:`send`, :meth:`close`) writes the batch first, so order is kept.
+    out must call :meth:`flush` first, so order is kept.  The class using it provides
+    the ``_pending``, ``_pending_bytes``, ``_buffered``, ``_backlog`` and ``_flusher``
+    attributes and :meth:`_open_transport`.
     """
 
-    __slots__ = ("_backlog", "_buffered", "_flusher", "_pending", "_pending_bytes", "_protocol")
+    if not TYPE_CHECKING:  # no __dict__ for users with slots; mypy checks the names below
+        __slots__ = ()
 
-    def __init__(self, websocket: WebSocket, protocol: HeraldWebSocketProtocol) -> None:
-        super().__init__(websocket)
-        self._protocol = protocol
-        self._flusher = _flusher(protocol.loop)
-        self._pending: list[bytes] = []  # framed, not yet written (this loop turn)
-        self._pending_bytes = 0
-        self._buffered = 0  # the socket's write buffer when this batch began
-        self._backlog = 0  # frames written since the write buffer was last seen empty
+    _pending: list[bytes]
+    _pending_bytes: int
+    _buffered: int  # the socket's write buffer when this batch began
+    _backlog: int  # frames written since the write buffer was last seen empty
+    _flusher: _Flusher
+
+    def _open_transport(self) -> asyncio.Transport | None:
+        """The socket, while frames may still be written to it; None otherwise."""
+        raise NotImplementedError
 
     def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
         """Accept ``frame`` for writing at the end of this loop turn, without awaiting.
@@ -173,17 +178,14 @@ class FastTransport(StarletteTransport):
         None when the fast path is not usable (handshake not done, closing): the caller
         falls back to its queue.
         """
-        protocol = self._protocol
-        if protocol.close_sent or protocol.disconnected or not protocol.handshake_complete:
-            return None
         cached = _cache
         data = cached[1] if cached[0] is frame else framed(frame)
         pending = self._pending
         if not pending:
             # First frame of this turn: sample the socket's buffer once for the batch
             # (it can only shrink until the flush, so the bound stays conservative).
-            transport = protocol.transport
-            if transport.is_closing():
+            transport = self._open_transport()
+            if transport is None:
                 return None
             buffered = self._buffered = transport.get_write_buffer_size()
             if buffered == 0:
@@ -204,15 +206,37 @@ class FastTransport(StarletteTransport):
             return
         self._pending = []
         self._pending_bytes = 0
-        protocol = self._protocol
-        transport = protocol.transport
-        if protocol.close_sent or protocol.disconnected or transport.is_closing():
+        transport = self._open_transport()
+        if transport is None:
             return  # the peer is gone or the close frame left: nothing may follow it
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if transport.get_write_buffer_size():
             self._backlog += len(pending)
         else:
             self._backlog = 0
+
+
+class FastTransport(BatchedWrites, StarletteTransport):
+    """A :class:`StarletteTransport` that can also write pre-framed frames synchronously
+    (see :class:`BatchedWrites`)."""
+
+    __slots__ = ("_backlog", "_buffered", "_flusher", "_pending", "_pending_bytes", "_protocol")
+
+    def __init__(self, websocket: WebSocket, protocol: AsgiWebSocketProtocol) -> None:
+        super().__init__(websocket)
+        self._protocol = protocol
+        self._flusher = batch_flusher(protocol.loop)
+        self._pending = []
+        self._pending_bytes = 0
+        self._buffered = 0
+        self._backlog = 0
+
+    def _open_transport(self) -> asyncio.Transport | None:
+        protocol = self._protocol
+        if protocol.close_sent or protocol.disconnected or not protocol.handshake_complete:
+            return None
+        transport = protocol.transport
+        return None if transport.is_closing() else transport
 
     async def send(self, frame: str) -> None:
         self.flush()
@@ -228,9 +252,9 @@ class FastTransport(StarletteTransport):
         super().abort()
 
 
-def fast_protocol_of(websocket: WebSocket) -> HeraldWebSocketProtocol | None:
+def fast_protocol_of(websocket: WebSocket) -> AsgiWebSocketProtocol | None:
     protocol = websocket.scope.get(SCOPE_KEY)
-    return protocol if isinstance(protocol, HeraldWebSocketProtocol) else None
+    return protocol if isinstance(protocol, AsgiWebSocketProtocol) else None
 
 
 def transport_for(websocket: WebSocket, *, fast_path: bool = True) -> StarletteTransport:
@@ -252,14 +276,18 @@ def uvicorn_ws_protocol(ws_impl: str, fast_path: bool) -> type[asyncio.Protocol]
     unchanged (``wsproto`` and the legacy ``websockets`` protocol have no fast path).
     """
     if fast_path and ws_impl in ("websockets-sansio", "auto"):
+        from .native import HeraldWebSocketProtocol
+
         return HeraldWebSocketProtocol
     return ws_impl
 
 
 __all__ = [
     "SCOPE_KEY",
+    "AsgiWebSocketProtocol",
+    "BatchedWrites",
     "FastTransport",
-    "HeraldWebSocketProtocol",
+    "batch_flusher",
     "frame_text",
     "framed",
     "transport_for",

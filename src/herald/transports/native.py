@@ -1,0 +1,916 @@
+"""Herald's own WebSocket server protocol: Herald's routes served without ASGI.
+
+Under ASGI every open WebSocket keeps a task alive, suspended inside the app's
+middleware, Starlette's route and the endpoint, plus uvicorn's receive queue,
+events and websockets' parser: about 25 KiB per idle connection, most of it not
+Herald's.  ``herald serve`` gives uvicorn :class:`HeraldWebSocketProtocol`
+instead.  On each upgrade request it looks at the path:
+
+* a route Herald registered (``/connect``, ``/ws``, ``/ws_json``, ``/ws_broadcast``
+  when the app's lifespan is Herald's) is served here: the handshake, RFC 6455
+  framing (see :mod:`.wsframes`), pings and the closing handshake, with a
+  :class:`NativeSession` receiving each message.  There is no task per
+  connection: a task exists only while a message is being handled.
+* any other path goes to :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`
+  (uvicorn's own protocol with Herald's direct-write path), so every ordinary ASGI
+  WebSocket route keeps working.
+
+What natively served routes do not get: ASGI middleware (the app's own
+middleware does not see these four routes; uvicorn's proxy-header handling is
+applied here, from the same ``forwarded_allow_ips``) and permessage-deflate
+(never negotiated; the client falls back to uncompressed frames).
+
+Limits hold as on the ASGI path: a message over the route's ``max_size`` is
+refused (1009) without being buffered; reading stops while a client's messages
+wait to be handled (at most :data:`INBOX_LIMIT`) or while the socket's write
+buffer is over its high-water mark; a frame batch never exceeds the connection's
+queue bound (see :class:`~herald.transports.fastpath.BatchedWrites`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import socket
+import struct
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from .fastpath import AsgiWebSocketProtocol, BatchedWrites, batch_flusher
+from .wsframes import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    accept_key,
+    apply_mask,
+    close_payload,
+    encode_frame,
+    frame_text,
+    parse_close,
+    read_header,
+    valid_key,
+)
+
+logger = logging.getLogger("herald.transport")
+access_logger = logging.getLogger("uvicorn.error")
+
+#: Messages a connection may have waiting while one is handled; reading pauses beyond.
+INBOX_LIMIT = 64
+#: Seconds a closing connection whose peer does not read gets before it is dropped.
+STUCK_CLOSE_TIMEOUT = 2.0
+#: Seconds to wait for the peer's close frame after ours (uvicorn's value).
+CLOSE_TIMEOUT = 10.0
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED, _DELEGATED = range(5)
+_READ_INBOX, _READ_WRITES = 1, 2
+
+
+class NativeSession(Protocol):
+    """What a natively served route does with one connection.
+
+    ``subprotocol`` is sent in the handshake response (None: none).  The methods
+    are called from the event loop; any may return an awaitable, which is run to
+    completion before the next message is handed over (messages of one connection
+    are handled in order, one at a time).
+    """
+
+    subprotocol: str | None
+
+    def started(self) -> Awaitable[None] | None:
+        """The 101 response was written."""
+
+    def message(self, data: str | bytes) -> Awaitable[None] | None:
+        """A complete text (str) or binary (bytes) message arrived."""
+
+    def fail(self, code: int, reason: str) -> None:
+        """The client broke one of the route's rules (message too big): close it with ``code``."""
+
+    def lost(self, code: int, reason: str, by_peer: bool) -> Awaitable[None] | None:
+        """The connection is gone: after the closing handshake (``code`` from whoever
+        closed first), or 1006 when the socket broke."""
+
+
+#: Decides on an upgrade request: a session to accept it with, or the reason to refuse
+#: it (HTTP 403).
+SessionFactory = Callable[["HeraldWebSocketProtocol"], "NativeSession | str"]
+
+
+class NativeRoute:
+    """A path served natively: how to open a session, and its message size limit."""
+
+    __slots__ = ("max_size", "open")
+
+    def __init__(self, open: SessionFactory, max_size: int) -> None:
+        self.open = open
+        self.max_size = max_size
+
+
+# ---------------------------------------------------------------- route registry
+
+# ASGI app object -> its natively served routes.  Registered by Herald's lifespan with
+# the application it runs in; found again from uvicorn's config (its loaded_app wraps
+# the application in middleware that keep it as ``.app``).
+_registry: weakref.WeakKeyDictionary[Any, dict[str, NativeRoute]] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def register_routes(app: Any, routes: dict[str, NativeRoute]) -> None:
+    """Serve ``routes`` (path -> route) natively for the ASGI application ``app``."""
+    with _registry_lock:
+        _registry[app] = {**_registry.get(app, {}), **routes}
+
+
+def unregister_routes(app: Any) -> None:
+    with _registry_lock:
+        _registry.pop(app, None)
+
+
+def _app_chain(config: Any) -> list[Any]:
+    chain = []
+    app = getattr(config, "loaded_app", None)
+    for _ in range(16):
+        if app is None:
+            break
+        chain.append(app)
+        app = getattr(app, "app", None)
+    return chain
+
+
+def routes_for(config: Any) -> dict[str, NativeRoute] | None:
+    for app in _app_chain(config):
+        try:
+            routes = _registry.get(app)
+        except TypeError:  # not weak-referenceable: cannot be registered
+            continue
+        if routes is not None:
+            return routes
+    return None
+
+
+def _proxy_trust(config: Any) -> Any:
+    """uvicorn's trusted-host set when it applies proxy headers, else None."""
+    if not getattr(config, "proxy_headers", False):
+        return None
+    for app in _app_chain(config):
+        trusted = getattr(app, "trusted_hosts", None)
+        if trusted is not None and hasattr(trusted, "get_trusted_client_address"):
+            return trusted
+    return None
+
+
+# ---------------------------------------------------------------- keepalive
+
+
+class _Keepalive:
+    """WebSocket pings for the native connections of one event loop, from one timer.
+
+    Every ``interval`` seconds: a connection heard from since the last sweep is fine;
+    one that was pinged at the last sweep and stayed silent is closed (1011); any
+    other is pinged.  A silent peer is thus closed two to three intervals after it
+    went quiet, without a timer per connection.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.members: set[HeraldWebSocketProtocol] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, ws: HeraldWebSocketProtocol) -> None:
+        self.members.add(ws)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.interval, self.sweep)
+
+    def discard(self, ws: HeraldWebSocketProtocol) -> None:
+        self.members.discard(ws)
+
+    def sweep(self) -> None:
+        self.timer = None
+        for ws in list(self.members):
+            ws.keepalive_tick()
+        if self.members:
+            self.timer = self.loop.call_later(self.interval, self.sweep)
+
+
+_local = threading.local()
+
+
+def _keepalive(loop: asyncio.AbstractEventLoop, interval: float) -> _Keepalive:
+    keepalive: _Keepalive | None = getattr(_local, "keepalive", None)
+    if keepalive is None or keepalive.loop is not loop or keepalive.interval != interval:
+        keepalive = _local.keepalive = _Keepalive(loop, interval)
+    return keepalive
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
+    """uvicorn's ``ws=`` protocol class for ``herald serve``.
+
+    Use as ``uvicorn.run(app, ws=HeraldWebSocketProtocol)``.  Herald's routes are
+    served natively when the app's lifespan registered them (see
+    :func:`register_routes`); every other path is handed to
+    :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`.
+
+    For a native session this object is also the connection's transport
+    (:class:`~herald.transports.base.Transport`), with the request's details
+    (``path``, ``headers``, ``client_ip``, ``scope``...).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_backlog",
+        "_buf",
+        "_buffered",
+        "_close_timer",
+        "_decoder",
+        "_delegate",
+        "_discard",
+        "_flusher",
+        "_frag",
+        "_frag_size",
+        "_frag_text",
+        "_heard",
+        "_inbox",
+        "_lost_args",
+        "_max_size",
+        "_pending",
+        "_pending_bytes",
+        "_ping_out",
+        "_read_paused",
+        "_scope",
+        "_skip",
+        "_state",
+        "_task",
+        "_writable",
+        "_write_paused",
+        "app_state",
+        "busy",
+        "client",
+        "close_code",
+        "close_reason",
+        "config",
+        "headers",
+        "loop",
+        "path",
+        "peer_close",
+        "query_string",
+        "scheme",
+        "server",
+        "server_state",
+        "session",
+        "subprotocols",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self._state = _HANDSHAKE
+        self._delegate: asyncio.Protocol | None = None
+        self.session: NativeSession | None = None
+        self.busy = False
+        self._task: asyncio.Task[None] | None = None
+        self._inbox: deque[str | bytes] | None = None
+        self._buf: bytearray | None = None
+        self._frag: list[Any] | None = None
+        self._frag_text = False
+        self._frag_size = 0
+        self._decoder: Any = None
+        self._skip = 0
+        self._discard = False
+        self._max_size = 0
+        self._read_paused = 0
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._heard = False
+        self._ping_out = False
+        self._lost_args: tuple[int, str, bool] | None = None
+        self._scope: dict[str, Any] | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.peer_close: tuple[int, str] | None = None
+        self.path = ""
+        self.query_string = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.subprotocols: list[str] = []
+        self.client: tuple[str, int] | None = None
+        self.server: tuple[str, int] | None = None
+        self.scheme = "ws"
+        # BatchedWrites
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._buffered = 0
+        self._backlog = 0
+        self._flusher = batch_flusher(self.loop)
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.server = (str(local[0]), int(local[1]))
+        self.scheme = "wss" if transport.get_extra_info("sslcontext") else "ws"
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state is _OPEN or state is _CLOSING:
+            self._heard = True
+            self._read_frames(data)
+        elif state is _HANDSHAKE:
+            self._handshake(data)
+        elif state is _DELEGATED and self._delegate is not None:
+            self._delegate.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        if self._delegate is not None:
+            self._delegate.pause_writing()
+            return
+        self._write_paused = True
+        self._pause_reading(_READ_WRITES)
+
+    def resume_writing(self) -> None:
+        if self._delegate is not None:
+            self._delegate.resume_writing()
+            return
+        self._write_paused = False
+        self._wake_writers()
+        self._resume_reading(_READ_WRITES)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._delegate is not None:
+            self._delegate.connection_lost(exc)
+            return
+        state = self._state
+        self._state = _CLOSED
+        self._pending = []
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._wake_writers()
+        if state is _HANDSHAKE or self.session is None:
+            return
+        self.server_state.connections.discard(self)
+        _keepalive(self.loop, self._ping_interval()).discard(self)
+        if self.peer_close is not None:
+            args = (self.peer_close[0], self.peer_close[1], True)
+        elif self.close_code is not None:
+            args = (self.close_code, self.close_reason, False)
+        else:
+            args = (1006, "", True)
+        if self.busy:
+            self._lost_args = args  # the running task reports it when the inbox is done
+        else:
+            self._report_lost(args)
+
+    # ------------------------------------------------------------ uvicorn hooks
+
+    def shutdown(self) -> None:
+        """uvicorn's server is stopping: close with 1012 (service restart)."""
+        if self._state is _OPEN:
+            self.close_now(1012, "server shutting down")
+        with contextlib.suppress(Exception):
+            self.transport.close()
+
+    # ------------------------------------------------------------ handshake
+
+    def _handshake(self, data: bytes) -> None:
+        head = data.split(b"\r\n\r\n", 1)[0]
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        target = parts[1] if len(parts) >= 3 else b"/"
+        raw_path, _, query = target.partition(b"?")
+        path = unquote(raw_path.decode("latin-1"))
+        routes = routes_for(self.config)
+        route = routes.get(path) if routes else None
+        if route is None:
+            self._hand_over(data)
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name.strip().lower(), value.strip()))
+        self.path = path
+        self.query_string = query
+        self.headers = headers
+        self._max_size = route.max_size
+        self._apply_proxy_headers()
+        for offered in self.header_values(b"sec-websocket-protocol"):
+            self.subprotocols.extend(token.strip() for token in offered.split(",") if token.strip())
+
+        if parts[0] != b"GET":
+            self._respond(405, "WebSocket handshakes use GET")
+            return
+        if "upgrade" not in (self.header("connection") or "").lower():
+            self._respond(400, "missing Connection: Upgrade")
+            return
+        if self.header("sec-websocket-version") != "13":
+            self._respond(426, "only WebSocket version 13 is supported", [(b"sec-websocket-version", b"13")])
+            return
+        key = self.header("sec-websocket-key")
+        if key is None or not valid_key(key):
+            self._respond(400, "missing or invalid Sec-WebSocket-Key")
+            return
+        try:
+            opened = route.open(self)
+        except Exception:
+            logger.exception("opening a WebSocket session on %s failed", path)
+            self._respond(500, "Internal Server Error")
+            return
+        if isinstance(opened, str):
+            logger.warning("refused WebSocket %s from %s: %s", path, self.remote, opened)
+            self._log_access("403")
+            self._respond(403, "")
+            return
+        self._accept(opened, key)
+
+    def _hand_over(self, data: bytes) -> None:
+        """Not one of Herald's routes: uvicorn's protocol (with the fast path) serves it."""
+        delegate = AsgiWebSocketProtocol(
+            config=self.config, server_state=self.server_state, app_state=self.app_state, _loop=self.loop
+        )
+        self._delegate = delegate
+        self._state = _DELEGATED
+        delegate.connection_made(self.transport)
+        delegate.data_received(data)
+        # uvicorn makes *this* object the transport's protocol after this call returns;
+        # the delegate takes over from the next loop turn (until then, calls are forwarded).
+        self.loop.call_soon(self.transport.set_protocol, delegate)
+
+    def _respond(self, status: int, body: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Answer the upgrade request with a plain HTTP response and close."""
+        from http import HTTPStatus
+
+        payload = body.encode()
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+        for name, value in [*self.server_state.default_headers, *(extra or ())]:
+            lines.append(name + b": " + value)
+        lines += [
+            b"content-type: text/plain; charset=utf-8",
+            b"content-length: " + str(len(payload)).encode(),
+            b"connection: close",
+        ]
+        self._state = _CLOSED
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + payload)
+        self.transport.close()
+
+    def _accept(self, session: NativeSession, key: str) -> None:
+        lines = [
+            b"HTTP/1.1 101 Switching Protocols",
+            b"upgrade: websocket",
+            b"connection: Upgrade",
+            b"sec-websocket-accept: " + accept_key(key).encode(),
+        ]
+        if session.subprotocol:
+            lines.append(b"sec-websocket-protocol: " + session.subprotocol.encode())
+        for name, value in self.server_state.default_headers:
+            lines.append(name + b": " + value)
+        if self.transport.is_closing():
+            return
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self._state = _OPEN
+        self.session = session
+        self.server_state.connections.add(self)
+        interval = self._ping_interval()
+        if interval:
+            _keepalive(self.loop, interval).add(self)
+        self._log_access("[accepted]")
+        self._run(session.started())
+
+    def _log_access(self, outcome: str) -> None:
+        if access_logger.isEnabledFor(logging.INFO):
+            query = "?" + self.query_string.decode("latin-1") if self.query_string else ""
+            access_logger.info('%s - "WebSocket %s%s" %s', self.remote, self.path, query, outcome)
+
+    def _apply_proxy_headers(self) -> None:
+        # What uvicorn's ProxyHeadersMiddleware does to the ASGI scope, for the same peers.
+        trusted = _proxy_trust(self.config)
+        if trusted is None or self.client is None or self.client[0] not in trusted:
+            return
+        proto = self.header("x-forwarded-proto")
+        if proto is not None and proto.strip() in ("http", "https", "ws", "wss"):
+            self.scheme = proto.strip().replace("http", "ws")
+        forwarded = self.header_values(b"x-forwarded-for")
+        if forwarded:
+            host, port = trusted.get_trusted_client_address(", ".join(forwarded))
+            if host:
+                self.client = (host, port)
+
+    def _ping_interval(self) -> float:
+        interval = getattr(self.config, "ws_ping_interval", None)
+        return float(interval) if interval else 0.0
+
+    # ------------------------------------------------------------ request details
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower case), decoded as Latin-1."""
+        key = name.encode()
+        for header, value in self.headers:
+            if header == key:
+                return value.decode("latin-1")
+        return None
+
+    def header_values(self, key: bytes) -> list[str]:
+        return [value.decode("latin-1") for header, value in self.headers if header == key]
+
+    @property
+    def client_ip(self) -> str:
+        return self.client[0] if self.client else "unknown"
+
+    @property
+    def remote(self) -> str:
+        client = self.client
+        return f"{client[0]}:{client[1]}" if client else "unknown"
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        """An ASGI-style scope of the handshake, for hooks (built on first use)."""
+        scope = self._scope
+        if scope is None:
+            root_path = getattr(self.config, "root_path", "")
+            scope = self._scope = {
+                "type": "websocket",
+                "asgi": {"version": "3.0", "spec_version": "2.4"},
+                "http_version": "1.1",
+                "scheme": self.scheme,
+                "server": self.server,
+                "client": self.client,
+                "root_path": root_path,
+                "path": root_path + self.path,
+                "raw_path": (root_path + self.path).encode("latin-1"),
+                "query_string": self.query_string,
+                "headers": self.headers,
+                "subprotocols": self.subprotocols,
+                "state": self.app_state.copy(),
+                "herald.native": True,
+            }
+        return scope
+
+    # ------------------------------------------------------------ reading
+
+    def _read_frames(self, data: bytes) -> None:
+        buf = self._buf
+        if buf is not None:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        size = len(view)
+        pos = 0
+        try:
+            while pos < size:
+                if self._skip:
+                    step = min(self._skip, size - pos)
+                    pos += step
+                    self._skip -= step
+                    continue
+                header = read_header(view, pos)
+                if header is None:
+                    break
+                first, length, mask_start, payload_start = header
+                opcode = first & 0x0F
+                if first & 0x70:
+                    raise FrameError(1002, "reserved bits set (no extension was negotiated)")
+                if opcode >= 8:
+                    if opcode > OP_PONG:
+                        raise FrameError(1002, f"reserved opcode {opcode}")
+                    if not first & 0x80 or length > 125:
+                        raise FrameError(1002, "control frames must be final and at most 125 bytes")
+                elif opcode > OP_BINARY:
+                    raise FrameError(1002, f"reserved opcode {opcode}")
+                elif self._discard:
+                    # Closing: data frames are not read, whatever their size.
+                    pos, self._skip = payload_start, length
+                    continue
+                elif self._frag_size + length > self._max_size:
+                    self._too_big()
+                    pos, self._skip = payload_start, length
+                    continue
+                end = payload_start + length
+                if end > size:
+                    break
+                payload = apply_mask(view[payload_start:end], view[mask_start:payload_start])
+                pos = end
+                self._frame(opcode, first & 0x80, payload)
+                if self._state is not _OPEN and self._state is not _CLOSING:
+                    return
+        except FrameError as exc:
+            self._fail(exc.code, exc.reason)
+            return
+        if pos >= size:
+            self._buf = None
+        elif buf is None:
+            self._buf = bytearray(view[pos:])
+        else:
+            del buf[:pos]
+
+    def _frame(self, opcode: int, fin: int, payload: bytes) -> None:
+        if opcode in (OP_TEXT, OP_BINARY):
+            if self._frag is not None:
+                raise FrameError(1002, "a new message began before the last one ended")
+            if fin:
+                if opcode == OP_TEXT:
+                    try:
+                        self._deliver(payload.decode())
+                    except UnicodeDecodeError:
+                        raise FrameError(1007, "invalid UTF-8 in a text message") from None
+                else:
+                    self._deliver(payload)
+                return
+            self._frag_text = opcode == OP_TEXT
+            self._frag_size = len(payload)
+            if self._frag_text:
+                # Decoded as it arrives, so that invalid UTF-8 fails at once.
+                self._decoder = codecs.getincrementaldecoder("utf-8")()
+                self._frag = [self._decode_part(payload, False)]
+            else:
+                self._frag = [payload]
+        elif opcode == OP_CONT:
+            frag = self._frag
+            if frag is None:
+                raise FrameError(1002, "continuation frame without a message to continue")
+            self._frag_size += len(payload)
+            if self._frag_text:
+                frag.append(self._decode_part(payload, bool(fin)))
+            else:
+                frag.append(payload)
+            if fin:
+                self._frag = None
+                self._frag_size = 0
+                self._decoder = None
+                self._deliver("".join(frag) if self._frag_text else b"".join(frag))
+        elif opcode == OP_CLOSE:
+            self._on_close_frame(*parse_close(payload))
+        elif opcode == OP_PING:
+            if self._state is _OPEN:
+                self.transport.write(encode_frame(OP_PONG, payload))
+        else:  # pong: any inbound frame already counts as a sign of life
+            self._ping_out = False
+
+    def _decode_part(self, payload: bytes, final: bool) -> str:
+        try:
+            return str(self._decoder.decode(payload, final))
+        except UnicodeDecodeError:
+            raise FrameError(1007, "invalid UTF-8 in a text message") from None
+
+    def _too_big(self) -> None:
+        self._frag = None
+        self._frag_size = 0
+        self._decoder = None
+        self._discard = True
+        reason = f"message larger than {self._max_size} bytes"
+        session = self.session
+        if session is not None:
+            session.fail(1009, reason)
+        else:
+            self.close_now(1009, reason)
+
+    def _on_close_frame(self, code: int, reason: str) -> None:
+        self.peer_close = (code, reason)
+        self._discard = True
+        if self._state is _OPEN:
+            self.flush()
+            # Echo the code (RFC 6455 section 5.5.1), then the server closes TCP first.
+            self.transport.write(encode_frame(OP_CLOSE, close_payload(code, "")))
+            self._state = _CLOSING
+        self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: send a close frame and drop the connection."""
+        logger.warning("WebSocket protocol error from %s: %s (close %d)", self.remote, reason, code)
+        self._discard = True
+        if self._state is _OPEN:
+            self.flush()
+            self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
+            self._state = _CLOSING
+            self.close_code, self.close_reason = code, reason
+        self._buf = None
+        self.transport.close()
+
+    # ------------------------------------------------------------ handing messages over
+
+    def _deliver(self, data: str | bytes) -> None:
+        if self._discard or self._state is not _OPEN:
+            return
+        if self.busy:
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = deque()
+            inbox.append(data)
+            if len(inbox) >= INBOX_LIMIT:
+                self._pause_reading(_READ_INBOX)
+            return
+        session = self.session
+        assert session is not None
+        self._run(session.message(data))
+
+    def _run(self, awaitable: Awaitable[None] | None) -> None:
+        if awaitable is None:
+            return
+        self.busy = True
+        self._task = _start(self.loop, self._work(awaitable))
+
+    async def _work(self, awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+            inbox = self._inbox
+            session = self.session
+            while inbox and session is not None:
+                data = inbox.popleft()
+                if self._read_paused & _READ_INBOX and len(inbox) < INBOX_LIMIT // 2:
+                    self._resume_reading(_READ_INBOX)
+                if self._discard and self._lost_args is None:
+                    continue  # closing: what was read before the close is dropped
+                result = session.message(data)
+                if result is not None:
+                    await result
+        except Exception:
+            logger.exception("WebSocket session on %s failed", self.path)
+            self.close_now(1011, "internal error")
+        finally:
+            self.busy = False
+            self._task = None
+            self._inbox = None
+            self._resume_reading(_READ_INBOX)
+            lost = self._lost_args
+            if lost is not None:
+                self._lost_args = None
+                self._report_lost(lost)
+
+    def _report_lost(self, args: tuple[int, str, bool]) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            result = session.lost(*args)
+        except Exception:
+            logger.exception("WebSocket session cleanup on %s failed", self.path)
+            return
+        if result is not None:
+            # uvicorn waits for server_state.tasks at shutdown: cleanups are not cut short.
+            task = _start(self.loop, _logged(result, self.path))
+            tasks = self.server_state.tasks
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def _pause_reading(self, reason: int) -> None:
+        if not self._read_paused and self._state is _OPEN:
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        self._read_paused |= reason
+
+    def _resume_reading(self, reason: int) -> None:
+        if not self._read_paused & reason:
+            return
+        self._read_paused &= ~reason
+        if not self._read_paused and self._state in (_OPEN, _CLOSING):
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------ writing (Transport)
+
+    def _open_transport(self) -> asyncio.Transport | None:
+        """BatchedWrites: the socket, while frames may be written to it."""
+        if self._state is not _OPEN:
+            return None
+        transport = self.transport
+        return None if transport.is_closing() else transport
+
+    def _wake_writers(self) -> None:
+        waiter = self._writable
+        if waiter is not None:
+            self._writable = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def send_now(self, message: str | bytes) -> None:
+        """Write a text (str) or binary (bytes) message at once (replies of the tutorial's
+        endpoints).
+
+        Never waits: a client that does not read its replies fills the socket's buffer
+        until its high-water mark, and then this connection stops reading it.
+        """
+        if self._state is _OPEN:
+            self.flush()
+            if isinstance(message, str):
+                self.transport.write(frame_text(message.encode()))
+            else:
+                self.transport.write(encode_frame(OP_BINARY, message))
+
+    async def send(self, frame: str) -> None:
+        """Write a text message, waiting while the socket's write buffer is full."""
+        self.flush()
+        while self._write_paused and self._state is _OPEN:
+            waiter = self._writable
+            if waiter is None:
+                waiter = self._writable = self.loop.create_future()
+            await waiter
+        if self._state is not _OPEN:
+            raise ConnectionResetError("the WebSocket is closed")
+        self.transport.write(frame_text(frame.encode()))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.close_now(code, reason)
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Start the closing handshake: frames batched so far, then the close frame."""
+        if self._state is not _OPEN:
+            return
+        self.flush()
+        transport = self.transport
+        transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        self._state = _CLOSING
+        self.close_code, self.close_reason = code, reason
+        self._discard = True
+        # Read on, to see the peer's close frame.
+        if self._read_paused:
+            self._read_paused = 0
+            with contextlib.suppress(Exception):
+                transport.resume_reading()
+        if transport.get_write_buffer_size():
+            # The peer is not reading: it will not read our close frame either.
+            self._close_timer = self.loop.call_later(STUCK_CLOSE_TIMEOUT, self.abort)
+        else:
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.close)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (linger 0: unsent bytes are discarded)."""
+        self._pending = []
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    def keepalive_tick(self) -> None:
+        """One keepalive sweep (see :class:`_Keepalive`)."""
+        if self._state is not _OPEN:
+            return
+        if self._heard:
+            self._heard = False
+            self._ping_out = False
+        elif self._ping_out:
+            self._fail(1011, "keepalive ping timeout")
+        else:
+            self._ping_out = True
+            self.flush()
+            self.transport.write(encode_frame(OP_PING, b""))
+
+
+async def _logged(awaitable: Awaitable[None], path: str) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.exception("WebSocket session cleanup on %s failed", path)
+
+
+def _start(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
+    if sys.version_info >= (3, 12):
+        # Run until the first real suspension right away: most messages never suspend.
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    return loop.create_task(coro)
+
+
+__all__ = [
+    "INBOX_LIMIT",
+    "HeraldWebSocketProtocol",
+    "NativeRoute",
+    "NativeSession",
+    "register_routes",
+    "routes_for",
+    "unregister_routes",
+]

@@ -1,0 +1,247 @@
+"""Herald's own WebSocket protocol (transports/native.py) on real servers.
+
+Framing conformance is checked by Autobahn (tests/conformance); the routes' behaviour
+by the tutorial, channels and hostile-input suites, which run on ``herald serve`` and
+so on this protocol.  These tests cover what is particular to it: which routes it
+serves, the handshake's refusals, keepalive, proxy headers and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websockets
+from fastapi import FastAPI, WebSocket
+
+from herald import Herald
+from herald.config import Settings
+from herald.server import create_app
+from herald.transports.fastpath import AsgiWebSocketProtocol
+from herald.transports.native import HeraldWebSocketProtocol
+
+from .helpers import DEFAULT_TIMEOUT, ThreadServer, async_wait_for
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, **config: Any) -> Iterator[ThreadServer]:
+    server = ThreadServer(app, ws=HeraldWebSocketProtocol, **config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def protocol_kinds(server: ThreadServer) -> list[type]:
+    return [type(c) for c in list(server.server.server_state.connections)]
+
+
+def raw_handshake(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[bytes, socket.socket]:
+    """Send an upgrade request by hand; returns the response head and the socket."""
+    fields = {
+        "Host": "127.0.0.1",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+        **(headers or {}),
+    }
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT)
+    request = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v) + "\r\n"
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return head, sock
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    first, second = exactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", exactly(2))[0]
+    elif length == 127:
+        length = struct.unpack("!Q", exactly(8))[0]
+    return first & 0x0F, exactly(length)
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body
+
+
+async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -> None:
+    app = create_app(Settings())
+
+    @app.websocket("/plain")
+    async def plain(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    with serving(app) as server:
+        async with websockets.connect(server.ws("/ws")) as ws:
+            await ws.send("a")
+            assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "Message text was: a"
+            assert protocol_kinds(server) == [HeraldWebSocketProtocol]
+        async with websockets.connect(server.ws("/plain")) as ws:
+            await ws.send("b")
+            assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "b"
+            assert AsgiWebSocketProtocol in protocol_kinds(server)
+
+
+async def test_a_library_app_learns_its_routes_at_their_prefix() -> None:
+    herald = Herald(Settings())
+    app = FastAPI(lifespan=herald.lifespan)
+    app.include_router(herald.router, prefix="/rt")
+    with serving(app) as server:
+        for expected in (AsgiWebSocketProtocol, HeraldWebSocketProtocol):
+            async with websockets.connect(server.ws("/rt/ws")) as ws:
+                await ws.send("x")
+                assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "Message text was: x"
+                # The first handshake went through ASGI and taught the path; the next is native.
+                assert protocol_kinds(server) == [expected]
+
+
+class _SeenByMiddleware:
+    def __init__(self, app: Any, seen: list[str]) -> None:
+        self.app = app
+        self.seen = seen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            self.seen.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("native_routes", [True, False])
+async def test_native_routes_bypass_asgi_middleware_unless_turned_off(native_routes: bool) -> None:
+    seen: list[str] = []
+    app = create_app(Settings(native_routes=native_routes))
+    app.add_middleware(_SeenByMiddleware, seen=seen)
+    with serving(app) as server:
+        async with websockets.connect(server.ws("/ws")) as ws:
+            await ws.send("x")
+            await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT)
+            kind = HeraldWebSocketProtocol if native_routes else AsgiWebSocketProtocol
+            assert protocol_kinds(server) == [kind]
+    assert seen == ([] if native_routes else ["/ws"])
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "expect"),
+    [
+        ({"Sec-WebSocket-Version": "8"}, b"426", b"sec-websocket-version: 13"),
+        ({"Sec-WebSocket-Key": "not-base64!"}, b"400", b"Sec-WebSocket-Key"),
+        ({"Sec-WebSocket-Key": ""}, b"400", b"Sec-WebSocket-Key"),
+        ({"Origin": "http://evil.example"}, b"403", b""),
+    ],
+)
+async def test_bad_handshakes_get_an_http_error(headers: dict[str, str], status: bytes, expect: bytes) -> None:
+    with serving(create_app(Settings())) as server:
+        head, sock = await asyncio.to_thread(raw_handshake, server.port, "/connect", headers)
+        with sock:
+            assert head.split(b" ")[1] == status, head
+            rest = await asyncio.to_thread(sock.recv, 4096)
+            assert expect in head + rest
+            # And the server closes the socket.
+            assert await asyncio.to_thread(sock.recv, 4096) == b""
+
+
+async def test_ping_is_answered_with_the_same_payload() -> None:
+    with serving(create_app(Settings())) as server:
+        head, sock = await asyncio.to_thread(raw_handshake, server.port, "/ws")
+        with sock:
+            assert head.startswith(b"HTTP/1.1 101")
+            sock.sendall(masked(0x9, b"are you there"))
+            assert await asyncio.to_thread(read_frame, sock) == (0xA, b"are you there")
+
+
+async def test_keepalive_closes_a_silent_peer_and_keeps_an_answering_one() -> None:
+    with serving(create_app(Settings()), ws_ping_interval=0.2, ws_ping_timeout=0.2) as server:
+        head, silent = await asyncio.to_thread(raw_handshake, server.port, "/ws")
+        answering = await websockets.connect(server.ws("/ws"))  # answers pings by itself
+        with silent:
+            assert head.startswith(b"HTTP/1.1 101")
+            frames = []
+            while not frames or frames[-1][0] != 0x8:
+                frames.append(await asyncio.to_thread(read_frame, silent))
+            assert frames[0] == (0x9, b"")  # pinged first
+            assert struct.unpack("!H", frames[-1][1][:2])[0] == 1011
+            assert b"keepalive" in frames[-1][1]
+        # The silent peer needed several sweeps to be closed; the answering one is still served.
+        await answering.send("still here")
+        assert await asyncio.wait_for(answering.recv(), DEFAULT_TIMEOUT) == "Message text was: still here"
+        await answering.close()
+
+
+async def test_forwarded_client_address_counts_for_the_per_ip_limit() -> None:
+    app = create_app(Settings(max_connections_per_ip=1))
+    with serving(app) as server:
+        # Loopback is a trusted proxy by default (uvicorn's forwarded_allow_ips).
+        first, a = await asyncio.to_thread(
+            raw_handshake, server.port, "/ws", {"X-Forwarded-For": "203.0.113.5"}
+        )
+        second, b = await asyncio.to_thread(
+            raw_handshake, server.port, "/ws", {"X-Forwarded-For": "203.0.113.5"}
+        )
+        other, c = await asyncio.to_thread(
+            raw_handshake, server.port, "/ws", {"X-Forwarded-For": "203.0.113.6"}
+        )
+        with a, b, c:
+            assert first.startswith(b"HTTP/1.1 101")
+            assert second.startswith(b"HTTP/1.1 403")
+            assert other.startswith(b"HTTP/1.1 101")
+
+
+async def test_clients_get_1012_when_the_server_stops() -> None:
+    server = ThreadServer(create_app(Settings()), ws=HeraldWebSocketProtocol).start()
+    ws = await websockets.connect(server.ws("/ws"))
+    try:
+        await asyncio.to_thread(server.stop)
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT)
+        assert ws.close_code == 1012
+    finally:
+        await ws.close()
+
+
+async def test_a_busy_connection_stops_being_read_until_its_messages_are_handled() -> None:
+    # A publisher floods /ws_broadcast faster than its messages are handled: reading pauses
+    # (the inbox is bounded) and every message still arrives, in order.
+    app = create_app(Settings(rate_limit=0))
+    with serving(app) as server:
+        sender = await websockets.connect(server.ws("/ws_broadcast"))
+        receiver = await websockets.connect(server.ws("/ws_broadcast"), max_queue=None)
+        try:
+            await async_wait_for(lambda: len(list(app.state.herald.node.hub.connections())) == 2)
+            count = 2000
+            for i in range(count):
+                await sender.send(str(i))
+            got = [await asyncio.wait_for(receiver.recv(), DEFAULT_TIMEOUT) for _ in range(count)]
+            assert got == [f"New message: {i}" for i in range(count)]
+        finally:
+            await sender.close()
+            await receiver.close()
