@@ -230,8 +230,9 @@ async def test_clients_get_1012_when_the_server_stops() -> None:
 
 async def test_a_busy_connection_stops_being_read_until_its_messages_are_handled() -> None:
     # A publisher floods /ws_broadcast faster than its messages are handled: reading pauses
-    # (the inbox is bounded) and every message still arrives, in order.
-    app = create_app(Settings(rate_limit=0))
+    # (the inbox is bounded) and every message still arrives, in order.  The receiver reads
+    # in this test's thread, under the GIL with the server: a queue bound that lets it lag.
+    app = create_app(Settings(rate_limit=0, max_queue_messages=10_000))
     with serving(app) as server:
         sender = await websockets.connect(server.ws("/ws_broadcast"))
         receiver = await websockets.connect(server.ws("/ws_broadcast"), max_queue=None)
