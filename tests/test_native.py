@@ -159,7 +159,9 @@ async def test_native_routes_bypass_asgi_middleware_unless_turned_off(native_rou
         ({"Origin": "http://evil.example"}, b"403", b""),
     ],
 )
-async def test_bad_handshakes_get_an_http_error(headers: dict[str, str], status: bytes, expect: bytes) -> None:
+async def test_bad_handshakes_get_an_http_error(
+    headers: dict[str, str], status: bytes, expect: bytes
+) -> None:
     with serving(create_app(Settings())) as server:
         head, sock = await asyncio.to_thread(raw_handshake, server.port, "/connect", headers)
         with sock:

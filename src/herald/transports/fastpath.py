@@ -2,23 +2,25 @@
 
 Under plain ASGI every copy of a fan-out frame costs a Starlette ``send``, an
 ASGI message dict, uvicorn's ``send`` coroutine and a framing call in the
-WebSocket library.  ``herald serve`` therefore runs uvicorn with
-:class:`HeraldWebSocketProtocol`, uvicorn's own ``websockets-sansio`` protocol
-with one addition: it puts itself in the connection's ASGI scope under
-``"herald.fastpath"``.  Herald's connections (see :func:`transport_for`) then
-frame a text message once and hand the same bytes to every subscriber's
-asyncio transport, without a task switch or an await.
+WebSocket library.  Herald's connections instead frame a text message once and
+hand the same bytes to every subscriber's asyncio transport, without a task
+switch or an await (:class:`BatchedWrites`).  Two kinds of connection can:
+
+* natively served routes (:mod:`herald.transports.native`, Herald's own protocol
+  under ``herald serve``), where the protocol object is the connection's transport;
+* ASGI routes served by :class:`AsgiWebSocketProtocol`, uvicorn's own
+  ``websockets-sansio`` protocol with one addition: it puts itself in the
+  connection's ASGI scope under ``"herald.fastpath"``, where
+  :func:`transport_for` finds it (:class:`FastTransport`).
+
+Under any other ASGI server (or plain uvicorn) the scope key is absent and
+Herald uses the ASGI ``send`` path.
 
 Frames are batched per connection for the rest of the event loop's current turn
 and written with one ``write()`` (see :class:`_Flusher`): a publisher's burst of
 publications costs each subscriber one system call, not one per frame.  Writing
 to the socket dominated the fan-out profile before batching (about two thirds
 of the server's CPU time in S1).
-
-Nothing else changes: the handshake, reading, pings, closing and every ordinary
-ASGI WebSocket route go through uvicorn's protocol as before, and under any
-other ASGI server (or plain uvicorn) the scope key is absent and Herald uses the
-ASGI ``send`` path.
 
 The guarantees hold on the fast path too:
 
@@ -27,10 +29,10 @@ The guarantees hold on the fast path too:
   byte bound, or when more frames than the message bound are unwritten (batched,
   or written since the buffer was last empty); the connection is then
   disconnected as a slow consumer (close code 4001), exactly like a full queue.
-* **Order.**  A connection uses the fast path only while its ASGI queue is
-  empty and no ASGI send is in progress, and an ASGI send or close writes the
-  batch first, so frames leave in the order they were sent.  Nothing is written
-  after a close frame.
+* **Order.**  A connection uses the fast path only while its queue is empty and
+  no queued send is in progress, and every other write flushes the batch first,
+  so frames leave in the order they were sent.  Nothing is written after a close
+  frame.
 * **Offsets** are in the frames, which are the same bytes as before.
 
 Frames are sent unfragmented and uncompressed (RFC 6455 section 5.2; with
@@ -41,7 +43,6 @@ unset for an uncompressed message).
 from __future__ import annotations
 
 import asyncio
-import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -49,22 +50,10 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .fastapi import StarletteTransport
+from .wsframes import frame_text
 
-#: The scope key under which :class:`HeraldWebSocketProtocol` exposes itself.
+#: The scope key under which :class:`AsgiWebSocketProtocol` exposes itself.
 SCOPE_KEY = "herald.fastpath"
-
-_pack_short = struct.Struct("!BBH").pack
-_pack_long = struct.Struct("!BBQ").pack
-
-
-def frame_text(payload: bytes) -> bytes:
-    """A complete, unmasked, final text frame carrying ``payload`` (RFC 6455 section 5.2)."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    if length < 65536:
-        return _pack_short(0x81, 126, length) + payload
-    return _pack_long(0x81, 127, length) + payload
 
 
 # Fan-out hands the *same* str object to every subscriber in a row, so a one-entry

@@ -238,6 +238,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         "_decoder",
         "_delegate",
         "_discard",
+        "_ended",
         "_flusher",
         "_frag",
         "_frag_size",
@@ -310,6 +311,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         self._heard = False
         self._ping_out = False
         self._lost_args: tuple[int, str, bool] | None = None
+        self._ended = False
         self._scope: dict[str, Any] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
@@ -384,15 +386,24 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         self.server_state.connections.discard(self)
         _keepalive(self.loop, self._ping_interval()).discard(self)
         if self.peer_close is not None:
-            args = (self.peer_close[0], self.peer_close[1], True)
-        elif self.close_code is not None:
-            args = (self.close_code, self.close_reason, False)
+            self._end(self.peer_close[0], self.peer_close[1], True)
         else:
-            args = (1006, "", True)
+            self._end(1006, "", True)
+
+    def _end(self, code: int, reason: str, by_peer: bool) -> None:
+        """The session is over: tell it once, after the messages it still has to handle.
+
+        That is as soon as a close frame was sent or received (like ASGI's
+        ``websocket.disconnect``), or when the socket broke; the socket itself may
+        linger until the closing handshake completes or times out.
+        """
+        if self._ended or self.session is None:
+            return
+        self._ended = True
         if self.busy:
-            self._lost_args = args  # the running task reports it when the inbox is done
+            self._lost_args = (code, reason, by_peer)  # reported when the inbox is done
         else:
-            self._report_lost(args)
+            self._report_lost((code, reason, by_peer))
 
     # ------------------------------------------------------------ uvicorn hooks
 
@@ -704,6 +715,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
             # Echo the code (RFC 6455 section 5.5.1), then the server closes TCP first.
             self.transport.write(encode_frame(OP_CLOSE, close_payload(code, "")))
             self._state = _CLOSING
+            self._end(code, reason, True)
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
@@ -715,6 +727,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
             self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
             self._state = _CLOSING
             self.close_code, self.close_reason = code, reason
+            self._end(code, reason, False)
         self._buf = None
         self.transport.close()
 
@@ -750,8 +763,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
                 data = inbox.popleft()
                 if self._read_paused & _READ_INBOX and len(inbox) < INBOX_LIMIT // 2:
                     self._resume_reading(_READ_INBOX)
-                if self._discard and self._lost_args is None:
-                    continue  # closing: what was read before the close is dropped
+                # What arrived before a close frame is handled, as under ASGI.
                 result = session.message(data)
                 if result is not None:
                     await result
@@ -863,6 +875,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
             self._close_timer = self.loop.call_later(STUCK_CLOSE_TIMEOUT, self.abort)
         else:
             self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.close)
+        self._end(code, reason, False)
 
     def abort(self) -> None:
         """Drop the TCP connection at once (linger 0: unsent bytes are discarded)."""
