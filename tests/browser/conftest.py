@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import ROOT, ServerProcess
+from ..helpers import ServerProcess
 
 CHROMIUM = os.environ.get("HERALD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -32,7 +33,9 @@ CHROMIUM_ARGS = [
 ]
 API_KEY = "browser-test-key"
 TOKEN_SECRET = "browser-test-secret-0123456789abcdef"
-SCREENSHOTS = ROOT / "docs" / "img"
+# Screenshots go to a scratch folder, so that a test run leaves the checkout clean;
+# HERALD_SCREENSHOTS=docs/img refreshes the README's pictures.
+SCREENSHOTS = Path(os.environ.get("HERALD_SCREENSHOTS") or Path(tempfile.gettempdir()) / "herald-screenshots")
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1180, "height": 760}
 
@@ -110,7 +113,7 @@ def api(server: ServerProcess, path: str, body: dict[str, Any] | None = None) ->
 
 
 def screenshot(page: Any, name: str, *, full_page: bool = False) -> None:
-    """Save a screenshot into docs/img/ (the README shows them)."""
+    """Save a screenshot into ``SCREENSHOTS`` (``HERALD_SCREENSHOTS=docs/img`` for the README)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / name), full_page=full_page)
 

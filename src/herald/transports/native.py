@@ -245,6 +245,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         "_frag_text",
         "_heard",
         "_inbox",
+        "_keepalive",
         "_lost_args",
         "_max_size",
         "_pending",
@@ -310,6 +311,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._heard = False
         self._ping_out = False
+        self._keepalive: _Keepalive | None = None
         self._lost_args: tuple[int, str, bool] | None = None
         self._ended = False
         self._scope: dict[str, Any] | None = None
@@ -384,7 +386,8 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         if state is _HANDSHAKE or self.session is None:
             return
         self.server_state.connections.discard(self)
-        _keepalive(self.loop, self._ping_interval()).discard(self)
+        if self._keepalive is not None:
+            self._keepalive.discard(self)
         if self.peer_close is not None:
             self._end(self.peer_close[0], self.peer_close[1], True)
         else:
@@ -411,7 +414,9 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         """uvicorn's server is stopping: close with 1012 (service restart)."""
         if self._state is _OPEN:
             self.close_now(1012, "server shutting down")
-        with contextlib.suppress(Exception):
+        if self.transport.get_write_buffer_size():
+            self.abort()  # uvicorn waits for every connection: do not wait on a stuck peer
+        else:
             self.transport.close()
 
     # ------------------------------------------------------------ handshake
@@ -453,6 +458,8 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         if key is None or not valid_key(key):
             self._respond(400, "missing or invalid Sec-WebSocket-Key")
             return
+        if self.transport.is_closing():
+            return  # the client left during the handshake
         try:
             opened = route.open(self)
         except Exception:
@@ -507,15 +514,14 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
             lines.append(b"sec-websocket-protocol: " + session.subprotocol.encode())
         for name, value in self.server_state.default_headers:
             lines.append(name + b": " + value)
-        if self.transport.is_closing():
-            return
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
         self._state = _OPEN
         self.session = session
         self.server_state.connections.add(self)
         interval = self._ping_interval()
         if interval:
-            _keepalive(self.loop, interval).add(self)
+            self._keepalive = _keepalive(self.loop, interval)
+            self._keepalive.add(self)
         self._log_access("[accepted]")
         self._run(session.started())
 
@@ -752,7 +758,10 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         if awaitable is None:
             return
         self.busy = True
-        self._task = _start(self.loop, self._work(awaitable))
+        # A strong reference while it runs (the loop keeps only weak ones).
+        task = _start(self.loop, self._work(awaitable))
+        if not task.done():  # an eager task (3.12+) may have finished already
+            self._task = task
 
     async def _work(self, awaitable: Awaitable[None]) -> None:
         try:
