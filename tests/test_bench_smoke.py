@@ -62,3 +62,20 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
     assert "Herald channels" in text and "S1 fan-out" in text
     results = _run_bench(tmp_path, "S1", "--targets", "herald_broadcast")
     _check(results["results"]["herald_broadcast"]["S1"], "herald_broadcast", "S1")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("path", ["/connect", "/ws_broadcast"])
+def test_heap_per_connection_tool_runs(path: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.heap", "--conns", "20", "--path", path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith(f"{path} (native), 20 idle connections: ")
+    # The clients' own sockets are filtered out; the server's share is what is left.
+    assert int(first.rsplit(": ", 1)[1].split()[0]) > 0
+    assert "herald" in done.stdout

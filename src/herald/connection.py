@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,12 @@ from .protocol.codec import encode_disconnect
 from .transports.base import Transport
 
 logger = logging.getLogger("herald.connection")
+
+
+def new_client_id() -> str:
+    """A random client id (16 hex digits)."""
+    return secrets.token_hex(8)
+
 
 #: Renders a publication into the text frame a kind of connection receives.
 #: The hub calls a renderer once per publication and shares the frame.

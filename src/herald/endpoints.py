@@ -20,7 +20,7 @@ from .auth import check_origin
 from .brokers.base import ClientInfo
 from .codes import CloseCode
 from .commands import ProtocolHandler, render_publication
-from .connection import Connection, Renderer
+from .connection import Connection, Renderer, new_client_id
 from .exceptions import DisconnectError
 from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
@@ -107,12 +107,10 @@ def new_connection(
     herald: Herald, transport: Any, remote: str, renderer: Renderer, protocol: bool
 ) -> Connection:
     """A connection for one of Herald's routes (``protocol``: ``/connect``, else ``/ws_broadcast``)."""
-    import secrets
-
     settings = herald.settings
     return Connection(
         transport,
-        secrets.token_hex(8),
+        new_client_id(),
         renderer=renderer,
         echo_own=protocol,
         events=protocol,

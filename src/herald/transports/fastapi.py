@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -27,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from ..auth import check_origin, install_token_redaction
 from ..codes import CloseCode
 from ..config import Settings
-from ..connection import Connection
+from ..connection import Connection, new_client_id
 
 logger = logging.getLogger("herald.transport")
 
@@ -99,10 +98,6 @@ class StarletteTransport:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         abort()
-
-
-def new_client_id() -> str:
-    return secrets.token_hex(8)
 
 
 def remote_address(websocket: WebSocket) -> str:

@@ -80,9 +80,10 @@ class NativeSession(Protocol):
     """What a natively served route does with one connection.
 
     ``subprotocol`` is sent in the handshake response (None: none).  The methods
-    are called from the event loop; any may return an awaitable, which is run to
-    completion before the next message is handed over (messages of one connection
-    are handled in order, one at a time).
+    are called from the event loop.  ``started``, ``message`` and ``lost`` may return
+    an awaitable, which runs (in a task) to completion before the next message is
+    handed over: messages of one connection are handled in order, one at a time, and
+    ``lost`` comes after the last of them.
     """
 
     subprotocol: str | None
