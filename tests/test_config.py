@@ -90,6 +90,8 @@ def test_secrets_are_masked(config_file: Path) -> None:
         ([], {"HERALD_PING_INTERVAL": "soon"}, "ping_interval"),
         (["--log-format", "json"], {"HERALD_LOG_LEVEL": "loud"}, "log_level"),
         ([], {"HERALD_NAMESPACES": '{"chat": {"history_size": -1}}'}, "namespaces.chat.history_size"),
+        ([], {"HERALD_NAMESPACES": '{"chat room": {}}'}, "namespaces"),
+        ([], {"HERALD_NAMESPACES": '{"chat:lobby": {}}'}, "namespaces"),
     ],
 )
 def test_bad_value_fails_at_start_naming_the_field(args: list[str], env: dict[str, str], field: str) -> None:

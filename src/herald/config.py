@@ -6,6 +6,7 @@ Lists accept JSON (``["a","b"]``) or comma-separated text (``a,b``).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,10 @@ class NamespaceOptions(BaseModel):
         description="Subscribing needs a subscription token for the channel, or a connection "
         "token whose `channels` claim grants it.",
     )
+
+
+#: What can stand before the first ":" of a client's channel name (see protocol/channels.py).
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.@=,!~\-]+")
 
 
 def _default_namespaces() -> dict[str, NamespaceOptions]:
@@ -207,6 +212,14 @@ class Settings(BaseSettings):
     @field_validator("namespaces")
     @classmethod
     def _default_namespace(cls, value: dict[str, NamespaceOptions]) -> dict[str, NamespaceOptions]:
+        bad = sorted(name for name in value if name and not _NAMESPACE_NAME.fullmatch(name))
+        if bad:
+            # A namespace is the part of a channel name before its first ":": a name that
+            # no channel can have would configure nothing, silently.
+            raise ValueError(
+                f"invalid namespace name(s) {', '.join(map(repr, bad))}: use letters, digits "
+                "and _ . @ = , ! ~ - (no ':', '#' or '$')"
+            )
         if "" not in value:
             value = {"": NamespaceOptions(), **value}
         return value

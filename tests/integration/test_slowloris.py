@@ -125,6 +125,27 @@ def _raw_subscriber(port: int, channel: str) -> socket.socket:
     return sock
 
 
+def test_a_kept_alive_connection_cannot_dribble_its_next_request(server: ServerProcess) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    with sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = b""
+        while not response.endswith(b'{"status":"ok"}'):
+            response += sock.recv(4096)
+        assert response.startswith(b"HTTP/1.1 200")
+        # The connection is kept alive; a next request starts and its headers never end.
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # The header timeout (1 s here) runs from that first byte; uvicorn's keep-alive
+        # timer alone would take 5 s.  Trickle a byte every 0.2 s meanwhile.
+        while not peer_closed(sock):
+            assert time.monotonic() - started < 4, "not closed by the header timeout"
+            with contextlib.suppress(OSError):
+                sock.sendall(b"a")
+            time.sleep(0.2)
+        assert time.monotonic() - started >= 0.9
+
+
 async def test_client_that_never_reads_is_cut_and_bystander_complete(server: ServerProcess) -> None:
     assert server.proc is not None
     channel = "chat:firehose"

@@ -4,9 +4,12 @@ uvicorn arms no timer until a first request is complete: a client that opens a
 TCP connection and sends its headers a byte at a time (or never) holds a socket
 and a protocol object for ever.  ``herald serve`` runs this subclass, which
 closes a connection whose request headers have not fully arrived within
-``HERALD_HTTP_HEADER_TIMEOUT`` seconds (default 10).  Once a request is being
-served, or the connection was upgraded to a WebSocket, the timer is off: from
-then on uvicorn's keep-alive timeout and Herald's handshake timeout (4505) apply.
+``HERALD_HTTP_HEADER_TIMEOUT`` seconds (default 10) of the connection opening;
+on a kept-alive connection the same bound runs from the first byte of each next
+request (rather than relying on uvicorn's keep-alive timer, whose cancelling
+depends on when those bytes arrive).  While a request is being served, or once the connection was upgraded to
+a WebSocket, the timer is off: uvicorn's keep-alive timeout and Herald's handshake
+timeout (4505) apply.
 
 Used as ``uvicorn.run(..., http="herald.transports.uvicorn_protocol:HeaderTimeoutHTTPProtocol")``
 (an import string, so that worker processes can load it too).
@@ -39,10 +42,18 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
-        if self.header_timeout > 0:
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timeout > 0 and getattr(self, "_header_timer", None) is None:
             self._header_timer = asyncio.get_running_loop().call_later(
                 self.header_timeout, self._header_timeout_expired
             )
+
+    def _waiting_for_headers(self) -> bool:
+        """No request is being served: the last one (if any) is complete."""
+        cycle = self.cycle
+        return cycle is None or bool(cycle.response_complete)
 
     def _cancel_header_timer(self) -> None:
         timer = getattr(self, "_header_timer", None)
@@ -52,10 +63,15 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        # A request cycle exists once its headers are parsed; an upgrade hands the
-        # transport to the WebSocket protocol.  Either way the headers are complete.
-        if self.cycle is not None or self.transport.get_protocol() is not self:
-            self._cancel_header_timer()
+        if self.transport.get_protocol() is not self:
+            self._cancel_header_timer()  # upgraded to a WebSocket
+        elif not self._waiting_for_headers():
+            self._cancel_header_timer()  # a new request cycle: its headers are parsed
+        elif self.cycle is not None and not self.transport.is_closing():
+            # Bytes of a next request on a kept-alive connection, headers not complete
+            # yet (a response cannot complete inside this call, so a finished cycle is
+            # the previous request's).
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -63,7 +79,7 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
 
     def _header_timeout_expired(self) -> None:
         self._header_timer = None
-        if self.cycle is not None or self.transport.is_closing():
+        if not self._waiting_for_headers() or self.transport.is_closing():
             return
         if self.transport.get_protocol() is not self:
             return
