@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -274,6 +275,33 @@ async def test_token_callable_and_bad_token(app_server: ThreadServer) -> None:
         await client.connect(timeout=5)
     assert caught.value.code == ErrorCode.UNAUTHORIZED
     assert client.state is ClientState.CLOSED
+
+
+async def test_expired_token_is_refreshed_from_the_callable_without_reconnecting() -> None:
+    settings = Settings(token_secret=SECRET, token_refresh_grace=1.0, demos=False)
+    server = ThreadServer(create_app(settings)).start()
+    issued: list[float] = []
+
+    def short_lived_token() -> str:
+        # The first token expires in a second; the refreshed one in an hour.
+        expires = time.time() + (1 if not issued else 3600)
+        issued.append(expires)
+        return jwt.encode({"sub": "dora", "exp": int(expires) + 1}, SECRET, algorithm="HS256")
+
+    try:
+        async with Client(server.ws("/connect"), token=short_lived_token) as client:
+            first_id = client.client_id
+            # At expiry the server pushes `refresh`; the client answers with a new token.
+            await async_wait_for(lambda: len(issued) == 2, timeout=5, what="a second token")
+            # Without the refresh the server would close with 4004 after the 1 s grace.
+            with pytest.raises(ClientTimeoutError):
+                await client.wait_for("disconnected", timeout=2.0)
+            assert client.connected and client.connections == 1 and client.client_id == first_id
+            expires_at = await client.refresh()  # refreshing by hand works too
+            assert expires_at is not None and expires_at > time.time() + 3000
+            assert len(issued) == 3
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def test_answers_server_pings(app_server: ThreadServer) -> None:

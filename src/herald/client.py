@@ -772,8 +772,8 @@ class Client:
                 return
             await self._sleep(self._backoff(0))
 
-    async def _open(self) -> _Link:
-        """Open a WebSocket and run the connect command; return the live link."""
+    async def _fresh_token(self) -> str | None:
+        """The token to send now: the string, or what the callable returns."""
         token = self.token
         if callable(token):
             try:
@@ -781,6 +781,11 @@ class Client:
                 token = await value if inspect.isawaitable(value) else value
             except Exception as exc:
                 raise _RetryableError("token callable failed") from exc
+        return token
+
+    async def _open(self) -> _Link:
+        """Open a WebSocket and run the connect command; return the live link."""
+        token = await self._fresh_token()
         try:
             ws = await websockets.connect(
                 self.url,
@@ -953,6 +958,11 @@ class Client:
                 self._emit(JoinEvent(channel, info) if kind == "join" else LeaveEvent(channel, info))
         elif kind == "disconnect":
             link.closed_by = (int(frame.get("code", 1006)), str(frame.get("reason", "")))
+        elif kind == "refresh" and callable(self.token):
+            # The token expired: send a fresh one within the grace period, or be closed
+            # with 4004.  A fixed token string cannot be refreshed: the client then
+            # reconnects (4004 is a reconnect code) only if the token is still accepted.
+            self._spawn(self._refresh_on_push(link))
 
     # ------------------------------------------------------------ commands
 
@@ -1056,6 +1066,32 @@ class Client:
             ],
             position=StreamPosition(int(result["offset"]), epoch),
         )
+
+    async def refresh(self, token: str | None = None, timeout: float | None = None) -> float | None:
+        """Replace the connection's token (``token``, or a fresh one from the token
+        callable); returns its new expiry (Unix time) or None.
+
+        The client does this by itself when the server's ``refresh`` push says the token
+        expired and ``token=`` is a callable.
+        """
+        if token is None:
+            token = await self._fresh_token()
+        if token is None:
+            raise ValueError("no token to refresh with")
+        result = await self._command("refresh", {"token": token}, timeout)
+        expires_at = result.get("expires_at")
+        return float(expires_at) if expires_at is not None else None
+
+    async def _refresh_on_push(self, link: _Link) -> None:
+        try:
+            token = await self._fresh_token()
+            if token is None or link is not self._link:
+                return
+            reply = await self._send(link, {"type": "refresh", "token": token}, self.timeout)
+            if "error" in reply:
+                logger.warning("token refresh refused: %s", reply["error"])
+        except (ClientError, _RetryableError) as exc:
+            logger.warning("token refresh failed: %r", exc)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round trip to the server; returns the seconds it took."""

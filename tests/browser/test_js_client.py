@@ -212,6 +212,38 @@ def test_close_code_4500_range_stops_reconnecting(herald_server: ServerProcess, 
     assert error[0:2] == ["HeraldError", 3]
 
 
+def test_expired_token_is_refreshed_from_the_token_function(
+    herald_server: ServerProcess, new_page: Any
+) -> None:
+    user = "user-" + secrets.token_hex(3)
+    now = int(time.time())
+    short = jwt.encode({"sub": user, "exp": now + 2}, TOKEN_SECRET, algorithm="HS256")
+    long = jwt.encode({"sub": user, "exp": now + 3600}, TOKEN_SECRET, algorithm="HS256")
+    page = client_page(new_page, herald_server)
+    run_js(
+        page,
+        """
+        const [short, long] = arg;
+        window.calls = 0;
+        window.log = [];
+        const client = new HeraldClient({ token: () => (window.calls++ === 0 ? short : long) });
+        const refresh = client.refresh.bind(client);
+        client.refresh = (...a) => refresh(...a).then((r) => (window.refreshed = r));
+        for (const type of ["error", "disconnected"]) client.on(type, (d) => window.log.push(type));
+        window.client = client;
+        await client.connect();
+    """,
+        [short, long],
+    )
+    # At expiry the server pushes `refresh`; the client answers with the function's next token.
+    page.wait_for_function("window.refreshed !== undefined", timeout=10_000)
+    refreshed = page.evaluate("window.refreshed")
+    assert refreshed["expires_at"] >= now + 3600
+    assert page.evaluate("window.calls") == 2
+    assert page.evaluate("window.log") == []
+    assert page.evaluate("window.client.state") == "connected"
+
+
 def test_command_timeout_while_server_unreachable(new_page: Any, herald_server: ServerProcess) -> None:
     page = client_page(new_page, herald_server)
     closed_port = free_port()

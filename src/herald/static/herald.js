@@ -403,6 +403,13 @@ export class HeraldClient extends EventTarget {
         this._emit(frame.type, detail);
         break;
       }
+      case "refresh":
+        // The token expired: a token function gets a fresh one within the grace period
+        // (a fixed string cannot be refreshed: the server closes with 4004).
+        if (typeof this.token === "function") {
+          this.refresh().catch((error) => this._emit("error", { error, where: "refresh" }));
+        }
+        break;
       case "disconnect":
         // The close frame follows; remember whether the server wants us back.
         if (frame.reconnect === false) this._serverSaysNoReconnect = true;
@@ -633,6 +640,17 @@ export class HeraldClient extends EventTarget {
     if (since) command.since = since;
     if (reverse) command.reverse = true;
     return this._send(command, timeout ?? this.timeout);
+  }
+
+  /**
+   * Replace the connection's token: `token`, or a fresh one from the token function.
+   * Resolves with `{expires_at}`.  Done by itself on the server's `refresh` push.
+   */
+  async refresh({ token, timeout } = {}) {
+    let value = token ?? this.token;
+    if (typeof value === "function") value = await value();
+    if (!value) throw new Error("no token to refresh with");
+    return this._send({ type: "refresh", token: value }, timeout ?? this.timeout);
   }
 
   /** Round trip to the server. */
