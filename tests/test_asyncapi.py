@@ -253,7 +253,10 @@ def test_example_frames_are_documented() -> None:
 
 def test_html_page_escapes_everything_and_loads_nothing_external() -> None:
     herald = typed_herald()
-    settings = Settings(namespaces={"": NamespaceOptions(), "x<script>": NamespaceOptions()})
+    settings = Settings(namespaces={"": NamespaceOptions()})
+    # Settings refuse such a name at start-up; the page escapes names anyway (defence in
+    # depth), so put one in behind validation's back.
+    settings.namespaces["x<script>"] = NamespaceOptions()
     page = render_html(build_asyncapi(settings, herald.node.rpc_methods))
     assert page.startswith("<!doctype html>")
     assert "<script" not in page.lower()
