@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, MutableMapping
 from typing import Any
 
 import orjson
@@ -93,6 +93,18 @@ class ProtocolHandler:
     # ------------------------------------------------------------ entry points
 
     async def handle_text(self, text: str) -> None:
+        """Handle one text frame from the client (the ASGI read loop awaits each in turn)."""
+        pending = self.receive(text)
+        if pending is not None:
+            await pending
+
+    def receive(self, text: str) -> Awaitable[None] | None:
+        """Handle one text frame as far as it goes without awaiting.
+
+        Returns None when the frame was handled completely (pongs, pings, malformed
+        frames, refusals: no task needed), else an awaitable that finishes it; the
+        caller must await it before handing over the connection's next frame.
+        """
         connection = self.connection
         now = time.monotonic()
         connection.last_seen = now
@@ -100,7 +112,7 @@ class ProtocolHandler:
         stats["messages_in"] += 1
         stats["bytes_in"] += len(text)
         if connection.is_closing:
-            return
+            return None
         settings = self.node.settings
         # Every frame costs a token, garbage included, so that a flood of anything is metered.
         verdict = self.rate.check()
@@ -109,27 +121,35 @@ class ProtocolHandler:
         except ProtocolError as exc:
             if verdict is not RateVerdict.OK:
                 self._rate_limited(verdict, exc.command_id, None)
-                return
+                return None
             self.node.record_rejected_command(_reason(exc.code))
             connection.send(encode_error(exc.command_id, None, int(exc.code), exc.message))
-            return
+            return None
         if isinstance(command, m.PongCommand):
             # Pongs get no reply, over the limit or not; a flood of them still ends in 4504.
             if verdict is RateVerdict.ABUSE:
                 self._rate_limited(verdict, None, None)
-            return
+            return None
         if verdict is not RateVerdict.OK:
             self._rate_limited(verdict, command.id, command.type)
-            return
+            return None
         connection.last_active = now
         try:
             self.session.begin(command.id, command.type)
         except ProtocolError as exc:
             connection.send(encode_error(command.id, command.type, int(exc.code), exc.message))
-            return
+            return None
         if isinstance(command, m.RpcRequest):
             self._start_rpc(command)
-            return
+            return None
+        if isinstance(command, m.PingRequest):
+            # The one command with nothing to wait for: answered here, without a task.
+            connection.send(encode_reply(command.id, "ping", {}))
+            self.session.finish(command.id)
+            return None
+        return self._finish(command)
+
+    async def _finish(self, command: Any) -> None:
         try:
             await self._dispatch(command)
         finally:
@@ -287,9 +307,6 @@ class ProtocolHandler:
         ctx.token, ctx.claims = command.token, claims
         self._schedule_expiry()
         return encode_reply(command.id, "refresh", m.RefreshResult(expires_at=claims.expires_at))
-
-    async def _cmd_ping(self, command: m.PingRequest) -> str:
-        return encode_reply(command.id, "ping", {})
 
     def _check_user_limited(self, channel: str) -> None:
         users = allowed_users(channel)

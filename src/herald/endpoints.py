@@ -190,7 +190,7 @@ class ProtocolSession(_Session):
         if isinstance(data, bytes):
             self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
             return None
-        return self.handler.handle_text(data)
+        return self.handler.receive(data)
 
     def fail(self, code: int, reason: str) -> None:
         self.connection.close(code, reason)
