@@ -343,7 +343,9 @@ class Herald:
         broadcast = BroadcastInput(self.node, connection)
         ending = None
         try:
-            await broadcast.join()
+            joining = broadcast.join()
+            if joining is not None:
+                await joining
             ending = await read_loop(websocket, broadcast.on_text, max_size=self.settings.max_message_size)
         except DisconnectError as exc:
             connection.close(exc.code, exc.reason, push=False)

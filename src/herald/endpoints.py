@@ -64,11 +64,18 @@ class BroadcastInput:
             settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
         )
 
-    async def join(self) -> None:
+    def join(self) -> Awaitable[None] | None:
+        """Admit the client and subscribe it; returns what is left to await, if anything
+        (the node's first broker subscription to the broadcast channel).
+
+        Raises ``DisconnectError`` when the node refuses the client (shutting down).
+        """
         node, connection = self.node, self.connection
-        await node.admit(connection)
+        node.admit_now(connection)
         node.hub.subscribe(BROADCAST_CHANNEL, connection)
-        await node.ensure_broker_subscription(BROADCAST_CHANNEL)
+        if node.broker_subscribed(BROADCAST_CHANNEL):
+            return None
+        return node.ensure_broker_subscription(BROADCAST_CHANNEL)
 
     async def on_text(self, text: str) -> None:
         node, connection = self.node, self.connection
@@ -219,15 +226,13 @@ class BroadcastSession(_Session):
         self.connection = new_connection(herald, ws, ws.remote, render_broadcast, False)
         self.input = BroadcastInput(herald.node, self.connection)
 
-    def started(self) -> Awaitable[None]:
+    def started(self) -> Awaitable[None] | None:
         self.connection.start()
-        return self._join()
-
-    async def _join(self) -> None:
         try:
-            await self.input.join()
+            return self.input.join()
         except DisconnectError as exc:
             self.fail(exc.code, exc.reason)
+            return None
 
     def message(self, data: str | bytes) -> Awaitable[None] | None:
         if isinstance(data, bytes):

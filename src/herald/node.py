@@ -371,6 +371,13 @@ class Node:
         for connection in subscribers:
             connection.close(CloseCode.INSUFFICIENT_STATE, "publications lost; resume with since")
 
+    def broker_subscribed(self, channel: str) -> bool:
+        """Whether the broker already delivers ``channel`` here (no need to wait)."""
+        pending = self._broker_subscriptions.get(channel)
+        return (
+            pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None
+        )
+
     async def ensure_broker_subscription(self, channel: str) -> None:
         """Make sure the broker delivers ``channel`` here (once per node, shared by callers)."""
         pending = self._broker_subscriptions.get(channel)
@@ -509,6 +516,10 @@ class Node:
             )
 
     async def admit(self, connection: Connection) -> None:
+        """Add a connected client to the hub (see :meth:`admit_now`)."""
+        self.admit_now(connection)
+
+    def admit_now(self, connection: Connection) -> None:
         """Add a connected client to the hub.
 
         Raises ``DisconnectError(4503)`` when the user already has

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -71,6 +72,12 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
                 await stack.enter_async_context(context)
             # SIGTERM: drain clients (disconnect push + 1012) before uvicorn closes them.
             await stack.enter_async_context(drain_on_signals(herald.node))
+            # Everything built so far (FastAPI, pydantic, routes: a few hundred thousand
+            # objects) lives as long as the process.  Moving it out of the collector's
+            # generations spares every later full collection from walking it again; those
+            # walks cost about a fifth of the time of opening 10k connections (bench, idle10k).
+            gc.collect()
+            gc.freeze()
             yield
 
     app = FastAPI(
