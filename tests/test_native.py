@@ -98,8 +98,8 @@ async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -
     @app.websocket("/plain")
     async def plain(websocket: WebSocket) -> None:
         await websocket.accept()
-        await websocket.send_text(await websocket.receive_text())
-        await websocket.close()
+        while True:  # until the client leaves (WebSocketDisconnect)
+            await websocket.send_text(await websocket.receive_text())
 
     with serving(app) as server:
         async with websockets.connect(server.ws("/ws")) as ws:
