@@ -116,4 +116,7 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.BROKER_UNAVAILABLE: "broker unavailable",
 }
 
-__all__ = ["ERROR_MESSAGES", "CloseCode", "ErrorCode", "should_reconnect"]
+#: The close reason sent with 1003 by Herald's text-only routes, on either transport.
+BINARY_REFUSED = "binary frames are not supported"
+
+__all__ = ["BINARY_REFUSED", "ERROR_MESSAGES", "CloseCode", "ErrorCode", "should_reconnect"]

@@ -280,7 +280,7 @@ class ProtocolHandler:
         await node.run_hooks("connect", ctx)
         connection.user = ctx.user
         connection.info = ctx.info
-        await node.admit(connection)
+        node.admit(connection)
         self.session.connected()
         logger.info(
             "client connected",

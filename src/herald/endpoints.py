@@ -18,7 +18,7 @@ import orjson
 
 from .auth import check_origin
 from .brokers.base import ClientInfo
-from .codes import CloseCode
+from .codes import BINARY_REFUSED, CloseCode
 from .commands import ProtocolHandler, render_publication
 from .connection import Connection, Renderer, new_client_id
 from .exceptions import DisconnectError
@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     from .app import Herald
 
 logger = logging.getLogger("herald")
-
-BINARY_REFUSED = "binary frames are not supported"
-
 
 # ---------------------------------------------------------------- shared by both paths
 
@@ -71,7 +68,7 @@ class BroadcastInput:
         Raises ``DisconnectError`` when the node refuses the client (shutting down).
         """
         node, connection = self.node, self.connection
-        node.admit_now(connection)
+        node.admit(connection)
         node.hub.subscribe(BROADCAST_CHANNEL, connection)
         if node.broker_subscribed(BROADCAST_CHANNEL):
             return None
@@ -157,6 +154,16 @@ class _Session:
     def started(self) -> Awaitable[None] | None:
         return None
 
+    def message(self, data: str | bytes) -> Awaitable[None] | None:
+        # All four routes are text-only: a binary frame closes with 1003, as on ASGI.
+        if isinstance(data, bytes):
+            self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
+            return None
+        return self.on_text(data)
+
+    def on_text(self, text: str) -> Awaitable[None] | None:
+        raise NotImplementedError
+
     def fail(self, code: int, reason: str) -> None:
         self.ws.close_now(code, reason)
 
@@ -193,11 +200,8 @@ class ProtocolSession(_Session):
             else:
                 self.fail(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout")
 
-    def message(self, data: str | bytes) -> Awaitable[None] | None:
-        if isinstance(data, bytes):
-            self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
-            return None
-        return self.handler.receive(data)
+    def on_text(self, text: str) -> Awaitable[None] | None:
+        return self.handler.receive(text)
 
     def fail(self, code: int, reason: str) -> None:
         self.connection.close(code, reason)
@@ -234,11 +238,8 @@ class BroadcastSession(_Session):
             self.fail(exc.code, exc.reason)
             return None
 
-    def message(self, data: str | bytes) -> Awaitable[None] | None:
-        if isinstance(data, bytes):
-            self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
-            return None
-        return self.input.on_text(data)
+    def on_text(self, text: str) -> Awaitable[None] | None:
+        return self.input.on_text(text)
 
     def fail(self, code: int, reason: str) -> None:
         self.connection.close(code, reason, push=False)
@@ -258,11 +259,8 @@ class EchoSession(_Session):
 
     __slots__ = ()
 
-    def message(self, data: str | bytes) -> None:
-        if isinstance(data, bytes):
-            self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
-            return
-        self.ws.send_now(echo_reply(data))
+    def on_text(self, text: str) -> None:
+        self.ws.send_now(echo_reply(text))
 
 
 class JsonSession(_Session):
@@ -270,11 +268,8 @@ class JsonSession(_Session):
 
     __slots__ = ()
 
-    def message(self, data: str | bytes) -> None:
-        if isinstance(data, bytes):
-            self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
-            return
-        answer, malformed = json_answer(data)
+    def on_text(self, text: str) -> None:
+        answer, malformed = json_answer(text)
         self.ws.send_now(answer)
         if malformed:
             self.fail(CloseCode.INVALID_PAYLOAD, "malformed JSON")

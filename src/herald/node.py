@@ -515,11 +515,7 @@ class Node:
                 ErrorCode.PERMISSION_DENIED, "private channel: a subscription token is required"
             )
 
-    async def admit(self, connection: Connection) -> None:
-        """Add a connected client to the hub (see :meth:`admit_now`)."""
-        self.admit_now(connection)
-
-    def admit_now(self, connection: Connection) -> None:
+    def admit(self, connection: Connection) -> None:
         """Add a connected client to the hub.
 
         Raises ``DisconnectError(4503)`` when the user already has

@@ -24,7 +24,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from ..auth import check_origin, install_token_redaction
-from ..codes import CloseCode
+from ..codes import BINARY_REFUSED, CloseCode
 from ..config import Settings
 from ..connection import Connection, new_client_id
 
@@ -176,7 +176,7 @@ async def read_loop(
             return Ending(int(message.get("code") or 1005), str(message.get("reason") or ""), True)
         text = message.get("text")
         if text is None:
-            return Ending(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported", False)
+            return Ending(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED, False)
         # len(text) <= bytes <= 4 * len(text): only encode when it could matter.
         if len(text) * 4 > max_size and len(text.encode()) > max_size:
             return Ending(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes", False)

@@ -10,7 +10,9 @@ instead.  On each upgrade request it looks at the path:
   when the app's lifespan is Herald's) is served here: the handshake, RFC 6455
   framing (see :mod:`.wsframes`), pings and the closing handshake, with a
   :class:`NativeSession` receiving each message.  There is no task per
-  connection: a task exists only while a message is being handled.
+  connection: a task exists only while a message whose handling is a coroutine is
+  being handled (on Python 3.12+ it runs eagerly, so one that never suspends
+  costs no loop turn).
 * any other path goes to :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`
   (uvicorn's own protocol with Herald's direct-write path), so every ordinary ASGI
   WebSocket route keeps working.
@@ -137,36 +139,42 @@ def unregister_routes(app: Any) -> None:
         _registry.pop(app, None)
 
 
-def _app_chain(config: Any) -> list[Any]:
-    chain = []
-    app = getattr(config, "loaded_app", None)
-    for _ in range(16):
-        if app is None:
-            break
-        chain.append(app)
-        app = getattr(app, "app", None)
-    return chain
+# uvicorn config -> its loaded app and the middleware around it, outermost first.  Built
+# once per server (the chain does not change after loading), read on every handshake.
+_chains: weakref.WeakKeyDictionary[Any, tuple[list[Any], Any]] = weakref.WeakKeyDictionary()
+
+
+def _app_chain(config: Any) -> tuple[list[Any], Any]:
+    """The app chain of ``config`` and uvicorn's trusted-host set when it applies proxy
+    headers (else None)."""
+    cached = _chains.get(config)
+    if cached is None:
+        chain = []
+        app = getattr(config, "loaded_app", None)
+        for _ in range(16):
+            if app is None:
+                break
+            chain.append(app)
+            app = getattr(app, "app", None)
+        trust = None
+        if getattr(config, "proxy_headers", False):
+            for app in chain:
+                trusted = getattr(app, "trusted_hosts", None)
+                if trusted is not None and hasattr(trusted, "get_trusted_client_address"):
+                    trust = trusted
+                    break
+        cached = _chains[config] = (chain, trust)
+    return cached
 
 
 def routes_for(config: Any) -> dict[str, NativeRoute] | None:
-    for app in _app_chain(config):
+    for app in _app_chain(config)[0]:
         try:
             routes = _registry.get(app)
         except TypeError:  # not weak-referenceable: cannot be registered
             continue
         if routes is not None:
             return routes
-    return None
-
-
-def _proxy_trust(config: Any) -> Any:
-    """uvicorn's trusted-host set when it applies proxy headers, else None."""
-    if not getattr(config, "proxy_headers", False):
-        return None
-    for app in _app_chain(config):
-        trusted = getattr(app, "trusted_hosts", None)
-        if trusted is not None and hasattr(trusted, "get_trusted_client_address"):
-            return trusted
     return None
 
 
@@ -533,7 +541,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
 
     def _apply_proxy_headers(self) -> None:
         # What uvicorn's ProxyHeadersMiddleware does to the ASGI scope, for the same peers.
-        trusted = _proxy_trust(self.config)
+        trusted = _app_chain(self.config)[1]
         if trusted is None or self.client is None or self.client[0] not in trusted:
             return
         proto = self.header("x-forwarded-proto")
