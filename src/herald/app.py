@@ -168,7 +168,12 @@ class Herald:
         path = scope["path"]
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
-        self.serve_natively(app, {path: name})
+        from .transports.native import is_registered
+
+        # Registered already, yet served here: the app is out of the server's reach (a
+        # mounted sub-application); registering again on every handshake would not help.
+        if not is_registered(app, path):
+            self.serve_natively(app, {path: name})
 
     @property
     def api_router(self) -> APIRouter:

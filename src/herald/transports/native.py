@@ -134,6 +134,11 @@ def register_routes(app: Any, routes: dict[str, NativeRoute]) -> None:
         _registry[app] = {**_registry.get(app, {}), **routes}
 
 
+def is_registered(app: Any, path: str) -> bool:
+    routes = _registry.get(app)
+    return routes is not None and path in routes
+
+
 def unregister_routes(app: Any) -> None:
     with _registry_lock:
         _registry.pop(app, None)
