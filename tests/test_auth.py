@@ -291,15 +291,21 @@ async def test_private_namespace_needs_a_grant() -> None:
         await node.authorize_subscribe(ctx, "private:room", None, private=True)
     assert info.value.code == ErrorCode.PERMISSION_DENIED
     # A subscription token for this user and channel grants it.
-    token = hs256({"sub": "alice", "channel": "private:room"})
-    await node.authorize_subscribe(ctx, "private:room", token, private=True)
+    token = hs256({"sub": "alice", "channel": "private:room", "typ": "subscription"})
+    claims = await node.authorize_subscribe(ctx, "private:room", token, private=True)
+    assert claims is not None and claims.kind == "subscription" and claims.channel == "private:room"
     # ... but not another channel, nor another user's token.
-    with pytest.raises(CommandError):
+    with pytest.raises(CommandError) as info:
         await node.authorize_subscribe(ctx, "private:other", token, private=True)
-    with pytest.raises(CommandError):
+    assert info.value.code == ErrorCode.PERMISSION_DENIED
+    with pytest.raises(CommandError) as info:
         await node.authorize_subscribe(
-            ctx, "private:room", hs256({"sub": "bob", "channel": "private:room"}), private=True
+            ctx,
+            "private:room",
+            hs256({"sub": "bob", "channel": "private:room", "typ": "subscription"}),
+            private=True,
         )
+    assert info.value.code == ErrorCode.PERMISSION_DENIED
     # A connection token's channels claim grants too.
     ctx.claims = TokenClaims(user="alice", channels=["private:*"])
     await node.authorize_subscribe(ctx, "private:x", None, private=True)
@@ -308,12 +314,72 @@ async def test_private_namespace_needs_a_grant() -> None:
 
 
 async def test_connection_token_is_not_a_subscription_token() -> None:
-    """A token without a channel claim grants no channel (no replay of connection tokens)."""
+    """A connection token (typ absent or "connection") is refused as a subscription token
+    (111), even one whose channels claim names the channel; a subscription-typed token
+    without a channel claim grants nothing (110)."""
     node = make_node()
     ctx = ClientContext(client="c1", user="alice")
+    for claims in (
+        {"sub": "alice"},
+        {"sub": "alice", "channels": ["chat:x"]},
+        {"sub": "alice", "channels": ["chat:x"], "typ": "connection"},
+    ):
+        with pytest.raises(CommandError) as info:
+            await node.authorize_subscribe(ctx, "chat:x", hs256(claims))
+        assert info.value.code == ErrorCode.UNAUTHORIZED, claims
+        assert "subscription" in info.value.message
     with pytest.raises(CommandError) as info:
-        await node.authorize_subscribe(ctx, "chat:x", hs256({"sub": "alice"}))
+        await node.authorize_subscribe(ctx, "chat:x", hs256({"sub": "alice", "typ": "subscription"}))
     assert info.value.code == ErrorCode.PERMISSION_DENIED
+    granted = hs256({"sub": "alice", "channels": ["chat:*"], "typ": "subscription"})
+    assert await node.authorize_subscribe(ctx, "chat:x", granted) is not None
+
+
+@pytest.mark.parametrize(
+    ("claims", "kind"),
+    [
+        pytest.param({"sub": "a"}, "connection", id="untyped"),
+        pytest.param({"sub": "a", "channels": ["x:*"]}, "connection", id="untyped-with-grants"),
+        pytest.param({"sub": "a", "typ": "connection"}, "connection", id="connection"),
+        pytest.param(
+            {"sub": "a", "typ": "subscription", "channel": "x:1"}, "subscription", id="subscription"
+        ),
+        pytest.param({"sub": "a", "channel": "x:1"}, None, id="untyped-subscription"),
+        pytest.param({"sub": "a", "typ": "refresh"}, None, id="unknown-typ"),
+        pytest.param({"sub": "a", "typ": 1}, None, id="non-string-typ"),
+    ],
+)
+def test_token_types_are_not_interchangeable(claims: dict[str, Any], kind: str | None) -> None:
+    """Each token is accepted as its own kind only: a subscription token cannot open a
+    connection, a connection token cannot subscribe; untyped tokens naming one channel
+    (subscription tokens minted before the typ claim) and unknown types are neither."""
+    verifier = TokenVerifier(secret=SECRET)
+    token = hs256(claims)
+    for wanted in ("connection", "subscription"):
+        if wanted == kind:
+            verified = verifier.verify(token, wanted)
+            assert verified.kind == wanted and verified.user == "a"
+        else:
+            with pytest.raises(CommandError) as info:
+                verifier.verify(token, wanted)
+            assert info.value.code == ErrorCode.UNAUTHORIZED
+            assert token not in info.value.message
+    # The default kind is the connection token (connect, refresh).
+    if kind == "connection":
+        assert verifier.verify(token).kind == "connection"
+    else:
+        expect_error(verifier, token, ErrorCode.UNAUTHORIZED)
+
+
+async def test_subscription_token_cannot_connect() -> None:
+    """node.authenticate (the connect command) refuses a subscription token with 111."""
+    node = make_node()
+    ctx = ClientContext(client="c1", token=hs256({"sub": "alice", "typ": "subscription", "channel": "x"}))
+    with pytest.raises(CommandError) as info:
+        await node.authenticate(ctx)
+    assert info.value.code == ErrorCode.UNAUTHORIZED
+    assert ctx.user == "" and ctx.claims is None
+    assert node.rejected_handshakes["auth"] == 1
 
 
 async def test_authenticate_sets_user_and_claims() -> None:

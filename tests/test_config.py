@@ -194,3 +194,51 @@ def test_every_setting_is_documented() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = [name for name in Settings.model_fields if f"`HERALD_{name.upper()}`" not in text]
     assert missing == [], f"add these settings to docs/configuration.md: {missing}"
+
+
+def test_broker_settings_come_from_the_broker_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 item 6: every broker setting is reachable from `herald serve` / HERALD_BROKER."""
+    from herald.app import Herald
+    from herald.brokers.memory import MemoryBroker
+    from herald.brokers.nats import NatsBroker
+    from herald.brokers.redis import RedisBroker
+
+    for name in list(os.environ):
+        if name.startswith("HERALD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HERALD_BROKER", "memory?stream_meta_ttl=42")
+    memory = Herald(Settings()).node.broker
+    assert isinstance(memory, MemoryBroker) and memory.stream_meta_ttl == 42
+    monkeypatch.setenv(
+        "HERALD_BROKER",
+        "redis://:pw@127.0.0.1:6390/2?prefix=app&stream_meta_ttl=600&max_held=50&command_timeout=1.5"
+        "&max_connections=7&reconnect_max=9&health_check_interval=30",
+    )
+    redis = Herald(Settings()).node.broker
+    assert isinstance(redis, RedisBroker)
+    config = redis.config
+    assert (config.prefix, config.stream_meta_ttl, config.max_held) == ("app", 600, 50)
+    assert (config.command_timeout, config.max_connections, config.reconnect_max) == (1.5, 7, 9)
+    # Herald's options leave the URL; redis-py's own stay for redis-py.
+    assert config.url == "redis://:pw@127.0.0.1:6390/2?health_check_interval=30"
+    monkeypatch.setenv("HERALD_BROKER", "nats://127.0.0.1:4333?jetstream=1&request_timeout=2")
+    nats = Herald(Settings()).node.broker
+    assert isinstance(nats, NatsBroker) and nats.config.jetstream and nats.config.request_timeout == 2
+
+
+@pytest.mark.parametrize(
+    ("broker", "complaint"),
+    [
+        ("memory?stream_meta_ttl=-5", "stream_meta_ttl"),
+        ("memory?history=1", "unknown memory broker URL option 'history'"),
+        ("redis://:hunter2@127.0.0.1:6390/0?stream_meta_ttl=soon", "stream_meta_ttl"),
+        ("redis://:hunter2@127.0.0.1:6390/0?read_meta_ttl=5", "unknown Redis broker URL option"),
+        ("redis://:hunter2@127.0.0.1:6390/0?max_held=0", "max_held"),
+        ("nats://127.0.0.1:4333?request_timeout=x", "request_timeout"),
+    ],
+)
+def test_a_bad_broker_setting_fails_at_start_without_echoing_secrets(broker: str, complaint: str) -> None:
+    result = herald("serve", "--port", "0", env={"HERALD_BROKER": broker})
+    assert result.returncode == 2
+    assert "invalid configuration: broker:" in result.stderr and complaint in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr

@@ -1,9 +1,11 @@
 """Herald's own WebSocket protocol (transports/native.py) on real servers.
 
-Framing conformance is checked by Autobahn (tests/conformance); the routes' behaviour
-by the tutorial, channels and hostile-input suites, which run on ``herald serve`` and
-so on this protocol.  These tests cover what is particular to it: which routes it
-serves, the handshake's refusals, keepalive, proxy headers and shutdown.
+Framing conformance is checked by Autobahn (tests/conformance) and, without it, by the
+frame reader's byte-level tests (tests/test_wsframes.py); the routes' behaviour by the
+tutorial, channels and hostile-input suites, which run on ``herald serve`` and so on this
+protocol.  These tests cover what is particular to it: which routes it serves, the
+handshake's refusals, keepalive, proxy headers, shutdown, and the frame rules' close
+codes on a real socket.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from fastapi import FastAPI, WebSocket
 from herald import Herald
 from herald.config import Settings
 from herald.server import create_app
-from herald.transports.fastpath import AsgiWebSocketProtocol
+from herald.transports.fastpath import (
+    FRAGMENTS_ENV,
+    AsgiWebSocketProtocol,
+    BoundedSansIOProtocol,
+    fragment_limit,
+    uvicorn_ws_protocol,
+)
 from herald.transports.native import HeraldWebSocketProtocol
+from herald.transports.uvicorn_ws import BoundedWSProtocol
 
 from .helpers import DEFAULT_TIMEOUT, ThreadServer, async_wait_for
+from .test_wsframes import client_frame
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -248,3 +258,81 @@ async def test_a_busy_connection_stops_being_read_until_its_messages_are_handled
         finally:
             await sender.close()
             await receiver.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "reason"),
+    [
+        # A text message that ends inside a character (its last fragment decoded as final).
+        ([client_frame(0x1, b"ab\xe2", fin=False), client_frame(0x0, b"\x82")], 1007, b"UTF-8"),
+        # Reserved bit 1 (permessage-deflate's) without an extension.
+        ([client_frame(0x1, b"hi", rsv=0x40)], 1002, b"reserved bits"),
+        # A new data frame inside a fragmented message.
+        ([client_frame(0x1, b"a", fin=False), client_frame(0x1, b"b")], 1002, b"new message"),
+        # One frame more than max_message_fragments (3 here).
+        (
+            [client_frame(0x1, b"a", fin=False), *[client_frame(0x0, b"", fin=False)] * 3],
+            1009,
+            b"message in more than 3 fragments",
+        ),
+    ],
+)
+async def test_frame_rules_close_the_connection_with_their_code(
+    frames: list[bytes], code: int, reason: bytes
+) -> None:
+    with serving(create_app(Settings(max_message_fragments=3))) as server:
+        head, sock = await asyncio.to_thread(raw_handshake, server.port, "/ws")
+        with sock:
+            assert head.startswith(b"HTTP/1.1 101")
+            sock.sendall(b"".join(frames))
+            # The first frame back is the close frame: nothing was echoed.
+            opcode, payload = await asyncio.to_thread(read_frame, sock)
+            assert opcode == 0x8, payload
+            assert struct.unpack("!H", payload[:2])[0] == code
+            assert reason in payload[2:]
+
+
+async def test_a_fragmented_message_within_the_bounds_is_echoed_whole() -> None:
+    with serving(create_app(Settings(max_message_fragments=3))) as server:
+        head, sock = await asyncio.to_thread(raw_handshake, server.port, "/ws")
+        with sock:
+            assert head.startswith(b"HTTP/1.1 101")
+            euro = "€".encode()
+            sock.sendall(
+                client_frame(0x1, b"ab" + euro[:1], fin=False)
+                + client_frame(0x0, euro[1:2], fin=False)
+                + client_frame(0x0, euro[2:] + b"!")
+            )
+            assert await asyncio.to_thread(read_frame, sock) == (0x1, "Message text was: ab€!".encode())
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"), [(None, 4096), ("100", 100), ("1", 1), ("0", 4096), ("-5", 4096), ("many", 4096)]
+)
+def test_asgi_protocols_read_their_fragment_bound_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, limit: int
+) -> None:
+    if value is None:
+        monkeypatch.delenv(FRAGMENTS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FRAGMENTS_ENV, value)
+    assert fragment_limit() == limit
+
+
+@pytest.mark.parametrize(
+    ("ws_impl", "fast_path", "expected"),
+    [
+        ("websockets-sansio", True, HeraldWebSocketProtocol),
+        ("auto", True, HeraldWebSocketProtocol),
+        ("websockets-sansio", False, BoundedSansIOProtocol),
+        ("auto", False, BoundedSansIOProtocol),
+        ("wsproto", True, BoundedWSProtocol),
+        ("wsproto", False, BoundedWSProtocol),
+        # websockets' legacy protocol bounds fragments itself (4096 per message).
+        ("websockets", True, "websockets"),
+    ],
+)
+def test_herald_serve_runs_a_bounded_protocol_for_every_implementation(
+    ws_impl: str, fast_path: bool, expected: object
+) -> None:
+    assert uvicorn_ws_protocol(ws_impl, fast_path) == expected

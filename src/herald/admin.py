@@ -13,7 +13,10 @@ Presence and the publish form use the HTTP API (``/api/presence``,
 
 Access: ``settings.api_key`` is required (``X-API-Key`` header for HTTP, first
 frame ``{"api_key": "..."}`` on the WebSocket); without a configured key only
-loopback clients are let in, like ``/api``.
+loopback clients that name the server by a loopback ``Host`` are let in, like
+``/api``.  Every route checks ``Host`` against the allow-list first, ``/admin/ws``
+also ``Origin`` and counts against the per-IP connection limit, and the page
+may not be framed (``X-Frame-Options: DENY``, ``frame-ancestors 'none'``).
 """
 
 from __future__ import annotations
@@ -31,17 +34,20 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket
 from fastapi.responses import HTMLResponse
 
 from . import __version__
+from .apiguard import FRAME_HEADERS_DICT, HttpGate, guarded_route_class, local_address
 from .auth import api_key_allows
 from .brokers.memory import MemoryBroker
 from .codes import CloseCode
 from .commands import render_publication
 from .connection import Connection
+from .hosts import handshake_refusal
 from .transports.fastapi import (
     StarletteTransport,
-    check_handshake,
+    client_ip,
     close_quietly,
     new_client_id,
     read_loop,
+    refuse_handshake,
     remote_address,
     settle,
 )
@@ -63,9 +69,12 @@ MAX_CHANNELS = 1000
 AUTH_TIMEOUT = 10.0
 
 
-def key_allows(settings: Settings, supplied: str | None, client_host: str | None) -> bool:
-    """Whether ``supplied`` (the key a client sent) lets it in; see the module docstring."""
-    return api_key_allows(settings.api_key, supplied, client_host)
+def key_allows(
+    settings: Settings, supplied: str | None, client_host: str | None, host_header: str | None = None
+) -> bool:
+    """Whether ``supplied`` (the key a client sent) lets it in; see the module docstring
+    (``host_header``: the request's ``Host``, None when it had none)."""
+    return api_key_allows(settings.api_key, supplied, client_host, host_header)
 
 
 class Admin:
@@ -74,7 +83,10 @@ class Admin:
     def __init__(self, herald: Herald) -> None:
         self.herald = herald
         self.node = herald.node
-        self.router = APIRouter(prefix="/admin", include_in_schema=False)
+        gate = HttpGate(herald.settings)
+        self.router = APIRouter(
+            prefix="/admin", include_in_schema=False, route_class=guarded_route_class(gate, require_key=False)
+        )
         self._add_routes()
         self._last_snapshot: bytes = b""
         self._last_published = 0.0
@@ -169,12 +181,13 @@ class Admin:
         async def page() -> HTMLResponse:
             html = (resources.files("herald") / "static" / "admin.html").read_text("utf-8")
             # The page itself holds no data; it asks for the key and uses it for everything.
-            return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+            return HTMLResponse(html, headers={"Cache-Control": "no-store", **FRAME_HEADERS_DICT})
 
         @router.get("/snapshot")
         async def snapshot(request: Request) -> dict[str, Any]:
             supplied = request.headers.get("x-api-key")
-            if not key_allows(settings, supplied, request.client.host if request.client else None):
+            client_host = request.client.host if request.client else None
+            if not key_allows(settings, supplied, client_host, request.headers.get("host")):
                 raise HTTPException(401, detail="missing or wrong API key")
             return self.snapshot()
 
@@ -182,8 +195,30 @@ class Admin:
 
     async def _ws_endpoint(self, websocket: WebSocket) -> None:
         node, settings = self.node, self.herald.settings
-        if not await check_handshake(websocket, settings):
+        refusal = handshake_refusal(
+            settings,
+            host=websocket.headers.get("host"),
+            origin=websocket.headers.get("origin"),
+            local_address=local_address(websocket.scope),
+            scheme=websocket.url.scheme,
+        )
+        if refusal is not None:
+            node.record_rejection(refusal.kind)
+            await refuse_handshake(websocket, refusal.reason)
             return
+        # An admin page is a WebSocket like any other for the per-IP limit.
+        ip = client_ip(websocket)
+        if not node.ip_connections.acquire(ip):
+            node.record_rejection("ip_limit")
+            await refuse_handshake(websocket, "too many connections from this address")
+            return
+        try:
+            await self._serve_ws(websocket)
+        finally:
+            node.ip_connections.release(ip)
+
+    async def _serve_ws(self, websocket: WebSocket) -> None:
+        node, settings = self.node, self.herald.settings
         await websocket.accept()
         try:
             message = await asyncio.wait_for(websocket.receive(), AUTH_TIMEOUT)
@@ -199,7 +234,7 @@ class Admin:
         host = websocket.client.host if websocket.client else None
         if message["type"] == "websocket.disconnect":
             return
-        if not key_allows(settings, supplied, host):
+        if not key_allows(settings, supplied, host, websocket.headers.get("host")):
             node.record_rejection("admin_auth")
             await close_quietly(websocket, CloseCode.UNAUTHORIZED, "missing or wrong API key")
             return

@@ -2,7 +2,9 @@
 
 Protected by ``HERALD_API_KEY`` (send it as ``X-API-Key: KEY`` or
 ``Authorization: apikey KEY``).  Without a configured key the API answers only
-requests from the loopback interface, and says so in its 403.
+requests from the loopback interface that name the server by a loopback name,
+and says so in its 403.  The key, the ``Host`` and the body's size and time are
+checked before the body is read (see :mod:`herald.apiguard`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from .auth import api_key_allows
+from .apiguard import HttpGate, guarded_route_class
 from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
 from .exceptions import BrokerError, CommandError, NotAvailableError
-from .protocol.messages import ClientInfoModel, PublicationModel
+from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history
+from .protocol.messages import MAX_ID, ClientInfoModel, PublicationModel
 
 logger = logging.getLogger("herald.api")
 
@@ -110,33 +113,18 @@ def build_api_router(herald: Herald) -> APIRouter:
     settings = herald.settings
     node = herald.node
 
-    def require_key(request: Request) -> None:
-        supplied = request.headers.get("x-api-key")
-        if supplied is None:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() in ("apikey", "bearer"):
-                supplied = value.strip()
-        if api_key_allows(settings.api_key, supplied, request.client.host if request.client else None):
-            return
-        if settings.api_key is None:
-            raise HTTPException(
-                403,
-                detail="HERALD_API_KEY is not set: the API answers only from loopback; "
-                "set a key to use it from other hosts",
-            )
-        raise HTTPException(401, detail="missing or wrong API key")
-
-    def presence_channel(channel: str) -> str:
-        """Validate ``channel`` for the presence endpoints (HTTP errors on failure)."""
+    async def trusted_check(operation: Operation, channel: str) -> Grant:
+        """The access policy for an API-key holder (trusted: only the channel's validity
+        and the namespace's features are checked); HTTP errors on failure."""
         try:
-            name, options = node.check_channel(channel)
+            return await node.policy.check(None, operation, channel, trusted=True)
         except CommandError as exc:
             raise _error(exc) from None
-        if not options.presence:
-            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace"))
-        return name
 
-    router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
+    # Host, API key and the body's bounds are checked before FastAPI reads the body
+    # (herald.apiguard), wherever this router is included.
+    route_class = guarded_route_class(HttpGate(settings), require_key=True)
+    router = APIRouter(prefix="/api", tags=["server API"], route_class=route_class)
 
     @router.post("/publish", response_model=PositionOut, summary="Publish to a channel")
     async def publish(body: PublishBody) -> PositionOut:
@@ -171,14 +159,14 @@ def build_api_router(herald: Herald) -> APIRouter:
 
     @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
     async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceOut:
-        name = presence_channel(channel)
+        name = (await trusted_check(Operation.PRESENCE, channel)).channel
         with _broker_errors():
             clients = await node.presence_of(name)
         return PresenceOut(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
 
     @router.get("/presence_stats", response_model=PresenceStatsOut, summary="Presence counts")
     async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsOut:
-        name = presence_channel(channel)
+        name = (await trusted_check(Operation.PRESENCE_STATS, channel)).channel
         with _broker_errors():
             stats = await node.presence_stats(name)
         return PresenceStatsOut(num_clients=stats.num_clients, num_users=stats.num_users)
@@ -187,26 +175,31 @@ def build_api_router(herald: Herald) -> APIRouter:
     async def history(
         channel: Annotated[str, Query(max_length=1024)],
         limit: Annotated[int | None, Query(ge=0)] = None,
-        since_offset: Annotated[int | None, Query(ge=0)] = None,
+        since_offset: Annotated[int | None, Query(description=f"0 to {MAX_ID}")] = None,
         since_epoch: Annotated[str | None, Query(max_length=64)] = None,
         reverse: bool = False,
     ) -> HistoryOut:
-        try:
-            name, options = node.check_channel(channel)
-        except CommandError as exc:
-            raise _error(exc) from None
-        if options.history_size == 0:
-            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, "history is off in this namespace"))
+        if since_offset is not None and not 0 <= since_offset <= MAX_ID:
+            # An offset no stream can reach; the broker would fail on it (503) otherwise.
+            raise _error(CommandError(ErrorCode.BAD_REQUEST, f"since_offset must be 0 to {MAX_ID}"))
+        name = (await trusted_check(Operation.HISTORY, channel)).channel
         since = None
         if since_offset is not None:
+            # Without since_epoch the offset is one of the current stream.
             since = StreamPosition(since_offset, since_epoch or "")
-        limit = min(limit if limit is not None else settings.max_history_limit, settings.max_history_limit)
+        # The same clamp, read and epoch check as the protocol's history command (herald.policy).
         with _broker_errors():
-            result = await node.history(name, since=since, limit=limit, reverse=reverse)
-        if since is not None and since_epoch and since_epoch != result.position.epoch:
-            raise _error(
-                CommandError(ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset")
+            result = await read_history(
+                node.history,
+                name,
+                since=since,
+                limit=clamp_history_limit(limit, settings.max_history_limit),
+                reverse=reverse,
             )
+        try:
+            check_epoch(since, result.position)
+        except CommandError as exc:
+            raise _error(exc) from None
         return HistoryOut(
             publications=[
                 PublicationModel(

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 
+from .apiguard import FRAME_HEADERS_DICT, local_address
 from .brokers.base import Broker, ClientInfo, StreamPosition
 from .codes import CloseCode
 from .commands import ProtocolHandler, render_publication
@@ -36,12 +37,12 @@ from .config import Settings
 from .connection import Connection, Renderer
 from .endpoints import BroadcastInput, json_answer, log_disconnect, new_connection
 from .exceptions import DisconnectError
+from .hosts import handshake_refusal
 from .node import Node
 from .presence.base import PresenceManager
 from .protocol.messages import SUBPROTOCOL
 from .protocol.session import SessionState
 from .transports.fastapi import (
-    check_handshake,
     client_ip,
     close_quietly,
     install_log_filters,
@@ -221,7 +222,7 @@ class Herald:
             response_model=None,
         )
         async def asyncapi_page(request: Request) -> HTMLResponse:
-            return HTMLResponse(document(request)[1])
+            return HTMLResponse(document(request)[1], headers=FRAME_HEADERS_DICT)
 
         return router
 
@@ -235,13 +236,23 @@ class Herald:
         self, endpoint: Callable[[WebSocket], Awaitable[None]], name: str
     ) -> Callable[[WebSocket], Awaitable[None]]:
         """Wrap a WebSocket endpoint in the checks every route gets before accept: the
-        Origin allow-list (HTTP 403) and the per-IP connection limit (HTTP 403, logged)."""
-        node = self.node
+        Host and Origin allow-lists (HTTP 403; the same function as on the native path)
+        and the per-IP connection limit (HTTP 403, logged)."""
+        node, settings = self.node, self.settings
 
         @functools.wraps(endpoint)
         async def guarded(websocket: WebSocket) -> None:
-            if not await check_handshake(websocket, self.settings):
-                node.record_rejection("origin")
+            headers = websocket.headers
+            refusal = handshake_refusal(
+                settings,
+                host=headers.get("host"),
+                origin=headers.get("origin"),
+                local_address=local_address(websocket.scope),
+                scheme=websocket.url.scheme,
+            )
+            if refusal is not None:
+                node.record_rejection(refusal.kind)
+                await refuse_handshake(websocket, refusal.reason)
                 return
             self._learn_native_path(websocket, name)
             websocket.scope["herald.handshake_checked"] = True

@@ -197,6 +197,12 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
         "Send a fresh token (same user) before the current one expires, or within the grace "
         "period after a `refresh` push; the result says when the new token expires.",
     ),
+    "sub_refresh": (
+        "Replace a subscription token",
+        "Send a fresh subscription token (`typ: subscription`, same user, granting the channel) "
+        "before the current one expires, or within the grace period after a `sub_refresh` push; "
+        "error 109 when not subscribed to the channel.",
+    ),
     "pong": (
         "Answer a server ping",
         'Send `{"type": "pong"}` after each `ping` push; no id, no reply. Without it the '
@@ -225,6 +231,16 @@ PUSH_DOCS: dict[str, tuple[str, str]] = {
         "The connection token expired",
         "Send a `refresh` command with a new token within `grace` seconds, or the server "
         "closes the connection with 4004.",
+    ),
+    "sub_refresh": (
+        "A subscription token expired",
+        "Send a `sub_refresh` command with a new subscription token for `channel` within "
+        "`grace` seconds, or the server ends that subscription with an `unsubscribe` push.",
+    ),
+    "unsubscribe": (
+        "The server ended a subscription",
+        "The connection stays open; `code` is an error code (112: the subscription token "
+        "expired). Subscribe again, with a new token, to continue.",
     ),
 }
 
@@ -294,6 +310,15 @@ EXAMPLES: dict[str, Any] = {
     "refreshRequest": {"id": 10, "type": "refresh", "token": "eyJhbGciOi..."},
     "refreshReply": {"id": 10, "type": "refresh", "result": {"expires_at": 1767225600.0}},
     "refreshPush": {"type": "refresh", "grace": 30.0},
+    "subRefreshRequest": {"id": 11, "type": "sub_refresh", "channel": "team:red", "token": "eyJhbGciOi..."},
+    "subRefreshReply": {"id": 11, "type": "sub_refresh", "result": {"expires_at": 1767225600.0}},
+    "subRefreshPush": {"type": "sub_refresh", "channel": "team:red", "grace": 10.0},
+    "unsubscribePush": {
+        "type": "unsubscribe",
+        "channel": "team:red",
+        "code": 112,
+        "reason": "subscription token expired",
+    },
     "pingReply": {"id": 9, "type": "ping", "result": {}},
     "pongCommand": {"type": "pong"},
     "errorReply": {"id": None, "type": None, "error": {"code": 101, "message": "malformed JSON"}},

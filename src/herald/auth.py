@@ -20,6 +20,12 @@ Claims: ``sub`` (required) is the user id; ``exp`` (optional) is honoured;
 ``info`` (optional) is attached to the client; ``channels`` (optional) lists the
 channels the token grants (exact names, or a prefix ending in ``*``);
 ``channel`` (subscription tokens) names the one channel granted.
+
+``typ`` tells the two kinds apart, so that neither can pass as the other:
+a subscription token must carry ``typ: "subscription"``; a connection token
+carries ``typ: "connection"`` or, for tokens minted before the claim existed, no
+``typ`` at all, in which case it must not carry the subscription-only ``channel``
+claim either.
 """
 
 from __future__ import annotations
@@ -116,6 +122,12 @@ def check_origin(
 
 # ---------------------------------------------------------------- tokens
 
+#: The ``typ`` claim of a connection token (optional: a token without ``typ`` is one).
+CONNECTION_TOKEN = "connection"
+#: The ``typ`` claim every subscription token must carry.
+SUBSCRIPTION_TOKEN = "subscription"
+TOKEN_TYPES = (CONNECTION_TOKEN, SUBSCRIPTION_TOKEN)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
@@ -127,6 +139,8 @@ class TokenClaims:
     channels: list[str] | None = None
     channel: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: ``"connection"`` or ``"subscription"`` (from the ``typ`` claim).
+    kind: str = CONNECTION_TOKEN
 
     def grants(self, channel: str) -> bool:
         """Whether the ``channel``/``channels`` claims name ``channel``.
@@ -222,13 +236,17 @@ class TokenVerifier:
         shown = alg if isinstance(alg, str) and len(alg) <= 16 else "?"
         raise CommandError(ErrorCode.UNAUTHORIZED, f"invalid token (algorithm {shown} not accepted)")
 
-    def verify(self, token: str) -> TokenClaims:
-        """Return the claims of a valid token.
+    def verify(self, token: str, kind: str = CONNECTION_TOKEN) -> TokenClaims:
+        """Return the claims of a valid token of ``kind`` (``"connection"`` or
+        ``"subscription"``).
 
         Raises ``CommandError`` with ``TOKEN_EXPIRED`` (112) for an expired token,
         ``UNAUTHORIZED`` (111) for anything else wrong with it (bad signature,
-        wrong algorithm, missing ``sub``, tokens not configured).
+        wrong algorithm, missing ``sub``, tokens not configured, a token of the
+        other kind: see :func:`token_kind`).
         """
+        if kind not in TOKEN_TYPES:
+            raise ValueError(f"unknown token kind {kind!r}")
         if not self.enabled:
             raise CommandError(ErrorCode.UNAUTHORIZED, "tokens are not configured on this server")
         key, algorithms = self._key_for(token)
@@ -250,6 +268,11 @@ class TokenVerifier:
         user = claims.get("sub")
         if not isinstance(user, str) or not user or len(user) > 256:
             raise CommandError(ErrorCode.UNAUTHORIZED, "invalid token (sub must be a user id)")
+        found = token_kind(claims)
+        if found != kind:
+            raise CommandError(
+                ErrorCode.UNAUTHORIZED, f'invalid token (not a {kind} token: "typ" must be "{kind}")'
+            )
         channels = claims.get("channels")
         channel = claims.get("channel")
         exp = claims.get("exp")
@@ -260,7 +283,23 @@ class TokenVerifier:
             channels=[str(c) for c in channels] if isinstance(channels, list) else None,
             channel=channel if isinstance(channel, str) else None,
             raw=claims,
+            kind=kind,
         )
+
+
+def token_kind(claims: dict[str, Any]) -> str:
+    """The kind of token ``claims`` (verified) describe, from the ``typ`` claim.
+
+    ``"subscription"`` only with ``typ: "subscription"``; ``"connection"`` with
+    ``typ: "connection"`` or without ``typ`` (tokens minted before the claim), unless
+    the token carries a ``channel`` claim, which only subscription tokens have: such
+    an untyped token is a subscription token minted before the claim and is refused
+    as either kind (``"untyped subscription"``).  Any other ``typ`` is ``"unknown"``.
+    """
+    typ = claims.get("typ")
+    if typ is None:
+        return "untyped subscription" if "channel" in claims else CONNECTION_TOKEN
+    return typ if isinstance(typ, str) and typ in TOKEN_TYPES else "unknown"
 
 
 def seconds_left(claims: TokenClaims, now: float | None = None) -> float | None:
@@ -272,12 +311,14 @@ def seconds_left(claims: TokenClaims, now: float | None = None) -> float | None:
 
 # ---------------------------------------------------------------- logs
 
-_TOKEN_IN_TEXT = re.compile(r"((?:^|[?&\s\"'])token=)[^&\s\"']*", re.IGNORECASE)
-
 
 def redact_tokens(text: str) -> str:
-    """Replace the value of every ``token=...`` query parameter in ``text`` with ``***``."""
-    return _TOKEN_IN_TEXT.sub(r"\1***", text)
+    """Replace the value of every ``token=...`` query parameter in ``text`` (and of the
+    other secret-looking ones: ``api_key=``, ``secret=``...) with ``***``; keys are judged
+    percent-decoded, as the server reads them (``%74oken=`` is ``token=``)."""
+    from .logs import redact
+
+    return redact(text)
 
 
 class RedactTokensFilter(logging.Filter):
@@ -286,10 +327,9 @@ class RedactTokensFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.args:
             record.args = tuple(
-                redact_tokens(arg) if isinstance(arg, str) and "token=" in arg.lower() else arg
-                for arg in record.args
+                redact_tokens(arg) if isinstance(arg, str) and "=" in arg else arg for arg in record.args
             )
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+        if isinstance(record.msg, str) and "=" in record.msg:
             record.msg = redact_tokens(record.msg)
         return True
 
@@ -304,6 +344,8 @@ def install_token_redaction(*logger_names: str) -> None:
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
+    "CONNECTION_TOKEN",
+    "SUBSCRIPTION_TOKEN",
     "RedactTokensFilter",
     "TokenClaims",
     "TokenVerifier",
@@ -311,6 +353,7 @@ __all__ = [
     "install_token_redaction",
     "redact_tokens",
     "seconds_left",
+    "token_kind",
 ]
 
 
@@ -324,11 +367,17 @@ def is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
-def api_key_allows(key: SecretStr | None, supplied: str | None, client_host: str | None) -> bool:
+def api_key_allows(
+    key: SecretStr | None, supplied: str | None, client_host: str | None, host_header: str | None = None
+) -> bool:
     """The HTTP API's and admin page's rule: with a configured ``key`` the client must send
-    it (compared in constant time); without one only loopback clients are let in."""
+    it (compared in constant time); without one only loopback clients are let in, and only
+    when they name the server by a loopback name (``host_header``, the request's ``Host``;
+    None: the request had none), so that a DNS-rebinding page gets no loopback trust."""
     if key is None:
-        return is_loopback(client_host)
+        from .hosts import trusts_loopback
+
+        return trusts_loopback(client_host, host_header)
     if not supplied:
         return False
     return hmac.compare_digest(supplied.encode(), key.get_secret_value().encode())

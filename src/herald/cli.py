@@ -48,7 +48,8 @@ def _load_settings(args: argparse.Namespace) -> Any:
         for error in exc.errors(include_url=False):
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             got = error.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {str(got)[:80]!r})"
+            # A broker URL may hold a password: never echo it.
+            shown = "" if isinstance(got, dict) else f" (got {redact_url(str(got))[:80]!r})"
             problems.append(f"{where}: {error['msg']}{shown}")
         print(f"herald: invalid configuration: {'; '.join(problems)}", file=sys.stderr)
     except OSError as exc:
@@ -98,6 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["HERALD_CONFIG_FILE"] = args.config
     # Read by the HTTP protocol class in every worker (it is loaded by import string).
     os.environ["HERALD_HTTP_HEADER_TIMEOUT"] = str(settings.http_header_timeout)
+    # Read by the ASGI WebSocket protocol classes (uvicorn gives them no Herald settings).
+    os.environ["HERALD_MAX_MESSAGE_FRAGMENTS"] = str(settings.max_message_fragments)
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile

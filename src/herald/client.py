@@ -183,7 +183,9 @@ class LeaveEvent:
 
 @dataclass(frozen=True, slots=True)
 class SubscribeErrorEvent:
-    """``subscribe_error``: a resubscribe after reconnect was refused; the subscription ended."""
+    """``subscribe_error``: a resubscribe after reconnect was refused, or the server ended
+    the subscription (an ``unsubscribe`` push, e.g. code 112 when its subscription token
+    expired and could not be refreshed); the subscription ended."""
 
     channel: str
     error: ReplyError
@@ -295,6 +297,10 @@ class Subscription:
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._callback = on_publication
         self._task: asyncio.Task[None] | None = None
+        #: The subscription token (a string, or a callable giving a fresh one) and the
+        #: value last sent (resubscribes after a reconnect send it again, refreshed).
+        self._token: Token = None
+        self._token_value: str | None = None
         if on_publication is not None:
             self._task = asyncio.get_running_loop().create_task(
                 self._feed(on_publication), name=f"herald-client-sub-{channel}"
@@ -851,6 +857,11 @@ class Client:
         self.client_id = str(result.get("client", ""))
         self.user = str(result.get("user", ""))
         self.connections += 1
+        for sub in list(self._subs.values()):
+            if callable(sub._token):
+                # A fresh subscription token for the resubscribe (the last one may have expired).
+                with contextlib.suppress(_RetryableError):
+                    sub._token_value = await _call_token(sub._token)
         # From here to the end of the function there is no await: the resubscribe frame is
         # built and registered before anyone can see the client as connected.
         self._link = link
@@ -963,6 +974,20 @@ class Client:
             # with 4004.  A fixed token string cannot be refreshed: the client then
             # reconnects (4004 is a reconnect code) only if the token is still accepted.
             self._spawn(self._refresh_on_push(link))
+        elif kind == "sub_refresh":
+            # A subscription token expired: a callable gives a fresh one within the grace
+            # period; otherwise the server ends the subscription (the push below).
+            sub = self._subs.get(str(frame.get("channel")))
+            if sub is not None and sub._link is link and callable(sub._token):
+                self._spawn(self._sub_refresh_on_push(link, sub))
+        elif kind == "unsubscribe":
+            sub = self._subs.get(str(frame.get("channel")))
+            if sub is not None and sub._link is link:
+                del self._subs[sub.channel]
+                error = ReplyError(int(frame.get("code", 0)), str(frame.get("reason", "")))
+                sub.state = SubscriptionState.UNSUBSCRIBED
+                sub._end(error)
+                self._emit(SubscribeErrorEvent(sub.channel, error))
 
     # ------------------------------------------------------------ commands
 
@@ -1048,6 +1073,9 @@ class Client:
     ) -> HistoryPage:
         """Publications kept for ``channel`` (after ``since`` when given).
 
+        The server caps ``limit`` (``max_history_limit``) and cuts a large reply at its
+        byte budget (half the connection's outbound bound), so a page may hold fewer
+        publications than asked for: page on with ``since`` = the last one received.
         Raises :class:`ReplyError` with ``UNRECOVERABLE_POSITION`` (119) when
         ``since`` names another epoch.
         """
@@ -1082,6 +1110,19 @@ class Client:
         expires_at = result.get("expires_at")
         return float(expires_at) if expires_at is not None else None
 
+    async def _sub_refresh_on_push(self, link: _Link, sub: Subscription) -> None:
+        try:
+            token = await _call_token(sub._token)
+            if token is None or link is not self._link or self._subs.get(sub.channel) is not sub:
+                return
+            sub._token_value = token
+            frame = {"type": "sub_refresh", "channel": sub.channel, "token": token}
+            reply = await self._send(link, frame, self.timeout)
+            if "error" in reply:
+                logger.warning("subscription token refresh for %s refused: %s", sub.channel, reply["error"])
+        except (ClientError, _RetryableError) as exc:
+            logger.warning("subscription token refresh for %s failed: %r", sub.channel, exc)
+
     async def _refresh_on_push(self, link: _Link) -> None:
         try:
             token = await self._fresh_token()
@@ -1115,8 +1156,15 @@ class Client:
         on_publication: Callable[[ClientPublication], Any] | None = None,
         since: Since = None,
         timeout: float | None = None,
+        token: Token = None,
     ) -> Subscription:
         """Subscribe to ``channel``; returns once the server confirmed it.
+
+        ``token`` is a subscription token (a JWT with ``typ: "subscription"``; needed for
+        private channels), or a (sync or async) callable returning one: it is called
+        again for each resubscribe after a reconnect and when the server's
+        ``sub_refresh`` push says the token expired.  With a fixed string the server
+        ends the subscription when it expires (:class:`SubscribeErrorEvent`, code 112).
 
         With ``on_publication`` (sync or async) publications go to it, one at a
         time in order; without it, read them with ``async for`` or
@@ -1129,7 +1177,14 @@ class Client:
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         link = await self._wait_connected(wait, what="subscribe")
+        try:
+            token_value = await _call_token(token)
+        except _RetryableError as exc:
+            raise ClientError(f"subscription token for {channel}: {exc.__cause__!r}") from exc.__cause__
+        if channel in self._subs:  # subscribed by another task while the token was fetched
+            raise ReplyError(int(ErrorCode.ALREADY_SUBSCRIBED), f"already subscribed to {channel}")
         sub = Subscription(self, channel, _position(since), on_publication)
+        sub._token, sub._token_value = token, token_value
         self._subs[channel] = sub
         if sub._link is None and self._link is link:
             frame = self._subscribe_frame(link, [sub])
@@ -1184,6 +1239,8 @@ class Client:
         for sub in subs:
             sub._link = link
             item: dict[str, Any] = {"channel": sub.channel}
+            if sub._token_value:
+                item["token"] = sub._token_value
             # Resume from where we are, unless the channel keeps no history (nothing to resume).
             since = sub.position if (sub.recoverable or not sub._confirmed) else None
             if since is not None:
@@ -1262,6 +1319,17 @@ class Client:
         sub._confirmed = True
         if not sub._ready.done():
             sub._ready.set_result(None)
+
+
+async def _call_token(token: Token) -> str | None:
+    """The token ``token`` stands for: the string, or what the callable returns."""
+    if not callable(token):
+        return token
+    try:
+        value = token()
+        return await value if inspect.isawaitable(value) else value
+    except Exception as exc:
+        raise _RetryableError("token callable failed") from exc
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

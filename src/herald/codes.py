@@ -119,4 +119,15 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
 #: The close reason sent with 1003 by Herald's text-only routes, on either transport.
 BINARY_REFUSED = "binary frames are not supported"
 
-__all__ = ["BINARY_REFUSED", "ERROR_MESSAGES", "CloseCode", "ErrorCode", "should_reconnect"]
+#: The close reason (with 1009) for a message sent in more frames than
+#: ``max_message_fragments`` allows, on every WebSocket implementation Herald serves.
+TOO_MANY_FRAGMENTS = "message in more than {limit} fragments"
+
+__all__ = [
+    "BINARY_REFUSED",
+    "ERROR_MESSAGES",
+    "TOO_MANY_FRAGMENTS",
+    "CloseCode",
+    "ErrorCode",
+    "should_reconnect",
+]

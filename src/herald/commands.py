@@ -29,14 +29,16 @@ from .exceptions import (
 )
 from .limits import CommandRateLimiter, RateVerdict
 from .node import ClientContext, Node
+from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history, reply_byte_budget
 from .protocol import messages as m
-from .protocol.channels import allowed_users
 from .protocol.codec import (
     decode_command,
     dumps,
     encode_error,
     encode_publication,
     encode_reply,
+    encode_sub_refresh,
+    encode_unsubscribe,
     publication_dicts,
 )
 from .protocol.session import Session, SessionState
@@ -76,7 +78,16 @@ class ProtocolHandler:
     """Protocol v1 for one client."""
 
     # One per open connection: no per-instance dict.
-    __slots__ = ("_expiry", "_rpc_tasks", "connection", "context", "node", "rate", "session")
+    __slots__ = (
+        "_expiry",
+        "_rpc_tasks",
+        "_sub_expiry",
+        "connection",
+        "context",
+        "node",
+        "rate",
+        "session",
+    )
 
     def __init__(self, node: Node, connection: Connection, scope: MutableMapping[str, Any]) -> None:
         self.node = node
@@ -89,6 +100,8 @@ class ProtocolHandler:
             settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
         )
         self._expiry: asyncio.TimerHandle | None = None
+        # channel -> timer of its subscription token's expiry (created on first use).
+        self._sub_expiry: dict[str, asyncio.TimerHandle] | None = None
 
     # ------------------------------------------------------------ entry points
 
@@ -193,11 +206,72 @@ class ProtocolHandler:
         self.node.record_rejected_command("token_expired")
         self.connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
+    # ------------------------------------------------------------ subscription token expiry
+
+    def _schedule_sub_expiry(self, channel: str, expires_at: float | None) -> None:
+        """Arm (or re-arm, or with ``expires_at`` None disarm) the timer that asks for a
+        new subscription token of ``channel`` when the current one expires."""
+        self._cancel_sub_expiry(channel)
+        if expires_at is None:
+            return
+        timers = self._sub_expiry
+        if timers is None:
+            timers = self._sub_expiry = {}
+        delay = max(expires_at - time.time(), 0.0)
+        timers[channel] = asyncio.get_running_loop().call_later(delay, self._sub_token_expired, channel)
+
+    def _cancel_sub_expiry(self, channel: str) -> None:
+        timers = self._sub_expiry
+        if timers is not None:
+            timer = timers.pop(channel, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _sub_token_expired(self, channel: str) -> None:
+        grace = self.node.settings.token_refresh_grace
+        self.connection.send(encode_sub_refresh(channel, grace))
+        assert self._sub_expiry is not None
+        self._sub_expiry[channel] = asyncio.get_running_loop().call_later(
+            grace, self._sub_refresh_missed, channel
+        )
+
+    def _sub_refresh_missed(self, channel: str) -> None:
+        """No new subscription token in time: end that subscription (not the connection)."""
+        if self._sub_expiry is not None:
+            self._sub_expiry.pop(channel, None)
+        if channel not in self.session.subscriptions or self.connection.is_closing:
+            return
+        self.node.record_rejected_command("subscription_token_expired")
+        self.session.unsubscribed(channel)
+        # Out of the hub now, so that no publication follows the unsubscribe push.
+        emptied = self.node.hub.unsubscribe(channel, self.connection)
+        self.connection.send(
+            encode_unsubscribe(channel, int(ErrorCode.TOKEN_EXPIRED), "subscription token expired")
+        )
+        task = asyncio.get_running_loop().create_task(self._release(channel, emptied))
+        self._rpc_tasks.add(task)  # cancelled with the connection, like RPCs
+        task.add_done_callback(self._rpc_tasks.discard)
+
+    async def _leave(self, channel: str) -> None:
+        """Take this connection out of ``channel`` (hub, broker subscription, presence)."""
+        await self._release(channel, self.node.hub.unsubscribe(channel, self.connection))
+
+    async def _release(self, channel: str, emptied: bool) -> None:
+        node = self.node
+        self._cancel_sub_expiry(channel)
+        if emptied:
+            await node.release_broker_subscription(channel)
+        await node.leave(channel, self.connection)
+
     async def close(self) -> None:
         """The connection ended: cancel RPCs, unsubscribe everything, run disconnect hooks."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._sub_expiry is not None:
+            for timer in self._sub_expiry.values():
+                timer.cancel()
+            self._sub_expiry = None
         # Disconnect hooks are for clients that got through connect (and its hooks).
         connected = self.session.state is SessionState.CONNECTED
         self.session.close()
@@ -308,20 +382,33 @@ class ProtocolHandler:
         self._schedule_expiry()
         return encode_reply(command.id, "refresh", m.RefreshResult(expires_at=claims.expires_at))
 
-    def _check_user_limited(self, channel: str) -> None:
-        users = allowed_users(channel)
-        if users is not None and self.connection.user not in users:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "channel is limited to other users")
+    async def _cmd_sub_refresh(self, command: m.SubRefreshRequest) -> str:
+        """Replace the subscription token of a channel this client is subscribed to."""
+        channel = command.channel
+        if channel not in self.session.subscriptions:
+            raise CommandError(ErrorCode.NOT_SUBSCRIBED)
+        claims = await self.node.authorize_subscribe(self.context, channel, command.token)
+        assert claims is not None  # a token was given
+        self._schedule_sub_expiry(channel, claims.expires_at)
+        return encode_reply(command.id, "sub_refresh", m.SubRefreshResult(expires_at=claims.expires_at))
 
     async def _cmd_subscribe(self, command: m.SubscribeRequest) -> None:
-        """Sends its own reply: held live publications must follow it, not precede it."""
+        """Sends its own reply: held live publications must follow it, not precede it.
+
+        The recovered publications of all channels together stay within one reply
+        budget (:func:`herald.policy.reply_byte_budget`): a channel whose missed
+        publications do not fit is answered ``recovered: false``.
+        """
         node, connection = self.node, self.connection
         results: list[dict[str, Any]] = []
-        held: list[tuple[str, int]] = []
+        held: list[tuple[str, int, str]] = []
+        budget = reply_byte_budget(node.settings.max_queue_bytes)
         try:
-            for item in command.channels:
+            for index, item in enumerate(command.channels):
+                if index:
+                    await asyncio.sleep(0)  # many channels: let other clients' work run between them
                 try:
-                    result, top = await self._subscribe_one(item)
+                    result, top, used = await self._subscribe_one(item, budget)
                 except CommandError as exc:
                     results.append(_channel_error(item.channel, exc.code, exc.message))
                     continue
@@ -339,52 +426,43 @@ class ProtocolHandler:
                     )
                     results.append(_channel_error(item.channel, ErrorCode.INTERNAL, "internal error"))
                     continue
+                budget -= used
                 results.append(result)
-                held.append((item.channel, top))
+                held.append((result["channel"], top, result["epoch"]))
             connection.send(encode_reply(command.id, "subscribe", {"channels": results}))
         finally:
             # Live publications that raced the history read are sent after the reply,
             # skipping those the reply already carried.
-            for channel, after in held:
-                connection.release(channel, after)
-        for channel, _ in held:
+            for channel, after, epoch in held:
+                connection.release(channel, after, epoch)
+        for channel, _, _ in held:
             if channel in connection.channels:
                 await node.join(channel, node.namespace(channel), connection)
 
-    async def _subscribe_one(self, item: m.ChannelSubscription) -> tuple[dict[str, Any], int]:
+    async def _subscribe_one(
+        self, item: m.ChannelSubscription, budget: int
+    ) -> tuple[dict[str, Any], int, int]:
+        """Subscribe one channel; returns its result item, the offset the reply carries
+        the channel up to, and the bytes of recovered publications in the item."""
         node, connection, session = self.node, self.connection, self.session
-        channel, options = node.check_channel(item.channel)
-        if not options.allow_subscribe:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "subscribing is not allowed in this namespace")
-        if not options.allow_anonymous and not connection.user:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not subscribe here")
-        self._check_user_limited(channel)
+        grant = await node.policy.check(self.context, Operation.SUBSCRIBE, item.channel, token=item.token)
+        channel, options = grant.channel, grant.options
         session.check_subscribe(channel)
-        await node.authorize_subscribe(self.context, channel, item.token, private=options.private)
-        await node.run_hooks("subscribe", self.context, channel)
 
         connection.hold(channel)
         node.hub.subscribe(channel, connection)
         session.subscribed(channel)
+        used = 0
         try:
             await node.ensure_broker_subscription(channel)
             recovered: bool | None = None
             publications: list[Publication] = []
             since = item.since
             if since is not None:
-                try:
-                    history = await node.history(
-                        channel, since=StreamPosition(since.offset, since.epoch), limit=None
-                    )
-                    recovered = _covers(since, history.publications, history.position)
-                except NotAvailableError:
-                    # The broker keeps no history (core NATS): say so instead of failing.
-                    history = await node.history(channel, limit=0)
-                    recovered = False
-                position = history.position
+                recovered, publications, position, used = await self._recover(
+                    channel, StreamPosition(since.offset, since.epoch), budget
+                )
                 node.stats["recovered" if recovered else "not_recovered"] += 1
-                if recovered:
-                    publications = history.publications
             else:
                 position = (await node.history(channel, limit=0)).position
         except BaseException:
@@ -392,6 +470,8 @@ class ProtocolHandler:
             if node.hub.unsubscribe(channel, connection):
                 await node.release_broker_subscription(channel)
             raise
+        if grant.token is not None:
+            self._schedule_sub_expiry(channel, grant.token.expires_at)
         top = publications[-1].offset if publications else position.offset
         result = {
             "channel": channel,
@@ -401,61 +481,82 @@ class ProtocolHandler:
             "recovered": recovered,
             "publications": _publication_items(publications),
         }
-        return result, top
+        return result, top, used
+
+    async def _recover(
+        self, channel: str, since: StreamPosition, budget: int
+    ) -> tuple[bool, list[Publication], StreamPosition, int]:
+        """The publications after ``since``, if they can all be sent: (recovered,
+        publications, stream position, their bytes).
+
+        Not recovered (and no publication sent) when clients may not read this
+        namespace's history, when the gap holds more than ``max_history_limit``
+        publications or more bytes than ``budget``, when the epoch changed, or when
+        the broker keeps no history.  The broker read itself is bounded by both.
+        """
+        node = self.node
+        try:
+            await node.policy.check(self.context, Operation.RECOVER, channel)
+            if not since.epoch:
+                # No stream named: nothing proves the offset is one of the current stream.
+                raise CommandError(ErrorCode.UNRECOVERABLE_POSITION)
+        except CommandError:
+            return False, [], (await node.history(channel, limit=0)).position, 0
+        try:
+            read = await read_history(
+                node.history,
+                channel,
+                since=since,
+                limit=node.settings.max_history_limit,
+                byte_budget=budget,
+                whole=True,
+            )
+        except NotAvailableError:
+            # The broker keeps no history (core NATS): say so instead of failing.
+            return False, [], (await node.history(channel, limit=0)).position, 0
+        if read.cut or not _covers(since, read.publications, read.position):
+            return False, [], read.position, 0
+        return True, read.publications, read.position, read.size
 
     async def _cmd_unsubscribe(self, command: m.UnsubscribeRequest) -> str:
-        node, connection = self.node, self.connection
         removed: list[str] = []
         for channel in command.channels:
             if channel not in self.session.subscriptions:
                 continue
             self.session.unsubscribed(channel)
-            if node.hub.unsubscribe(channel, connection):
-                await node.release_broker_subscription(channel)
-            await node.leave(channel, connection)
+            await self._leave(channel)
             removed.append(channel)
         if not removed:
             raise CommandError(ErrorCode.NOT_SUBSCRIBED)
         return encode_reply(command.id, "unsubscribe", {"channels": removed})
 
+    async def _check(self, operation: Operation, channel: str) -> Grant:
+        return await self.node.policy.check(
+            self.context, operation, channel, subscriptions=self.session.subscriptions
+        )
+
     async def _cmd_publish(self, command: m.PublishRequest) -> str:
         node, connection = self.node, self.connection
-        channel, options = node.check_channel(command.channel)
-        if not options.allow_publish:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "clients may not publish in this namespace")
-        if not options.allow_anonymous and not connection.user:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not publish here")
-        self._check_user_limited(channel)
-        data = command.data
-        for replaced in await node.run_hooks("publish", self.context, channel, data):
-            if replaced is not None:
-                data = replaced
+        grant = await self._check(Operation.PUBLISH, command.channel)
+        channel = grant.channel
+        data = await node.policy.publish_data(self.context, channel, command.data)
         info = ClientInfo(connection.client_id, connection.user, connection.info)
-        position = await node.publish_json(channel, orjson.dumps(data), options, info=info)
+        position = await node.publish_json(channel, orjson.dumps(data), grant.options, info=info)
         return encode_reply(command.id, "publish", {"offset": position.offset, "epoch": position.epoch})
 
     async def _cmd_rpc(self, command: m.RpcRequest) -> str:
+        # RPC names no channel: who may call a method is the handler's decision (ctx.user).
         data = await self.node.call_rpc(command.method, command.params, self.context)
         return encode_reply(command.id, "rpc", {"data": data})
 
-    def _readable(self, channel: str, allowed: bool, what: str) -> None:
-        if not allowed:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace")
-        self._check_user_limited(channel)
-
-    def _presence_channel(self, name: str) -> str:
-        channel, options = self.node.check_channel(name)
-        self._readable(channel, options.allow_presence, "presence")
-        if not options.presence:
-            raise CommandError(ErrorCode.NOT_AVAILABLE, "presence is off in this namespace")
-        return channel
-
     async def _cmd_presence(self, command: m.PresenceRequest) -> str:
-        clients = await self.node.presence_of(self._presence_channel(command.channel))
+        grant = await self._check(Operation.PRESENCE, command.channel)
+        clients = await self.node.presence_of(grant.channel)
         return encode_reply(command.id, "presence", {"clients": {c: i.as_dict() for c, i in clients.items()}})
 
     async def _cmd_presence_stats(self, command: m.PresenceStatsRequest) -> str:
-        stats = await self.node.presence_stats(self._presence_channel(command.channel))
+        grant = await self._check(Operation.PRESENCE_STATS, command.channel)
+        stats = await self.node.presence_stats(grant.channel)
         return encode_reply(
             command.id,
             "presence_stats",
@@ -463,25 +564,28 @@ class ProtocolHandler:
         )
 
     async def _cmd_history(self, command: m.HistoryRequest) -> str:
+        """A history reply is cut at the reply budget: fewer publications than ``limit``
+        (at least one); the client pages on with ``since`` = the last offset it got."""
         node = self.node
-        channel, options = node.check_channel(command.channel)
-        self._readable(channel, options.allow_history, "history")
-        if options.history_size == 0:
-            raise CommandError(ErrorCode.NOT_AVAILABLE, "history is off in this namespace")
-        max_limit = node.settings.max_history_limit
-        limit = max_limit if command.limit is None else min(command.limit, max_limit)
+        grant = await self._check(Operation.HISTORY, command.channel)
         since = command.since
         position_since = StreamPosition(since.offset, since.epoch) if since is not None else None
-        history = await node.history(channel, since=position_since, limit=limit, reverse=command.reverse)
-        if since is not None and since.epoch != history.position.epoch:
-            raise CommandError(ErrorCode.UNRECOVERABLE_POSITION, "epoch changed: the stream was reset")
+        read = await read_history(
+            node.history,
+            grant.channel,
+            since=position_since,
+            limit=clamp_history_limit(command.limit, node.settings.max_history_limit),
+            reverse=command.reverse,
+            byte_budget=reply_byte_budget(node.settings.max_queue_bytes),
+        )
+        check_epoch(position_since, read.position)
         return encode_reply(
             command.id,
             "history",
             {
-                "publications": _publication_items(history.publications),
-                "offset": history.position.offset,
-                "epoch": history.position.epoch,
+                "publications": _publication_items(read.publications),
+                "offset": read.position.offset,
+                "epoch": read.position.epoch,
             },
         )
 
@@ -491,7 +595,7 @@ def _channel_error(channel: str, code: int, message: str) -> dict[str, Any]:
     return {"channel": channel[:255], "error": {"code": int(code), "message": message}}
 
 
-def _covers(since: m.StreamPositionModel, publications: list[Publication], top: StreamPosition) -> bool:
+def _covers(since: StreamPosition, publications: list[Publication], top: StreamPosition) -> bool:
     """Whether ``publications`` are exactly everything after ``since`` up to ``top``."""
     if since.epoch != top.epoch or since.offset > top.offset:
         return False

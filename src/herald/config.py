@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,58 @@ def redact_url(url: str) -> str:
     user, colon, _ = userinfo.partition(":")
     shown = f"{user}:" if colon and user else ""
     return f"{scheme}://{shown}***@{host}"
+
+
+def non_negative(value: str) -> float:
+    """A broker URL option in seconds: a number >= 0."""
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a finite number >= 0")
+    return number
+
+
+def positive_int(value: str) -> int:
+    """A broker URL option that counts something: an integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected an integer >= 1")
+    return number
+
+
+def split_url_options(
+    url: str,
+    converters: dict[str, Callable[[str], Any]],
+    *,
+    what: str,
+    passthrough: Collection[str] = (),
+) -> tuple[str, dict[str, Any]]:
+    """Take Herald's broker options out of a broker URL's query string.
+
+    ``redis://h:6379/0?prefix=app&stream_meta_ttl=600`` -> (``redis://h:6379/0``,
+    ``{"prefix": "app", "stream_meta_ttl": 600.0}``).  Options named in
+    ``passthrough`` stay in the returned URL (for the client library); any other
+    option, or a malformed value, raises :class:`~herald.exceptions.ConfigError`.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    from .exceptions import ConfigError
+
+    base, _, query = url.partition("?")
+    values: dict[str, Any] = {}
+    kept: list[tuple[str, str]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        convert = converters.get(key)
+        if convert is None:
+            if key in passthrough:
+                kept.append((key, value))
+                continue
+            known = ", ".join([*converters, *sorted(passthrough)])
+            raise ConfigError(f"unknown {what} broker URL option {key!r} (known: {known})")
+        try:
+            values[key] = convert(value)
+        except ValueError as exc:
+            raise ConfigError(f"{what} broker URL option {key}={value!r}: {exc}") from exc
+    return (f"{base}?{urlencode(kept)}" if kept else base), values
 
 
 class NamespaceOptions(BaseModel):
@@ -95,7 +148,12 @@ class Settings(BaseSettings):
         default=True, description="Serve the admin page at /admin (needs api_key, or loopback)."
     )
     reload: bool = False
-    broker: str = Field(default="memory", description="memory, redis://host:port/db or nats://host:port")
+    broker: str = Field(
+        default="memory",
+        description="memory, redis://host:port/db or nats://host:port; broker settings go in the "
+        "URL's query string, e.g. redis://host:6379/0?prefix=app&stream_meta_ttl=600 (see "
+        "docs/configuration.md).",
+    )
     demos: bool = Field(default=True, description="Serve the demo pages at /.")
     ws_impl: str = Field(
         default="websockets-sansio",
@@ -125,6 +183,13 @@ class Settings(BaseSettings):
         default=True,
         description="Accept handshakes without an Origin header (non-browser clients).",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names clients may use, e.g. chat.example.com, *.example.com, or * for "
+        "any; loopback names always pass. Empty: the bind host, the hosts of allowed_origins, and "
+        "any name on a connection that reached a non-loopback interface (DNS-rebinding defence, "
+        "see docs/security.md).",
+    )
     api_key: SecretStr | None = Field(default=None, description="Key for the HTTP API.")
     token_secret: SecretStr | None = Field(default=None, description="HS256 secret for connection JWTs.")
     token_public_key: str | None = Field(default=None, description="PEM public key for RS256/ES256 JWTs.")
@@ -148,6 +213,17 @@ class Settings(BaseSettings):
         description="Open WebSocket connections per client IP on one node (0: no limit). "
         "Behind a proxy, set forwarded_allow_ips so the real client IP is used.",
     )
+    max_api_body_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest request body the HTTP API reads (413 beyond). Default: four times "
+        "max_message_size, at least 1 MiB.",
+    )
+    api_body_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds an HTTP API request has to send its whole body (408 beyond).",
+    )
     http_header_timeout: float = Field(
         default=10.0,
         ge=0,
@@ -162,6 +238,13 @@ class Settings(BaseSettings):
 
     # -- limits
     max_message_size: int = Field(default=64 * 1024, ge=128, le=64 * 1024 * 1024)
+    max_message_fragments: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Most frames one inbound WebSocket message may arrive in; more close with "
+        "1009 (empty continuation frames cannot pile up). Browsers never fragment.",
+    )
     max_json_depth: int = Field(default=32, ge=1, le=1000)
     max_subscriptions: int = Field(default=128, ge=1)
     max_channel_length: int = Field(default=255, ge=1, le=1024)
@@ -204,10 +287,22 @@ class Settings(BaseSettings):
 
     namespaces: dict[str, NamespaceOptions] = Field(default_factory=_default_namespaces)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _parse_origins(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_options(cls, value: str) -> str:
+        from .engines import check_broker_options
+        from .exceptions import ConfigError
+
+        try:
+            check_broker_options(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     @field_validator("namespaces")
     @classmethod

@@ -116,10 +116,13 @@ class Connection:
         self._queued_bytes = 0
         self._wakeup: asyncio.Event | None = None  # created with the writer
         self._closing = False
-        self._buffering: dict[str, list[tuple[int | None, str]]] | None = None
-        # channel -> offset already sent in a subscribe reply: a live publication at or below
-        # it that was still on its way from the broker (asynchronous brokers) is a duplicate.
-        self._floors: dict[str, int] | None = None
+        self._buffering: dict[str, list[tuple[int | None, str, str]]] | None = None
+        # channel -> position (offset, epoch) already sent in a subscribe reply: a live
+        # publication of that epoch at or below it that was still on its way from the broker
+        # (asynchronous brokers) is a duplicate.  A publication of another epoch never is: the
+        # stream restarted, and its offsets 1, 2, ... are new (issue 13: comparing offsets
+        # alone dropped the start of a new stream).
+        self._floors: dict[str, tuple[int, str]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._started = False
         # Fast path (transports/fastpath.py): a synchronous, bounded write of a pre-framed
@@ -177,8 +180,11 @@ class Connection:
         self._wake()
         return True
 
-    def deliver(self, channel: str, offset: int | None, frame: str) -> None:
-        """Hand a channel frame to this client, holding it back while the channel recovers."""
+    def deliver(self, channel: str, offset: int | None, frame: str, epoch: str = "") -> None:
+        """Hand a channel frame to this client, holding it back while the channel recovers.
+
+        ``offset``/``epoch``: the publication's position (``None`` for join/leave events).
+        """
         buffering = self._buffering
         if buffering is not None:
             pending = buffering.get(channel)
@@ -187,13 +193,15 @@ class Connection:
                 if len(pending) >= self._max_messages:
                     self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
                     return
-                pending.append((offset, frame))
+                pending.append((offset, epoch, frame))
                 return
         floors = self._floors
         if floors is not None and offset and channel in floors:
-            if offset <= floors[channel]:
+            floor_offset, floor_epoch = floors[channel]
+            if epoch == floor_epoch and offset <= floor_offset:
                 return
-            # Per-channel order: everything after this one is above the floor too.
+            # Per-channel order: everything after this one is past the floor too (a later
+            # position of the same stream, or a stream that restarted).
             del floors[channel]
             if not floors:
                 self._floors = None
@@ -205,23 +213,26 @@ class Connection:
             self._buffering = {}
         self._buffering[channel] = []
 
-    def release(self, channel: str, after_offset: int | None) -> None:
-        """Send the frames held for ``channel``, skipping publications at or below ``after_offset``.
+    def release(self, channel: str, after_offset: int | None, epoch: str = "") -> None:
+        """Send the frames held for ``channel``, skipping publications at or below the
+        position (``after_offset``, ``epoch``) the subscribe reply carried.
 
-        Publications at or below ``after_offset`` that arrive later (still in flight from
-        an asynchronous broker when the history was read) are dropped too.
+        Publications at or below that position that arrive later (still in flight from
+        an asynchronous broker when the history was read) are dropped too.  Only the
+        same epoch is compared: a publication of another epoch belongs to a stream that
+        restarted, and is never a duplicate.
         """
         pending = self._pop_hold(channel)
-        for offset, frame in pending or ():
+        for offset, held_epoch, frame in pending or ():
             # Offset 0 marks a publication outside any stream (core NATS): never a duplicate.
-            if offset and after_offset is not None and offset <= after_offset:
+            if offset and after_offset is not None and held_epoch == epoch and offset <= after_offset:
                 continue
             after_offset = None if offset else after_offset  # passed the floor
             self.send(frame)
         if after_offset:
             if self._floors is None:
                 self._floors = {}
-            self._floors[channel] = after_offset
+            self._floors[channel] = (after_offset, epoch)
 
     def drop_hold(self, channel: str) -> None:
         self._pop_hold(channel)
@@ -230,7 +241,7 @@ class Connection:
             if not self._floors:
                 self._floors = None
 
-    def _pop_hold(self, channel: str) -> list[tuple[int | None, str]] | None:
+    def _pop_hold(self, channel: str) -> list[tuple[int | None, str, str]] | None:
         buffering = self._buffering
         if buffering is None:
             return None

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .auth import check_origin
 from .brokers.base import ClientInfo
 from .codes import BINARY_REFUSED, CloseCode
 from .commands import ProtocolHandler, render_publication
 from .connection import Connection, Renderer, new_client_id
 from .exceptions import DisconnectError
+from .hosts import handshake_refusal
 from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
 from .protocol.messages import SUBPROTOCOL
@@ -281,20 +281,21 @@ SessionClass = Callable[["Herald", HeraldWebSocketProtocol, str], NativeSession]
 def _opener(
     herald: Herald, session_class: SessionClass
 ) -> Callable[[HeraldWebSocketProtocol], NativeSession | str]:
-    """The checks every route gets before accept (Origin allow-list, per-IP limit), then a session."""
+    """The checks every route gets before accept (Host and Origin allow-lists: the same
+    function as on the ASGI path; per-IP limit), then a session."""
     node, settings = herald.node, herald.settings
 
     def open_session(ws: HeraldWebSocketProtocol) -> NativeSession | str:
-        refusal = check_origin(
-            ws.header("origin"),
-            ws.header("host"),
-            settings.allowed_origins,
-            allow_missing=settings.allow_missing_origin,
+        refusal = handshake_refusal(
+            settings,
+            host=ws.header("host"),
+            origin=ws.header("origin"),
+            local_address=_local_address(ws),
             scheme=ws.scheme,
         )
         if refusal is not None:
-            node.record_rejection("origin")
-            return refusal
+            node.record_rejection(refusal.kind)
+            return refusal.reason
         ip = ws.client_ip
         if not node.ip_connections.acquire(ip):
             node.record_rejection("ip_limit")
@@ -308,6 +309,15 @@ def _opener(
     return open_session
 
 
+def _local_address(ws: HeraldWebSocketProtocol) -> str | None:
+    """The server side of the connection: its IP, or a Unix socket's path (as ASGI's
+    ``scope["server"]`` has it)."""
+    if ws.server is not None:
+        return ws.server[0]
+    sockname = ws.transport.get_extra_info("sockname") if ws.transport is not None else None
+    return sockname if isinstance(sockname, str) else None
+
+
 #: Route name -> native session class (the names of the routes in ``Herald.router``).
 SESSIONS: dict[str, SessionClass] = {
     "herald_connect": ProtocolSession,
@@ -318,7 +328,10 @@ SESSIONS: dict[str, SessionClass] = {
 
 
 def native_route(herald: Herald, name: str) -> NativeRoute:
-    return NativeRoute(_opener(herald, SESSIONS[name]), herald.settings.max_message_size)
+    settings = herald.settings
+    return NativeRoute(
+        _opener(herald, SESSIONS[name]), settings.max_message_size, settings.max_message_fragments
+    )
 
 
 __all__ = [

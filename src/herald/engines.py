@@ -7,25 +7,51 @@ from urllib.parse import urlsplit
 
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
-from .config import Settings
+from .config import Settings, non_negative, split_url_options
 from .exceptions import ConfigError
 from .presence.base import PresenceManager
 from .presence.memory import MemoryPresenceManager
 
 
-def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
-    """``memory`` -> in-process engines; ``redis://`` -> Redis; ``nats://`` -> NATS."""
-    url = settings.broker
-    scheme = urlsplit(url).scheme if "://" in url else url
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme if "://" in url else url.partition("?")[0]
+
+
+def check_broker_options(url: str) -> None:
+    """Parse the broker settings in ``url``'s query string without building anything;
+    raises :class:`ConfigError` naming a bad one (``Settings`` checks at load time)."""
+    scheme = _scheme(url)
     if scheme == "memory":
-        return MemoryBroker(), MemoryPresenceManager()
+        split_url_options(url, {"stream_meta_ttl": non_negative}, what="memory")
+    elif scheme in ("redis", "rediss", "unix"):
+        from .brokers.redis import RedisBrokerConfig
+
+        RedisBrokerConfig.from_url(url)
+    elif scheme in ("nats", "tls"):
+        from .brokers.nats import NatsBrokerConfig
+
+        NatsBrokerConfig.from_url(url)
+
+
+def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
+    """``memory`` -> in-process engines; ``redis://`` -> Redis; ``nats://`` -> NATS.
+
+    Broker settings come from the URL's query string (``memory?stream_meta_ttl=600``,
+    ``redis://host:6379/0?prefix=app``, ``nats://host:4222?jetstream=1``); an unknown
+    or malformed one raises :class:`ConfigError`.
+    """
+    url = settings.broker
+    scheme = _scheme(url)
+    if scheme == "memory":
+        _, options = split_url_options(url, {"stream_meta_ttl": non_negative}, what="memory")
+        return MemoryBroker(**options), MemoryPresenceManager()
     if scheme in ("redis", "rediss", "unix"):
         try:
             from .brokers.redis import RedisBroker, RedisBrokerConfig
             from .presence.redis import RedisPresenceManager
         except ImportError as exc:  # pragma: no cover - redis is a dependency
             raise ConfigError(f"the redis broker is not available: {exc}") from exc
-        config = RedisBrokerConfig(url=url)
+        config = RedisBrokerConfig.from_url(url)
         broker = RedisBroker(config)
         return broker, RedisPresenceManager(broker)
     if scheme in ("nats", "tls"):

@@ -101,7 +101,7 @@ class Hub:
         frames: dict[Renderer, str] = {}
         publisher = publication.info.client if publication.info is not None else None
         delivered = 0
-        channel, offset = publication.channel, publication.offset
+        channel, offset, epoch = publication.channel, publication.offset, publication.epoch
         # Copy: a send may disconnect a slow consumer, which unsubscribes it.
         for connection in list(subscribers.values()):
             if not connection.echo_own and connection.client_id == publisher:
@@ -110,7 +110,7 @@ class Hub:
             frame = frames.get(renderer)
             if frame is None:
                 frame = frames[renderer] = renderer(publication)
-            connection.deliver(channel, offset, frame)
+            connection.deliver(channel, offset, frame, epoch)
             delivered += 1
         return delivered
 

@@ -20,20 +20,55 @@ import logging
 import re
 import sys
 from typing import IO, Any
+from urllib.parse import unquote_plus
 
 #: ``extra`` fields that formatters print, in this order.
 CONTEXT_FIELDS = ("conn", "user", "channel", "code", "reason", "remote", "node")
 
 LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
 
-_SECRET_PARAM = re.compile(
-    r"(?i)\b(token|api_key|apikey|key|secret|password)=([^&\s\"']+)",
-)
+# A query-style parameter: a key (word characters, ``.~+-`` and %XX escapes) that starts
+# after a separator, "=", and a value up to the next separator.
+_PARAM = re.compile(r"(?<![\w%.~+\-])((?:[\w.~+\-]|%[0-9A-Fa-f]{2})+)=([^&\s\"']+)")
+# Keys whose values are secrets, once decoded: "token", "x-api-key", "access_token", ...
+_SECRET_KEY = re.compile(r"(?:^|[^a-z0-9])(?:token|api_key|apikey|key|secret|password)$")
+
+
+def _mask(match: re.Match[str]) -> str:
+    key = match.group(1)
+    # The server decodes the key before it looks it up (``?%74oken=`` is ``?token=``), so
+    # the key is judged decoded; it is shown as sent.
+    decoded = unquote_plus(key) if "%" in key or "+" in key else key
+    if _SECRET_KEY.search(decoded.lower()) is None:
+        return match.group(0)
+    return f"{key}=***"
 
 
 def redact(text: str) -> str:
-    """Mask secret-looking query parameters (``token=abc`` -> ``token=***``)."""
-    return _SECRET_PARAM.sub(r"\1=***", text)
+    """Mask the values of secret-looking query parameters (``token=abc`` -> ``token=***``),
+    whether their key is written plainly or percent-encoded (``%74oken=abc``)."""
+    if "=" not in text:
+        return text
+    return _PARAM.sub(_mask, text)
+
+
+# Characters that would end or forge a line, or move the cursor, in a text log; shown
+# escaped as Python would (``\n``, ``\x1b``, ``\u2028``).
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character (newlines included) escaped: one log field
+    can never start a new log line."""
+    return text.translate(_CONTROL)
+
+
+def _field(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\'):
+        # Quoted, so that a value cannot pose as another field (``user=a code=1000``).
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return escape_controls(text)
 
 
 def _context(record: logging.LogRecord) -> dict[str, Any]:
@@ -65,17 +100,26 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``HH:MM:SS LEVEL logger: message key=value ...`` for people at a terminal."""
+    """``HH:MM:SS LEVEL logger: message key=value ...`` for people at a terminal.
+
+    The message and every field have their control characters escaped (a JWT ``sub``
+    holding a newline cannot forge a log line); values with spaces, quotes or ``=`` are
+    quoted.  Only a traceback, below the line, spans several lines.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         context = _context(record)
         if context:
             head, sep, tail = line.partition("\n")  # keep a traceback below the fields
-            fields = " ".join(f"{k}={v}" for k, v in context.items())
+            fields = " ".join(f"{k}={_field(v)}" for k, v in context.items())
             line = f"{head} {fields}{sep}{tail}"
         return redact(line)
 
@@ -140,6 +184,7 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "configure_logging",
+    "escape_controls",
     "formatter_for",
     "log_config",
     "redact",

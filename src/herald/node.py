@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .auth import TokenClaims, TokenVerifier
+from .auth import SUBSCRIPTION_TOKEN, TokenClaims, TokenVerifier
 from .brokers.base import (
     Broker,
     ClientInfo,
@@ -38,6 +38,7 @@ from .connection import Connection
 from .exceptions import BrokerError, BrokerUnavailableError, CommandError, DisconnectError
 from .hub import Hub
 from .limits import ConnectionCounter
+from .policy import ChannelPolicy
 from .presence.base import PresenceManager, PresenceStats
 from .presence.memory import MemoryPresenceManager
 from .protocol.channels import ChannelRules, namespace_of, validate_channel
@@ -89,13 +90,21 @@ class ClientContext:
         return morsel.value if morsel is not None else None
 
     def query(self, name: str) -> str | None:
-        """A query parameter of the handshake URL (``/connect?token=...``)."""
-        from urllib.parse import parse_qs
+        """A query parameter of the handshake URL (``/connect?token=...``): the first
+        non-empty value of ``name``, decoded as in a form (``%XX``, ``+``).
+
+        Any number of other parameters is fine: the scan is linear in the query string,
+        which the server already bounds with the request head.
+        """
+        from urllib.parse import unquote_plus
 
         raw = self.scope.get("query_string", b"")
         text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
-        values = parse_qs(text, max_num_fields=64).get(name)
-        return values[0] if values else None
+        for part in text.split("&"):
+            key, equals, value = part.partition("=")
+            if equals and value and unquote_plus(key) == name:
+                return unquote_plus(value)
+        return None
 
     @property
     def client_ip(self) -> str:
@@ -140,6 +149,8 @@ class Node:
         self.presence = presence or MemoryPresenceManager()
         self.hub = Hub()
         self.channel_rules = ChannelRules(max_length=self.settings.max_channel_length)
+        #: The one access-policy point: every command and API route asks it (herald.policy).
+        self.policy = ChannelPolicy(self)
         secret = self.settings.token_secret
         self.tokens = TokenVerifier(
             secret=secret.get_secret_value() if secret is not None else None,
@@ -488,18 +499,19 @@ class Node:
 
     async def authorize_subscribe(
         self, ctx: ClientContext, channel: str, token: str | None, *, private: bool = False
-    ) -> None:
-        """Check the right to subscribe to ``channel`` beyond namespace rules.
+    ) -> TokenClaims | None:
+        """Check the right to subscribe to ``channel`` beyond namespace rules; returns the
+        subscription token's claims (None without a token).
 
-        A subscription ``token`` must be valid, name this user in ``sub`` and grant
-        the channel in its ``channel`` (or ``channels``) claim; a token without such
-        a claim grants nothing (so a connection token cannot be replayed as one).
-        A ``private`` namespace needs such a token, or a connection token whose
-        ``channels`` claim grants the channel.
+        A subscription ``token`` must be valid, of the subscription kind (``typ:
+        "subscription"``, else 111), name this user in ``sub`` and grant the channel
+        in its ``channel`` (or ``channels``) claim (else 110).  A ``private``
+        namespace needs such a token, or a connection token whose ``channels``
+        claim grants the channel.  Called by :class:`herald.policy.ChannelPolicy`.
         """
         if token is not None:
             try:
-                claims = self.tokens.verify(token)
+                claims = self.tokens.verify(token, SUBSCRIPTION_TOKEN)
             except CommandError:
                 self.record_rejection("subscription_token")
                 raise
@@ -508,12 +520,13 @@ class Node:
                 raise CommandError(
                     ErrorCode.PERMISSION_DENIED, "subscription token does not grant this channel"
                 )
-            return
+            return claims
         if private and not (ctx.claims is not None and ctx.claims.grants(channel)):
             self.record_rejection("private_channel")
             raise CommandError(
                 ErrorCode.PERMISSION_DENIED, "private channel: a subscription token is required"
             )
+        return None
 
     def admit(self, connection: Connection) -> None:
         """Add a connected client to the hub.

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
+from .apiguard import HostGuardMiddleware
 from .app import Herald
 from .config import Settings
 
@@ -34,7 +35,8 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
 
     Routes: ``/connect`` (protocol v1), ``/ws``, ``/ws_json``, ``/ws_broadcast``
     (the tutorial's), ``/api/...`` (server API), ``/healthz``, ``/readyz``,
-    ``/static/...`` (JS client, demo pages) and the demo index at ``/``.
+    ``/static/...`` (JS client, demo pages) and the demo index at ``/``.  Every HTTP
+    request must name an allowed ``Host`` (see :mod:`herald.hosts`).
     """
     herald = herald or Herald(settings)
     settings = herald.settings
@@ -87,6 +89,9 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
         lifespan=lifespan,
     )
     app.state.herald = herald
+    # Every HTTP request names an allowed Host (DNS-rebinding defence); HTML pages are not
+    # framed.  Herald's routes check again themselves, for apps built without create_app.
+    app.add_middleware(HostGuardMiddleware, settings=settings)
     app.include_router(herald.router)
     app.include_router(herald.api_router)
     app.include_router(herald.asyncapi_router)  # /asyncapi.json and /asyncapi

@@ -23,6 +23,7 @@ from herald.brokers.base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
 )
 from herald.config import Settings
@@ -41,9 +42,9 @@ class NodeEngines:
 
     broker: Broker
     presence: PresenceManager
-    received: list[Publication | PresenceEvent] = field(default_factory=list)
+    received: list[Publication | PresenceEvent | StreamGap] = field(default_factory=list)
 
-    def handler(self, message: Publication | PresenceEvent) -> None:
+    def handler(self, message: Publication | PresenceEvent | StreamGap) -> None:
         self.received.append(message)
 
     def publications(self, channel: str) -> list[Publication]:
@@ -61,16 +62,28 @@ class NodeEngines:
         return self.publications(channel)
 
 
+#: A fault on one node's link: inside it, the node misses what is published (until it
+#: is left, or until the node reconnects by itself, whichever comes first).
+MissHook = Callable[["NodeEngines"], contextlib.AbstractAsyncContextManager[None]]
+
+
 class Engine:
-    """Makes nodes that share one backend.  Subclasses set ``make`` and ``lose_data``."""
+    """Makes nodes that share one backend.  Subclasses set ``make`` and ``lose_data``.
+
+    ``miss``: the backend's way of making one node miss publications (a dropped
+    message, a cut link), for the gap case every broker must pass.
+    """
 
     def __init__(
         self,
         make: Callable[[], tuple[Broker, PresenceManager]],
         lose_data: Callable[[], Awaitable[None]] | None = None,
+        *,
+        miss: MissHook | None = None,
     ) -> None:
         self._make = make
         self.lose_data = lose_data
+        self.miss = miss
         self.nodes: list[NodeEngines] = []
 
     async def node(self) -> NodeEngines:
@@ -315,6 +328,96 @@ class BrokerConformance:
         new = await node.broker.publish(channel, b"2", HISTORY)
         assert new == StreamPosition(1, history.position.epoch)
 
+    # ------------------------------------------------------------ a stream restarts under a listener
+
+    async def test_listener_gets_a_stream_restarted_by_ttl_whole_or_a_gap(self, engine: Engine) -> None:
+        """Issue 13: a node kept subscribed while the channel's history expires entirely
+        gets the new stream from offset 1, or a StreamGap first; never its middle alone."""
+        self.need(self.has_history, "no history")
+        node = await engine.node()
+        other = await engine.node() if self.multi_node else node
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        options = PublishOptions(history_size=10, history_ttl=0.3)
+        old = [await other.broker.publish(channel, b"%d" % n, options) for n in range(5)]
+        await node.wait_publications(channel, 5)
+
+        async def expired() -> bool:
+            return (await other.broker.history(channel, limit=0)).position.epoch != old[-1].epoch
+
+        await async_until(expired, TIMEOUT, what="the stream to expire")
+        new = [await other.broker.publish(channel, b"%d" % n, options) for n in range(8)]
+        assert [p.offset for p in new] == list(range(1, 9)) and {p.epoch for p in new} == {new[0].epoch}
+        await _whole_or_told(node, channel, old, new)
+
+    async def test_listener_gets_a_stream_the_backend_lost_whole_or_a_gap(self, engine: Engine) -> None:
+        """Issue 12/13: the backend loses its data (FLUSHALL, stream deleted) while a node
+        listens: the new stream reaches it from offset 1, or a StreamGap comes first."""
+        self.need(self.has_history and engine.lose_data is not None, "cannot lose data")
+        assert engine.lose_data is not None
+        node = await engine.node()
+        other = await engine.node() if self.multi_node else node
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        old = [await other.broker.publish(channel, b"%d" % n, HISTORY) for n in range(5)]
+        await node.wait_publications(channel, 5)
+        await engine.lose_data()
+        new = [await other.broker.publish(channel, b"%d" % n, HISTORY) for n in range(8)]
+        assert new[0].offset == 1 and new[0].epoch != old[-1].epoch
+        await _whole_or_told(node, channel, old, new)
+
+    # ------------------------------------------------------------ a node misses a publication
+
+    async def test_a_missed_publication_is_reported_never_skipped(self, engine: Engine) -> None:
+        """Issue 13 item 14: a node that misses a publication it cannot read back (no
+        history) hands its handler a StreamGap before anything published after it, or
+        still delivers it; it never skips it silently."""
+        assert engine.miss is not None, "every broker's engine must provide a fault hook"
+        node = await engine.node()
+        publisher = await engine.node() if self.multi_node else node
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        if self.subscriptions_settle:
+            await publisher.broker.subscribe(channel)
+            await _settle([node, publisher], channel)
+        no_history = PublishOptions()  # what a node misses cannot be read back
+        await publisher.broker.publish(channel, b'"before"', no_history)
+        await node.wait_publications(channel, 1)
+        async with engine.miss(node):
+            await publisher.broker.publish(channel, b'"missed"', no_history)
+        await publisher.broker.publish(channel, b'"after"', no_history)
+
+        def seen() -> list[Publication | StreamGap]:
+            return [
+                m for m in node.received if isinstance(m, (Publication, StreamGap)) and m.channel == channel
+            ]
+
+        def told() -> bool:
+            return any(isinstance(m, StreamGap) or m.data == b'"missed"' for m in seen())
+
+        await async_wait_for(told, TIMEOUT, what="the missed publication or a StreamGap")
+        items = seen()
+        labels = [m.data if isinstance(m, Publication) else b"gap" for m in items]
+        assert labels[0] == b'"before"', labels
+        if b'"missed"' not in labels:
+            # Nothing published after the missed one came before the handler was told.
+            assert labels[1] == b"gap", labels
+            gap, first = items[1], items[0]
+            assert isinstance(gap, StreamGap) and isinstance(first, Publication)
+            if self.shared_offsets:
+                assert gap.last == StreamPosition(first.offset, first.epoch)
+                assert gap.position.offset >= first.offset + 1
+        if self.shared_offsets:
+            # Between reported gaps offsets are consecutive: nothing was skipped silently.
+            previous: int | None = None
+            for item in items:
+                if isinstance(item, StreamGap):
+                    previous = None
+                elif previous is None or item.offset == previous + 1:
+                    previous = item.offset
+                else:
+                    raise AssertionError(f"offset {item.offset} after {previous} with no gap: {labels}")
+
     # ------------------------------------------------------------ several nodes
 
     async def test_concurrent_publishers_on_several_nodes(self, engine: Engine) -> None:
@@ -456,3 +559,43 @@ async def _settle(nodes: list[NodeEngines], channel: str) -> None:
 
 async def _presence_is(node: NodeEngines, channel: str, expected: dict[str, ClientInfo]) -> bool:
     return await node.presence.presence(channel) == expected
+
+
+async def _whole_or_told(
+    node: NodeEngines, channel: str, old: list[StreamPosition], new: list[StreamPosition]
+) -> None:
+    """``node`` received the old stream, then the new one whole, or a StreamGap before any
+    publication of the new stream it does not cover (delivery resumes after the gap)."""
+    last = new[-1]
+
+    def messages() -> list[Publication | StreamGap]:
+        return [m for m in node.received if isinstance(m, Publication | StreamGap) and m.channel == channel]
+
+    def reached() -> bool:
+        for m in messages():
+            position = m.position if isinstance(m, StreamGap) else StreamPosition(m.offset, m.epoch)
+            if position.epoch == last.epoch and position.offset >= last.offset:
+                return True
+        return False
+
+    await async_wait_for(reached, TIMEOUT, what=f"{channel} to reach {last}")
+    received = messages()
+    assert [(m.epoch, m.offset) for m in received[: len(old)] if isinstance(m, Publication)] == [
+        (p.epoch, p.offset) for p in old
+    ]
+    rest = received[len(old) :]
+    gaps = [m for m in rest if isinstance(m, StreamGap)]
+    if not gaps:
+        assert [(m.epoch, m.offset) for m in rest if isinstance(m, Publication)] == [
+            (p.epoch, p.offset) for p in new
+        ]
+        return
+    first_gap = gaps[0]
+    before = rest[: rest.index(first_gap)]
+    after = [m for m in rest[rest.index(first_gap) + 1 :] if isinstance(m, Publication)]
+    # Before the gap only a gap-free prefix of the new stream; after it, what follows it.
+    assert [(m.epoch, m.offset) for m in before if isinstance(m, Publication)] == [
+        (p.epoch, p.offset) for p in new[: len(before)]
+    ]
+    assert first_gap.position.epoch == last.epoch
+    assert [m.offset for m in after] == list(range(first_gap.position.offset + 1, last.offset + 1))

@@ -7,7 +7,11 @@ latter on a server started with ``-js -sd <tmpdir>``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import nats
@@ -15,8 +19,9 @@ import pytest
 
 from herald.brokers.nats import NatsBroker, NatsBrokerConfig, NatsPresenceManager
 
+from ..helpers import async_wait_for
 from ..servers import NatsServer, nats_server_fixture
-from .conformance import BrokerConformance, Engine
+from .conformance import BrokerConformance, Engine, NodeEngines
 
 pytestmark = pytest.mark.nats
 
@@ -29,6 +34,26 @@ def nats_server() -> Iterator[NatsServer]:
 @pytest.fixture(scope="module")
 def jetstream_server() -> Iterator[NatsServer]:
     yield from nats_server_fixture(jetstream=True)
+
+
+@contextlib.asynccontextmanager
+async def _cut_link(node: NodeEngines) -> AsyncIterator[None]:
+    """Abort the node's own TCP connection to NATS (``ss -K`` on its source port); the
+    other nodes stay connected.  nats-py reconnects by itself."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    broker = node.broker
+    assert isinstance(broker, NatsBroker)
+    sockname = broker._nc._transport._io_writer.get_extra_info("sockname")
+    peer = broker._nc._transport._io_writer.get_extra_info("peername")
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ss", "-K", "-tn", f"( sport = :{sockname[1]} and dport = :{peer[1]} )"],
+        check=True,
+        capture_output=True,
+    )
+    await async_wait_for(lambda: not broker._connected.is_set(), 5, what="the link to drop")
+    yield
 
 
 def _engine(config: NatsBrokerConfig, lose_data: bool = False) -> Engine:
@@ -44,7 +69,7 @@ def _engine(config: NatsBrokerConfig, lose_data: bool = False) -> Engine:
         finally:
             await nc.close()
 
-    return Engine(make, delete_stream if lose_data else None)
+    return Engine(make, delete_stream if lose_data else None, miss=_cut_link)
 
 
 class TestNatsBroker(BrokerConformance):

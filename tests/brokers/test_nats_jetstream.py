@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from herald.brokers.base import Publication, PublishOptions
+from herald.brokers.base import Publication, PublishOptions, StreamGap, StreamPosition
 from herald.brokers.nats import NatsBroker, NatsBrokerConfig
 from herald.exceptions import ConfigError
 
-from ..helpers import async_wait_for
+from ..helpers import async_until, async_wait_for
 from ..servers import NatsServer, nats_server_fixture
 from .conformance import HISTORY, Engine, NodeEngines, channel_name
 
@@ -79,19 +79,27 @@ async def test_lost_fan_out_is_read_from_the_stream_in_order(engine: Engine) -> 
     assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_filled == 1
 
 
-async def test_offset_missing_from_history_is_skipped(engine: Engine) -> None:
+async def test_offset_missing_from_history_is_reported_as_a_gap(engine: Engine) -> None:
+    """The broker contract: an offset the stream no longer has is reported (StreamGap,
+    before anything after it), never skipped silently."""
     receiver, publisher = await engine.node(), await engine.node()
     broker = publisher.broker
     assert isinstance(broker, _DiesAfterStore)
     channel = channel_name()
     no_history = PublishOptions()  # offsets are counted, nothing is kept
     await receiver.broker.subscribe(channel)
-    await broker.publish(channel, b"1", no_history)
+    first = await broker.publish(channel, b"1", no_history)
     broker.drop_next_fan_out = True
     await broker.publish(channel, b"2", no_history)
     await broker.publish(channel, b"3", no_history)
     await async_wait_for(lambda: _offsets(receiver, channel) == [1, 3], 5)
-    assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_skipped == 1
+    epoch = first.epoch
+    assert [m for m in receiver.received if m.channel == channel] == [
+        Publication(channel, 1, epoch, b"1"),
+        StreamGap(channel, StreamPosition(1, epoch), StreamPosition(2, epoch)),
+        Publication(channel, 3, epoch, b"3"),
+    ]
+    assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_lost == 1
 
 
 def _local_port(broker: NatsBroker) -> int:
@@ -147,9 +155,47 @@ def test_config_from_url() -> None:
     assert config.jetstream and config.prefix == "app" and config.max_age == 60
     assert config.stream_name == "HERALD_app"
     assert not NatsBrokerConfig.from_url("nats://a:4222").jetstream
+    timeouts = NatsBrokerConfig.from_url(
+        "nats://a:4222?request_timeout=2.5&reconnect_wait=0.1&connect_timeout=3"
+    )
+    assert (timeouts.request_timeout, timeouts.reconnect_wait, timeouts.connect_timeout) == (2.5, 0.1, 3)
+    with pytest.raises(ConfigError, match="request_timeout"):
+        NatsBrokerConfig.from_url("nats://a:4222?request_timeout=-1")
     with pytest.raises(ConfigError, match="unknown NATS broker URL option 'jetsream'"):
         NatsBrokerConfig.from_url("nats://a:4222?jetsream=1")
     with pytest.raises(ConfigError, match="boolean"):
         NatsBrokerConfig.from_url("nats://a:4222?jetstream=maybe")
     with pytest.raises(ConfigError, match="storage"):
         NatsBrokerConfig.from_url("nats://a:4222?jetstream=1&storage=disk")
+
+
+async def test_reads_write_nothing_and_the_first_publish_continues_their_epoch(engine: Engine) -> None:
+    """Issue 13 item 6: reading a channel with no live stream stores nothing in JetStream."""
+    node = await engine.node()
+    broker = node.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def stored() -> int:
+        info = await broker._api(f"STREAM.INFO.{broker.stream_name}", {})
+        return int(info["state"]["messages"])
+
+    names = [channel_name() for _ in range(100)]
+    positions = [(await broker.history(name, limit=0)).position for name in names]
+    positions += [(await broker.history(name)).position for name in names[:20]]
+    assert await stored() == 0
+    assert all(p.offset == 0 and p.epoch for p in positions)
+    told = positions[0]
+    first = await broker.publish(names[0], b"1", PublishOptions(history_size=5, history_ttl=0.3))
+    assert first == StreamPosition(1, told.epoch)
+    assert await stored() == 1
+
+    # Its last message expired: still nothing written by reads, and a new epoch is told,
+    # which the next publish continues (and which no earlier stream of the channel had).
+    async def expired() -> bool:
+        return (await broker.history(names[0], limit=0)).position.epoch != told.epoch
+
+    await async_until(expired, 5, what="the stream to expire")
+    after = (await broker.history(names[0], limit=0)).position
+    assert after.offset == 0 and await stored() == 1
+    assert await broker.publish(names[0], b"2", HISTORY) == StreamPosition(1, after.epoch)
+    assert await stored() == 1  # the new stream rolled the expired one up

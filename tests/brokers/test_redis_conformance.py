@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,8 +12,9 @@ import redis.asyncio as aioredis
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
 from herald.presence.redis import RedisPresenceManager
 
+from ..helpers import async_wait_for
 from ..servers import RedisServer, redis_server_fixture
-from .conformance import BrokerConformance, Engine
+from .conformance import BrokerConformance, Engine, NodeEngines
 
 pytestmark = pytest.mark.redis
 
@@ -39,6 +41,22 @@ class TestRedisBroker(BrokerConformance):
             finally:
                 await client.aclose()
 
-        engine = Engine(make, lose_data)
+        @contextlib.asynccontextmanager
+        async def cut_link(node: NodeEngines) -> AsyncIterator[None]:
+            # Redis closes the node's Pub/Sub connection (CLIENT KILL by its address): what is
+            # published until the link is back never reaches this node.
+            broker = node.broker
+            assert isinstance(broker, RedisBroker) and broker._pubsub is not None
+            writer = broker._pubsub.connection._writer  # type: ignore[union-attr]
+            host, port = writer.get_extra_info("sockname")[:2]
+            client = aioredis.Redis.from_url(redis_server.url)
+            try:
+                assert await client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+            finally:
+                await client.aclose()
+            await async_wait_for(lambda: not broker.connected, 5, what="the link to drop")
+            yield
+
+        engine = Engine(make, lose_data, miss=cut_link)
         yield engine
         await engine.close()

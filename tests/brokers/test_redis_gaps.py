@@ -1,8 +1,10 @@
-"""The Redis broker across Pub/Sub link blips (no gap, or a reported one) and its meta keys.
+"""The Redis broker across Pub/Sub link blips (no gap, or a reported one) and across
+Redis restarts that roll its data back (a new epoch, reported).
 
 Real redis-server; the blip is ``CLIENT KILL TYPE pubsub`` on the server while
 the subscriber node's ACL user is switched off, so the node stays cut off for
-as long as the test publishes (deterministic, no timing luck).
+as long as the test publishes (deterministic, no timing luck).  Restarts are a
+``kill -9`` of a redis-server the test owns, restarted on the same directory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from herald.brokers.base import PresenceEvent, Publication, PublishOptions, StreamGap
-from herald.brokers.redis import RedisBroker, RedisBrokerConfig, redact_url
+from herald.brokers.base import PresenceEvent, Publication, PublishOptions, StreamGap, StreamPosition
+from herald.brokers.redis import _DELIVER, _DROP, _JUMP, RedisBroker, RedisBrokerConfig, _Track, redact_url
+from herald.exceptions import BrokerError
 
-from ..helpers import async_wait_for
-from ..servers import RedisServer, redis_server_fixture
+from ..helpers import async_until, async_wait_for
+from ..servers import RedisServer, redis_server_fixture, require
 
 pytestmark = pytest.mark.redis
 
@@ -212,47 +215,6 @@ async def test_a_channel_reset_while_connected_is_followed_without_a_gap(cluster
     assert recorder.gaps(channel) == []
 
 
-async def test_read_created_meta_keys_expire_and_published_ones_keep_their_rules(
-    redis_server: RedisServer,
-) -> None:
-    broker = RedisBroker(RedisBrokerConfig(url=redis_server.url, prefix=f"m{secrets.token_hex(4)}"))
-    await broker.start(lambda message: None)
-    admin = aioredis.Redis.from_url(redis_server.url)
-    try:
-        # A read of a channel that never had a publication (what subscribe does).
-        await broker.history("chat:random-name", limit=0)
-        ttl = await admin.pttl(broker.meta_key("chat:random-name"))
-        assert 3_500_000 < ttl <= 3_600_000
-
-        # The first publish without history makes it permanent (stream_meta_ttl=0) ...
-        await broker.history("chat:plain", limit=0)
-        await broker.publish("chat:plain", b"1", PublishOptions())
-        assert await admin.pttl(broker.meta_key("chat:plain")) == -1
-        # ... and with history it lives as long as the history.
-        await broker.history("chat:kept", limit=0)
-        await broker.publish("chat:kept", b"1", PublishOptions(history_size=10, history_ttl=30))
-        assert 25_000 < await admin.pttl(broker.meta_key("chat:kept")) <= 30_000
-        # A later read does not shorten a published key's life.
-        await broker.history("chat:plain", limit=0)
-        assert await admin.pttl(broker.meta_key("chat:plain")) == -1
-    finally:
-        await admin.aclose()
-        await broker.close()
-
-
-async def test_read_meta_ttl_zero_keeps_read_created_keys(redis_server: RedisServer) -> None:
-    config = RedisBrokerConfig(url=redis_server.url, prefix=f"m{secrets.token_hex(4)}", read_meta_ttl=0)
-    broker = RedisBroker(config)
-    await broker.start(lambda message: None)
-    admin = aioredis.Redis.from_url(redis_server.url)
-    try:
-        await broker.history("chat:x", limit=0)
-        assert await admin.pttl(broker.meta_key("chat:x")) == -1
-    finally:
-        await admin.aclose()
-        await broker.close()
-
-
 def test_redact_url_hides_credentials() -> None:
     assert redact_url("redis://:secret@host:6379/0") == "redis://***@host:6379/0"
     assert redact_url("rediss://user:pw@example.com/1") == "rediss://user:***@example.com/1"
@@ -270,3 +232,191 @@ async def test_the_password_is_never_logged(caplog: pytest.LogCaptureFixture) ->
         await broker.close()
     assert "not reachable" in caplog.text
     assert "hunter2secret" not in caplog.text
+
+
+# ---------------------------------------------------------------- rollbacks (issue 13, item 11)
+
+
+def test_the_catch_up_track_compares_positions_not_offsets() -> None:
+    """``_Track.step``: a publication is delivered only as the next position of the stream
+    this node follows, or as offset 1 of a new stream; anything else is a jump to read."""
+    track = _Track(epoch="a", offset=5)
+
+    def pub(epoch: str, offset: int) -> Publication:
+        return Publication("chat:t", offset, epoch, b"x")
+
+    assert track.step(pub("a", 4)) == _DROP
+    assert track.step(pub("a", 5)) == _DROP
+    assert (track.epoch, track.offset) == ("a", 5)
+    assert track.step(pub("a", 7)) == _JUMP  # offset 6 is missing
+    assert (track.epoch, track.offset) == ("a", 5)
+    assert track.step(pub("a", 6)) == _DELIVER
+    assert (track.epoch, track.offset) == ("a", 6)
+    # A new stream at offset > 1: its start was missed; never delivered as is.
+    assert track.step(pub("b", 3)) == _JUMP
+    assert (track.epoch, track.offset) == ("a", 6)
+    # Offset 1 of a new stream: the stream restarted while we listened; nothing missed.
+    assert track.step(pub("b", 1)) == _DELIVER
+    assert (track.epoch, track.offset) == ("b", 1)
+    assert track.step(pub("b", 1)) == _DROP
+    fresh = _Track()
+    assert fresh.step(pub("c", 9)) == _DELIVER and (fresh.epoch, fresh.offset) == ("c", 9)
+
+
+async def _publish_when_back(broker: RedisBroker, channel: str, data: bytes) -> StreamPosition:
+    """Publish once Redis answers again (it was just restarted)."""
+    result: list[StreamPosition] = []
+
+    async def attempt() -> bool:
+        try:
+            result.append(await broker.publish(channel, data, HISTORY))
+        except BrokerError:
+            return False
+        return True
+
+    await async_until(attempt, TIMEOUT, what="redis back")
+    return result[0]
+
+
+@pytest.mark.parametrize("persistence", ["rdb", "aof"])
+async def test_redis_restarted_from_its_files(persistence: str) -> None:
+    """Publish 1..10, SAVE, publish 11..15, kill -9, restart on the same directory.
+
+    From the RDB snapshot (offsets 11..15 rolled back) the stream must start a new epoch,
+    even for a publisher that never saw the old stream, and the listening node is told
+    (StreamGap, epoch changed) before anything of the new stream.  From an append-only
+    file fsynced on every write nothing was lost: same epoch, next offset, no gap.
+    """
+    require("redis-server")
+    server = RedisServer(persistent=persistence == "aof")
+    server.start()
+    recorder = Recorder()
+    config = RedisBrokerConfig(url=server.url, prefix="rb", reconnect_min=0.05, reconnect_max=0.2)
+    subscriber, publisher = RedisBroker(config), RedisBroker(config)
+    newcomer: RedisBroker | None = None
+    admin = aioredis.Redis.from_url(server.url)
+    channel = "chat:rollback"
+    try:
+        await subscriber.start(recorder)
+        await publisher.start(lambda message: None)
+        await subscriber.subscribe(channel)
+        old = [await publisher.publish(channel, b"%d" % n, HISTORY) for n in range(1, 11)]
+        await admin.save()
+        old += [await publisher.publish(channel, b"%d" % n, HISTORY) for n in range(11, 16)]
+        assert [p.offset for p in old] == list(range(1, 16)) and len({p.epoch for p in old}) == 1
+        await async_wait_for(lambda: len(recorder.offsets(channel)) == 15, TIMEOUT, what="live")
+        last = old[-1]
+
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)
+        newcomer = RedisBroker(config)  # a node that never saw the old stream
+        await newcomer.start(lambda message: None)
+        after = await _publish_when_back(newcomer, channel, b"16")
+        after_more = [await publisher.publish(channel, b"%d" % n, HISTORY) for n in range(17, 22)]
+        offsets = [after.offset] + [p.offset for p in after_more]
+        resumed = await newcomer.history(channel, since=last)
+
+        if persistence == "aof":
+            assert after == StreamPosition(16, last.epoch)
+            assert offsets == list(range(16, 22))
+            assert [p.offset for p in resumed.publications] == list(range(16, 22))
+            await async_wait_for(
+                lambda: recorder.offsets(channel) == list(range(1, 22)), TIMEOUT, what="no gap"
+            )
+            assert recorder.gaps(channel) == []
+            return
+        # Offsets 11..15 of the old epoch are never handed out again.
+        assert after.epoch != last.epoch and offsets == list(range(1, 7))
+        assert {p.epoch for p in after_more} == {after.epoch}
+        assert resumed.position.epoch != last.epoch  # a resuming client: recovered false
+        await async_wait_for(lambda: recorder.gaps(channel), TIMEOUT, what="the node to be told")
+        [gap] = recorder.gaps(channel)
+        assert gap.epoch_changed and gap.last == last and gap.position.epoch == after.epoch
+        # The gap comes before any publication of the new stream it does not cover.
+        index = recorder.received.index(gap)
+        delivered_before = [
+            m for m in recorder.received[:index] if isinstance(m, Publication) and m.channel == channel
+        ]
+        assert [p.offset for p in delivered_before] == list(range(1, 16))
+        news = [m for m in recorder.received[index:] if isinstance(m, Publication) and m.channel == channel]
+        assert all(p.epoch == after.epoch and p.offset > gap.position.offset for p in news)
+        assert subscriber.gaps_lost == 1
+    finally:
+        await admin.aclose()
+        for broker in (subscriber, publisher, newcomer):
+            if broker is not None:
+                await broker.close()
+        server.cleanup()
+
+
+async def test_redis_without_config_access_is_not_trusted_across_a_restart() -> None:
+    """A node that may not read ``CONFIG`` cannot know the append-only file is fsynced
+    on every write: a restart, even from that file, starts the stream again."""
+    require("redis-server")
+    server = RedisServer(persistent=True)
+    server.start()
+    admin = aioredis.Redis.from_url(server.url)
+    broker: RedisBroker | None = None
+    user = ("ACL", "SETUSER", "node", "on", ">pw", "~*", "&*", "+@all", "-config")
+    try:
+        await admin.execute_command(*user)
+        url = f"redis://node:pw@127.0.0.1:{server.port}/0"
+        broker = RedisBroker(RedisBrokerConfig(url=url, reconnect_min=0.05, reconnect_max=0.2))
+        await broker.start(lambda message: None)
+        first = await broker.publish("chat:c", b"1", HISTORY)
+        assert first.offset == 1
+        await admin.aclose()
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)
+        admin = aioredis.Redis.from_url(server.url)
+        await admin.execute_command(*user)  # ACL users are not in the data files
+        after = await _publish_when_back(broker, "chat:c", b"2")
+        assert after.offset == 1 and after.epoch != first.epoch
+    finally:
+        await admin.aclose()
+        if broker is not None:
+            await broker.close()
+        server.cleanup()
+
+
+async def test_a_stream_below_what_the_node_delivered_starts_a_new_epoch(cluster: Cluster) -> None:
+    """The node-side high-water mark: after a blip the stream's top is below the last
+    offset this node delivered in the same epoch (a rollback nothing else saw).  The
+    epoch is dropped (offsets would repeat) and the node is told."""
+    subscriber, publisher = await cluster.start()
+    recorder = cluster.recorder
+    channel = "chat:behind"
+    await subscriber.subscribe(channel)
+    old = [await publisher.publish(channel, b"1", HISTORY) for _ in range(5)]
+    await async_wait_for(lambda: recorder.offsets(channel) == [1, 2, 3, 4, 5], TIMEOUT, what="live")
+    await cluster.cut()
+    await cluster.admin.hset(subscriber.meta_key(channel), "o", 3)  # as if 4 and 5 never were
+    await cluster.restore()
+    await async_wait_for(lambda: recorder.gaps(channel), TIMEOUT, what="the rollback to be reported")
+    [gap] = recorder.gaps(channel)
+    assert gap.epoch_changed and gap.last == old[-1] and gap.position.epoch != old[-1].epoch
+    assert subscriber.rollbacks == 1
+    new = await publisher.publish(channel, b"2", HISTORY)
+    assert new == StreamPosition(1, gap.position.epoch)
+    await async_wait_for(lambda: recorder.offsets(channel) == [1, 2, 3, 4, 5, 1], TIMEOUT, what="live")
+
+
+async def test_a_held_publication_of_an_epoch_the_stream_left_does_not_stall_the_catch_up(
+    cluster: Cluster,
+) -> None:
+    """A live publication held during a catch-up whose epoch the stream had already left
+    when it was read (it arrived just before a rollback was found) can never be placed:
+    it is dropped, instead of the catch-up reading the stream again forever."""
+    subscriber, publisher = await cluster.start()
+    recorder = cluster.recorder
+    channel = "chat:stale"
+    await subscriber.subscribe(channel)
+    await publisher.publish(channel, b"1", HISTORY)
+    await async_wait_for(lambda: recorder.offsets(channel) == [1], TIMEOUT, what="live")
+    track = subscriber._tracks[channel]
+    track.held = [Publication(channel, 7, "gone", b"stale")]
+    subscriber._start_catch_up(channel, track)
+    await async_wait_for(lambda: track.held is None, TIMEOUT, what="the catch-up to finish")
+    await publisher.publish(channel, b"2", HISTORY)
+    await async_wait_for(lambda: recorder.offsets(channel) == [1, 2], TIMEOUT, what="live after it")
+    assert recorder.gaps(channel) == []

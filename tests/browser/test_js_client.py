@@ -13,7 +13,7 @@ import jwt
 import pytest
 
 from ..helpers import ServerProcess, free_port
-from .conftest import TOKEN_SECRET, api
+from .conftest import API_KEY, TOKEN_SECRET, api
 
 pytestmark = pytest.mark.browser
 
@@ -267,6 +267,202 @@ def test_command_timeout_while_server_unreachable(new_page: Any, herald_server: 
     assert "not connected" in result["outcome"][1]
     assert 250 <= result["elapsed"] < 2000
     assert result["attempts"] >= 2  # it kept trying, with backoff
+
+
+# A namespace whose channels need a subscription token, and a short grace period after
+# a subscription token expires, so that the expiry tests take a few seconds.
+SUB_GRACE = 1.0
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        env={
+            "HERALD_API_KEY": API_KEY,
+            "HERALD_TOKEN_SECRET": TOKEN_SECRET,
+            "HERALD_TOKEN_REFRESH_GRACE": str(SUB_GRACE),
+            "HERALD_NAMESPACES": '{"team": {"private": true}}',
+            "HERALD_DEMOS": "false",
+            "HERALD_LOG_LEVEL": "warning",
+        }
+    ).start()
+    yield server
+    server.stop()
+
+
+def connection_token(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, TOKEN_SECRET, algorithm="HS256")
+
+
+def subscription_token(user: str, channel: str, exp: int) -> str:
+    claims = {"sub": user, "typ": "subscription", "channel": channel, "exp": exp}
+    return jwt.encode(claims, TOKEN_SECRET, algorithm="HS256")
+
+
+# Records the frames the client sends and receives (wrapped again on every connection).
+RECORD_FRAMES = """
+        window.sent = [];
+        window.received = [];
+        client.on("connected", () => {
+          const ws = client._ws, send = ws.send.bind(ws);
+          ws.send = (text) => { window.sent.push(JSON.parse(text)); return send(text); };
+          ws.addEventListener("message", (e) => window.received.push(JSON.parse(e.data)));
+        });
+"""
+
+
+def test_subscription_token_function_is_called_on_sub_refresh_and_resubscribe(
+    token_server: ServerProcess, new_page: Any
+) -> None:
+    """A private channel subscribed with a token function outlives its token's expiry:
+    the server's sub_refresh push is answered with the function's next token, and a
+    resubscribe after a reconnect calls the function again and sends its token."""
+    page = client_page(new_page, token_server)
+    user = "user-" + secrets.token_hex(3)
+    channel = "team:fn-" + secrets.token_hex(3)
+    short_exp = int(time.time()) + 3
+    tokens = [
+        subscription_token(user, channel, short_exp),
+        subscription_token(user, channel, short_exp + 600),
+        subscription_token(user, channel, short_exp + 700),
+    ]
+    run_js(
+        page,
+        """
+        const [connectionToken, channel, tokens] = arg;
+        const client = new HeraldClient({ token: connectionToken, minDelay: 50, maxDelay: 100 });
+        window.client = client;
+        window.calls = [];
+        window.got = [];
+        window.events = [];
+        """
+        + RECORD_FRAMES
+        + """
+        for (const type of ["unsubscribed", "error", "disconnected"]) client.on(type, (d) => window.events.push([type, d]));
+        client.on("subscribed", (d) => window.events.push(["subscribed", d.resubscribed]));
+        await client.connect();
+        // An async function: the client awaits its promise.
+        const fresh = async () => {
+          window.calls.push(Date.now() / 1000);
+          await new Promise((r) => setTimeout(r, 5));
+          return tokens[window.calls.length - 1];
+        };
+        const sub = await client.subscribe(channel, { token: fresh, onPublication: (p) => window.got.push(p.data) });
+        const refresh = sub.refresh.bind(sub);
+        sub.refresh = (...a) => refresh(...a).then((r) => (window.refreshed = r));
+        window.sub = sub;
+    """,
+        [connection_token(user), channel, tokens],
+    )
+    api(token_server, "/api/publish", {"channel": channel, "data": "before"})
+    page.wait_for_function("window.got.length === 1")
+
+    # At the token's exp the server pushes sub_refresh; the client answers at once.
+    page.wait_for_function("window.refreshed !== undefined", timeout=15_000)
+    assert page.evaluate("window.refreshed") == {"expires_at": short_exp + 600}
+    calls = page.evaluate("window.calls")
+    assert len(calls) == 2
+    assert calls[1] >= short_exp - 0.5  # called for the push, not earlier
+    pushes = [f for f in page.evaluate("window.received") if f.get("type") == "sub_refresh" and "id" not in f]
+    assert pushes == [{"type": "sub_refresh", "channel": channel, "grace": SUB_GRACE}]
+    # Past the grace period of the first token the subscription still delivers.
+    page.wait_for_function(f"Date.now() / 1000 > {short_exp + SUB_GRACE + 0.3}", timeout=10_000)
+    api(token_server, "/api/publish", {"channel": channel, "data": "kept"})
+    page.wait_for_function("window.got.length === 2")
+
+    # A reconnect resubscribes with the function's next token.
+    page.evaluate("window.client.reconnect()")
+    page.wait_for_function("window.events.some((e) => e[0] === 'subscribed' && e[1] === true)")
+    api(token_server, "/api/publish", {"channel": channel, "data": "after reconnect"})
+    page.wait_for_function("window.got.length === 3")
+
+    assert page.evaluate("window.got") == ["before", "kept", "after reconnect"]
+    assert len(page.evaluate("window.calls")) == 3
+    sent = [f for f in page.evaluate("window.sent") if f["type"] in ("subscribe", "sub_refresh")]
+    assert [f["type"] for f in sent] == ["subscribe", "sub_refresh", "subscribe"]
+    first, refreshed, resubscribed = sent
+    assert first["channels"] == [{"channel": channel, "token": tokens[0]}]
+    assert {k: v for k, v in refreshed.items() if k != "id"} == {
+        "type": "sub_refresh",
+        "channel": channel,
+        "token": tokens[1],
+    }
+    assert resubscribed["channels"][0]["token"] == tokens[2]
+    assert resubscribed["channels"][0]["since"]["offset"] == 2
+    events = page.evaluate("window.events")
+    # No error, no unsubscribed event: only the reconnect asked for.
+    assert [e[0] for e in events] == ["subscribed", "disconnected", "subscribed"]
+    assert [e[1] for e in events if e[0] == "subscribed"] == [False, True]
+    assert page.evaluate(
+        "window.sub.active && window.client.subscriptions.get(window.sub.channel) === window.sub"
+    )
+
+
+def test_fixed_subscription_token_ends_the_subscription_at_expiry(
+    token_server: ServerProcess, new_page: Any
+) -> None:
+    """With a fixed token string the client does not answer sub_refresh; the server's
+    unsubscribe push (112) ends the subscription client-side, and it is not restored."""
+    page = client_page(new_page, token_server)
+    user = "user-" + secrets.token_hex(3)
+    channel = "team:fixed-" + secrets.token_hex(3)
+    token = subscription_token(user, channel, int(time.time()) + 3)
+    run_js(
+        page,
+        """
+        const [connectionToken, channel, token] = arg;
+        const client = new HeraldClient({ token: connectionToken, minDelay: 50, maxDelay: 100 });
+        window.client = client;
+        window.got = [];
+        window.events = [];
+        window.ended = [];
+        """
+        + RECORD_FRAMES
+        + """
+        for (const type of ["unsubscribed", "error", "disconnected", "connected"]) client.on(type, (d) => window.events.push([type, d]));
+        client.on("subscribed", (d) => window.events.push(["subscribed", d.resubscribed]));
+        await client.connect();
+        // A token function that fails makes the subscribe fail with its error.
+        const failing = () => { throw new Error("no token for you"); };
+        window.failed = await client.subscribe(channel, { token: failing }).then(
+          () => "subscribed", (e) => [e.message, client.subscriptions.has(channel)]);
+        window.sub = await client.subscribe(channel, {
+          token,
+          onPublication: (p) => window.got.push(p.data),
+          onUnsubscribed: (d) => window.ended.push(d),
+        });
+    """,
+        [connection_token(user), channel, token],
+    )
+    api(token_server, "/api/publish", {"channel": channel, "data": "before"})
+    page.wait_for_function("window.got.length === 1")
+    assert page.evaluate("window.failed") == ["no token for you", False]
+    page.wait_for_function("window.events.some((e) => e[0] === 'unsubscribed')", timeout=15_000)
+
+    ended = {"channel": channel, "code": 112, "reason": "subscription token expired"}
+    assert page.evaluate("window.ended") == [ended]
+    assert page.evaluate("window.sub.ended") == {"code": 112, "reason": "subscription token expired"}
+    assert page.evaluate("window.sub.active") is False
+    assert page.evaluate("window.client.subscriptions.has(window.sub.channel)") is False
+    pushes = [f for f in page.evaluate("window.received") if "id" not in f]
+    # The sub_refresh push came, and a fixed string has nothing to answer it with.
+    assert {"type": "sub_refresh", "channel": channel, "grace": SUB_GRACE} in pushes
+    assert "sub_refresh" not in [f["type"] for f in page.evaluate("window.sent")]
+
+    # A reconnect does not bring the subscription back.
+    page.evaluate("window.client.reconnect()")
+    page.wait_for_function("window.events.filter((e) => e[0] === 'connected').length === 2")
+    page.evaluate("window.client.ping()")  # a round trip: a resubscribe would have been sent by now
+    assert [f["channels"] for f in page.evaluate("window.sent") if f["type"] == "subscribe"] == [
+        [{"channel": channel, "token": token}]
+    ]
+    events = page.evaluate("window.events")
+    assert [e for e in events if e[0] in ("unsubscribed", "subscribed", "error")] == [
+        ["subscribed", False],
+        ["unsubscribed", ended],
+    ]
+    assert page.evaluate("window.client.state") == "connected"
+    assert page.evaluate("window.got") == ["before"]
 
 
 class _ForeignSite:

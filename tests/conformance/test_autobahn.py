@@ -5,8 +5,9 @@ implementation `herald serve` uses).
 The default run plays a core subset (framing, pings, reserved bits, opcodes,
 fragmentation, UTF-8, close handling: cases 1-7, about 250 cases in a few seconds).
 ``HERALD_AUTOBAHN_FULL=1`` plays every case but compression (1-10), with a 16 MiB
-message limit so that the big-message cases (9.*) measure the server instead of
-Herald's own 64 KiB default.  Results are summarised in docs/conformance.md.
+message limit and 131072 frames per message, so that the big-message cases (9.*: 4 MiB
+in 64-byte fragments) measure the server instead of Herald's own defaults (64 KiB,
+4096 frames).  Results are summarised in docs/conformance.md.
 
 Needs ``wstest`` (Python 2.7): ``tests/conformance/install_autobahn.sh`` installs it in
 ``~/.cache/herald/autobahn`` (scripts/test runs it); the test is skipped, saying so,
@@ -26,7 +27,7 @@ import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from herald.config import Settings
-from herald.transports.fastpath import uvicorn_ws_protocol
+from herald.transports.fastpath import FRAGMENTS_ENV, uvicorn_ws_protocol
 from herald.transports.native import HeraldWebSocketProtocol, NativeRoute, register_routes
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
@@ -38,6 +39,7 @@ CORE_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*"]
 #: serves ordinary ASGI routes); see docs/conformance.md.  A case listed here may fail
 #: on the ASGI path without failing the test.  The native path has no exception.
 KNOWN_BELOW_HERALD = {"7.1.5"}
+MAX_FRAGMENTS = 1 << 17 if FULL else Settings().max_message_fragments
 
 
 class NativeEcho:
@@ -72,7 +74,7 @@ def find_wstest() -> str | None:
 
 def echo_app(max_size: int) -> FastAPI:
     app = FastAPI()
-    register_routes(app, {"/native-echo": NativeRoute(NativeEcho, max_size)})
+    register_routes(app, {"/native-echo": NativeRoute(NativeEcho, max_size, MAX_FRAGMENTS)})
 
     @app.websocket("/echo")
     async def echo(websocket: WebSocket) -> None:
@@ -96,6 +98,8 @@ def echo_app(max_size: int) -> FastAPI:
 def echo_server() -> Iterator[ThreadServer]:
     settings = Settings()
     max_size = 16 * 1024 * 1024 if FULL else settings.max_message_size
+    saved = os.environ.get(FRAGMENTS_ENV)
+    os.environ[FRAGMENTS_ENV] = str(MAX_FRAGMENTS)  # read by the ASGI path's protocol class
     server = ThreadServer(
         echo_app(max_size),
         ws=uvicorn_ws_protocol(settings.ws_impl, settings.fast_path),
@@ -106,6 +110,10 @@ def echo_server() -> Iterator[ThreadServer]:
     ).start()
     yield server
     server.stop()
+    if saved is None:
+        os.environ.pop(FRAGMENTS_ENV, None)
+    else:
+        os.environ[FRAGMENTS_ENV] = saved
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,28 @@
 
 Fan-out is a direct call into the node's handler, so publications of a channel
 reach the hub in offset order without any queue in between.
+
+Only a publish creates state.  A read of a channel that has no stream (never
+published to, or its stream expired or was removed) returns offset 0 in the
+channel's *empty epoch* and stores nothing, so clients cannot grow the broker
+by naming channels.  The first publication then starts the stream at offset 1
+in that same epoch, so a subscriber told ``(0, epoch)`` continues (and can
+recover) without any special case.  The empty epoch is computed, not stored:
+this broker's random token and a generation counter of the channel's bucket
+(``crc32(channel) % EPOCH_BUCKETS``), which every stream creation in the
+bucket increments.  So a channel whose stream was created (and perhaps lost
+again) since a client read ``(0, epoch)`` never reads as that epoch again, and
+that client is told ``recovered: false`` instead of missing the lost stream.
+The counters are bounded (at most ``EPOCH_BUCKETS`` integers).
 """
 
 from __future__ import annotations
 
 import inspect
+import secrets
 import time
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,40 +34,64 @@ from .base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
-    new_epoch,
 )
+
+#: Streams an operation removes at most; the rest go on the next operations.
+SWEEP_BATCH = 512
 
 
 @dataclass(slots=True)
 class _Stream:
-    epoch: str = field(default_factory=new_epoch)
+    epoch: str
     offset: int = 0
     # (publication, monotonic expiry time)
     entries: deque[tuple[Publication, float]] = field(default_factory=deque)
     expires_at: float = 0.0  # the whole stream is forgotten after this (0: never)
+    ttl: float = 0.0  # the lifetime group (``_expiry`` key) it is in (0: none)
 
 
 class MemoryBroker(Broker):
     """In-memory broker: the default for a single process.
 
-    A stream whose history has fully expired (no publication for ``history_ttl``)
-    is forgotten, and the next publish starts a new epoch, as a Redis key with a
-    TTL would.  A stream that only a read created (a subscribe to a channel nobody
-    published to) is forgotten after ``read_stream_ttl`` seconds, so clients cannot
-    grow the broker by naming channels.  Expired streams are swept once a minute.
+    A stream is forgotten ``history_ttl`` seconds after its last publication
+    (namespaces with history and a TTL) or ``stream_meta_ttl`` seconds after it
+    (namespaces without history: only the offset is kept; 0 keeps it forever),
+    and the next publish starts a new epoch, as a Redis key with a TTL would.
+    Reads never create a stream (see the module docstring).
+
+    Expiry is incremental: streams are kept in one insertion-ordered dict per
+    lifetime (a publication moves its stream to the end), so each dict is in
+    expiry order and an operation only looks at the heads: its cost is the
+    number of streams that expired, at most :data:`SWEEP_BATCH` per operation.
     ``clock`` is injectable for tests.
     """
 
-    SWEEP_INTERVAL = 60.0
+    EPOCH_BUCKETS = 16384
 
-    def __init__(self, *, clock: Callable[[], float] | None = None, read_stream_ttl: float = 3600.0) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] | None = None,
+        stream_meta_ttl: float = 3600.0,
+    ) -> None:
+        if stream_meta_ttl < 0:
+            raise ValueError("stream_meta_ttl must be >= 0")
         self._clock = clock or time.monotonic
-        self._read_stream_ttl = read_stream_ttl
-        self._next_sweep = 0.0
+        self.stream_meta_ttl = stream_meta_ttl
         self._streams: dict[str, _Stream] = {}
+        # lifetime (seconds) -> channel -> expiry time, oldest publication first.
+        self._expiry: dict[float, OrderedDict[str, float]] = {}
+        self._token = secrets.token_hex(4)
+        self._generations: dict[int, int] = {}
         self._subscribed: set[str] = set()
         self._handler: BrokerHandler | None = None
+        #: Streams removed by expiry (for tests and metrics).
+        self.expired = 0
+        #: Test hook: when it returns True for a publication, this node "misses" it
+        #: (as if its link had dropped it) and reports a StreamGap instead.
+        self.drop_hook: Callable[[Publication], bool] | None = None
 
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
@@ -70,21 +109,70 @@ class MemoryBroker(Broker):
     def channels(self) -> set[str]:
         return set(self._subscribed)
 
-    def _stream(self, channel: str, now: float, *, read: bool = False) -> _Stream:
-        if now >= self._next_sweep:
-            self._sweep(now)
-        stream = self._streams.get(channel)
-        if stream is None or (stream.expires_at and stream.expires_at <= now):
-            stream = self._streams[channel] = _Stream()
-            if read and self._read_stream_ttl > 0:
-                stream.expires_at = now + self._read_stream_ttl
+    # ------------------------------------------------------------ streams and expiry
+
+    def empty_epoch(self, channel: str) -> str:
+        """The epoch ``channel`` reads as while it has no stream (and its next stream's)."""
+        bucket = zlib.crc32(channel.encode()) % self.EPOCH_BUCKETS
+        return f"{self._token}.{self._generations.get(bucket, 0):x}"
+
+    def _create(self, channel: str) -> _Stream:
+        stream = _Stream(self.empty_epoch(channel))
+        bucket = zlib.crc32(channel.encode()) % self.EPOCH_BUCKETS
+        self._generations[bucket] = self._generations.get(bucket, 0) + 1
+        self._streams[channel] = stream
         return stream
 
-    def _sweep(self, now: float) -> None:
-        self._next_sweep = now + self.SWEEP_INTERVAL
-        expired = [name for name, s in self._streams.items() if s.expires_at and s.expires_at <= now]
-        for name in expired:
-            del self._streams[name]
+    def _live(self, channel: str, now: float) -> _Stream | None:
+        self.sweep(now)
+        stream = self._streams.get(channel)
+        if stream is not None and stream.expires_at and stream.expires_at <= now:
+            self._forget(channel, stream)
+            self.expired += 1
+            return None
+        return stream
+
+    def _forget(self, channel: str, stream: _Stream) -> None:
+        del self._streams[channel]
+        self._forget_expiry(channel, stream.ttl)
+
+    def _forget_expiry(self, channel: str, ttl: float) -> None:
+        group = self._expiry.get(ttl)
+        if group is not None:
+            group.pop(channel, None)
+
+    def _set_lifetime(self, channel: str, stream: _Stream, ttl: float, now: float) -> None:
+        if stream.ttl and stream.ttl != ttl:
+            self._forget_expiry(channel, stream.ttl)
+        stream.ttl = ttl
+        if not ttl:
+            stream.expires_at = 0.0
+            return
+        stream.expires_at = now + ttl
+        group = self._expiry.get(ttl)
+        if group is None:
+            group = self._expiry[ttl] = OrderedDict()
+        group[channel] = stream.expires_at
+        group.move_to_end(channel)
+
+    def sweep(self, now: float, limit: int = SWEEP_BATCH) -> int:
+        """Forget up to ``limit`` expired streams; returns how many.  Looks only at
+        streams that expired (plus one head per lifetime group)."""
+        removed = 0
+        for ttl, group in list(self._expiry.items()):
+            while group and removed < limit:
+                channel, expires_at = next(iter(group.items()))
+                if expires_at > now:
+                    break
+                group.popitem(last=False)
+                stream = self._streams.get(channel)
+                if stream is not None and stream.ttl == ttl and stream.expires_at == expires_at:
+                    del self._streams[channel]
+                    self.expired += 1
+                removed += 1
+            if not group:
+                del self._expiry[ttl]
+        return removed
 
     def stream_count(self) -> int:
         """Streams kept in memory (for tests and the admin page)."""
@@ -95,9 +183,11 @@ class MemoryBroker(Broker):
         while entries and entries[0][1] <= now:
             entries.popleft()
 
+    # ------------------------------------------------------------ publishing
+
     async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
         now = self._clock()
-        stream = self._stream(channel, now)
+        stream = self._live(channel, now) or self._create(channel)
         stream.offset += 1
         publication = Publication(channel, stream.offset, stream.epoch, data, options.info)
         if options.history_size > 0:
@@ -105,9 +195,11 @@ class MemoryBroker(Broker):
             stream.entries.append((publication, now + ttl))
             while len(stream.entries) > options.history_size:
                 stream.entries.popleft()
-            stream.expires_at = now + ttl if options.history_ttl > 0 else 0.0
+            self._set_lifetime(channel, stream, max(options.history_ttl, 0.0), now)
         else:
-            stream.expires_at = 0.0  # offsets of a channel without history are kept
+            stream.entries.clear()
+            # Only the offset is kept; it expires like a Redis meta key (stream_meta_ttl).
+            self._set_lifetime(channel, stream, self.stream_meta_ttl, now)
         await self._deliver(publication)
         return StreamPosition(stream.offset, stream.epoch)
 
@@ -117,7 +209,13 @@ class MemoryBroker(Broker):
     async def _deliver(self, message: Publication | PresenceEvent) -> None:
         if self._handler is None or message.channel not in self._subscribed:
             return
-        result = self._handler(message)
+        if isinstance(message, Publication) and self.drop_hook is not None and self.drop_hook(message):
+            # A missed publication is reported, never skipped silently (broker contract).
+            last = StreamPosition(message.offset - 1, message.epoch)
+            gap = StreamGap(message.channel, last, StreamPosition(message.offset, message.epoch))
+            result = self._handler(gap)
+        else:
+            result = self._handler(message)
         if inspect.isawaitable(result):
             await result
 
@@ -130,7 +228,10 @@ class MemoryBroker(Broker):
         reverse: bool = False,
     ) -> HistoryResult:
         now = self._clock()
-        stream = self._stream(channel, now, read=True)
+        stream = self._live(channel, now)
+        if stream is None:
+            # No stream: nothing is stored for a read (see the module docstring).
+            return HistoryResult([], StreamPosition(0, self.empty_epoch(channel)))
         self._trim(stream, now)
         position = StreamPosition(stream.offset, stream.epoch)
         if limit == 0:
@@ -145,4 +246,6 @@ class MemoryBroker(Broker):
         return HistoryResult(items, position)
 
     async def remove_history(self, channel: str) -> None:
-        self._streams.pop(channel, None)
+        stream = self._streams.get(channel)
+        if stream is not None:
+            self._forget(channel, stream)

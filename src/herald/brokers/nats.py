@@ -30,13 +30,19 @@ broker URL):
   rejects the append if anything was appended to the subject since, and the node
   retries with the new last message (optimistic concurrency).  Offsets are thus
   1, 2, 3... in the subject's stream order, however many nodes publish.
-* *Epochs.*  A channel's epoch is a random token written with its first message.
-  When the subject is empty (never used, purged by :meth:`remove_history`,
-  stream deleted, server restarted without storage) or its last message expired
-  (``history_ttl``), the next publish starts a new epoch at offset 1 and
-  atomically removes the old messages (``Nats-Rollup: sub``).  Reading an empty
-  channel's position writes an *epoch marker* (offset 0, same rollup and check)
-  so that the epoch a subscriber was told stays the epoch of the first publication.
+* *Epochs.*  Reads never write.  A channel with no live stream (the subject is
+  empty: never used, stream deleted, server restarted without storage; or its
+  last message expired, ``history_ttl``) reads as offset 0 in its *empty epoch*,
+  computed by every node alike: a hash of the JetStream stream's creation time
+  and the channel name (empty subject), or of the expired last message's epoch
+  and sequence.  The next publish starts the stream at offset 1 in that epoch
+  and atomically removes the old messages (``Nats-Rollup: sub``), so a
+  subscriber told ``(0, epoch)`` continues, and a later stream of the channel
+  never gets an earlier epoch (a re-created stream has another creation time; an
+  expired last message another sequence).  :meth:`remove_history` replaces the
+  channel's messages with an *epoch marker* (offset 0, a random epoch).  Purge a
+  single channel only that way: a subject emptied by hand would read as its
+  first epoch again.
 * *Per-namespace history size and TTL* travel in headers of each message
   (``Herald-Keep``, ``Herald-Expires``) because stream limits are per stream:
   history reads return only the last ``Herald-Keep`` offsets that have not
@@ -57,8 +63,11 @@ broker URL):
   publisher was disconnected) reads it from the stream.  After a reconnection
   every subscribed channel is re-synchronised from the stream the same way, so
   clients of a node that lost its link get what they missed, in order, without
-  resubscribing.  Only when the history no longer has a missing offset (not kept
-  by the namespace, or expired) is it skipped; the client sees the gap in offsets.
+  resubscribing.  When the history no longer has a missing offset (not kept by
+  the namespace, or expired), or the stream was lost meanwhile (new epoch), the
+  handler gets a :class:`~herald.brokers.base.StreamGap` before anything after
+  it (the node closes the channel's subscribers with 4005, so they resume with
+  ``since`` and learn ``recovered: false``); nothing is skipped silently.
 
 **Presence** (both modes, :class:`NatsPresenceManager`): every node keeps a
 replica of all nodes' presence.  ``add``/``remove`` apply locally at once and are
@@ -71,7 +80,9 @@ others' clients within that period, and a dead node's entries expire
 disconnected :meth:`NatsBroker.ready` is False and ``publish`` raises
 :class:`~herald.exceptions.BrokerUnavailableError` (nats-py would otherwise
 buffer the message and report success).  Without JetStream, publications made
-while a node was disconnected are lost for its clients.
+while a node was disconnected are lost for its clients: after the reconnection
+the broker hands a :class:`~herald.brokers.base.StreamGap` for every subscribed
+channel, so those clients are told (4005, then ``recovered: false``).
 """
 
 from __future__ import annotations
@@ -79,6 +90,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import inspect
 import logging
 import random
@@ -91,6 +103,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from ..config import non_negative
 from ..exceptions import BrokerError, BrokerUnavailableError, ConfigError, NotAvailableError
 from ..presence.base import PresenceManager
 from ..presence.memory import MemoryPresenceManager
@@ -104,6 +117,7 @@ from .base import (
     PresenceEvent,
     Publication,
     PublishOptions,
+    StreamGap,
     StreamPosition,
     new_epoch,
 )
@@ -196,8 +210,9 @@ class NatsBrokerConfig:
         """``nats://host:4222?jetstream=1&prefix=app&max_age=86400`` -> config.
 
         Query options: ``jetstream``, ``prefix``, ``stream``, ``storage``,
-        ``replicas``, ``max_age``, ``gap_wait``, ``trim_every``.  An unknown or
-        malformed option raises :class:`ConfigError`.
+        ``replicas``, ``max_age``, ``gap_wait``, ``trim_every``, ``connect_timeout``,
+        ``reconnect_wait``, ``request_timeout``.  An unknown or malformed option
+        raises :class:`ConfigError`.
         """
         base, _, query = url.partition("?")
         values: dict[str, Any] = {}
@@ -210,6 +225,9 @@ class NatsBrokerConfig:
             "max_age": float,
             "gap_wait": float,
             "trim_every": int,
+            "connect_timeout": non_negative,
+            "reconnect_wait": non_negative,
+            "request_timeout": non_negative,
         }
         for key, value in parse_qsl(query, keep_blank_values=True):
             convert = converters.get(key)
@@ -277,9 +295,10 @@ class NatsBroker(Broker):
         self._closed = False
         self._stream_ready = False
         self._tasks = BackgroundTasks()
-        #: Offsets read from the stream to fill a gap, and offsets given up (for tests/metrics).
+        #: Offsets read from the stream to fill a gap, and gaps reported lost (StreamGap)
+        #: (for tests/metrics).
         self.gaps_filled = 0
-        self.gaps_skipped = 0
+        self.gaps_lost = 0
 
     # ------------------------------------------------------------ subjects
 
@@ -328,6 +347,11 @@ class NatsBroker(Broker):
             self._connected.set()
             if cfg.jetstream:
                 self._tasks.spawn(self._after_reconnect())
+            else:
+                # Core NATS kept nothing of what was published meanwhile: say so.
+                for channel in list(self._subscriptions):
+                    self.gaps_lost += 1
+                    await self._deliver(StreamGap(channel, NO_STREAM, NO_STREAM))
 
         async def on_error(exc: Exception) -> None:
             logger.debug("NATS error: %r", exc)
@@ -464,7 +488,7 @@ class NatsBroker(Broker):
         async with order.lock:
             await self._accept(channel, order, message)
 
-    async def _deliver(self, message: Publication | PresenceEvent) -> None:
+    async def _deliver(self, message: Publication | PresenceEvent | StreamGap) -> None:
         handler = self._handler
         if handler is None:
             return
@@ -551,23 +575,31 @@ class NatsBroker(Broker):
                 return
             if history is not None:
                 if history.position.epoch != order.epoch:
-                    # The stream was lost while we were not looking: follow the new one.
+                    # The stream was lost while we were not looking: what came after our
+                    # position in it cannot be delivered any more.  Report, then follow
+                    # the new stream from its current top.
                     logger.warning("channel %s: stream reset (new epoch)", channel)
+                    last = StreamPosition(order.next - 1, order.epoch)
                     order.epoch = history.position.epoch
                     order.next = history.position.offset + 1
                     order.pending.clear()
+                    self.gaps_lost += 1
+                    await self._deliver(StreamGap(channel, last, history.position, epoch_changed=True))
                     return
                 for publication in history.publications:
                     if publication.offset >= order.next and publication.offset not in order.pending:
                         order.pending[publication.offset] = publication
                         self.gaps_filled += 1
             await self._drain(order)
-            if order.pending and history is not None:
-                # The stream no longer has the missing offsets: skip them.
-                first = min(order.pending)
+            if history is not None and (order.pending or history.position.offset >= order.next):
+                # The stream no longer has the missing offsets (not kept, expired): report
+                # them lost before anything after them, then go on after them.
+                first = min(order.pending) if order.pending else history.position.offset + 1
                 logger.warning("channel %s: offsets %d..%d are lost", channel, order.next, first - 1)
-                self.gaps_skipped += first - order.next
+                last = StreamPosition(order.next - 1, order.epoch)
+                self.gaps_lost += 1
                 order.next = first
+                await self._deliver(StreamGap(channel, last, StreamPosition(first - 1, order.epoch)))
                 await self._drain(order)
             if order.pending and (order.filler is None or order.filler.done()):
                 order.filler = self._tasks.spawn(self._fill_later(channel, order))
@@ -679,7 +711,8 @@ class NatsBroker(Broker):
         return await self._get(channel, {"last_by_subj": self.history_subject(channel)})
 
     async def _mark(self, channel: str, last: _Entry | None) -> _Entry | None:
-        """Start a new epoch on an empty (or expired) channel; None if another node was faster."""
+        """Replace everything of the channel with an epoch marker (offset 0, a random epoch);
+        None if another node appended first."""
         epoch = new_epoch()
         headers = {
             _EXPECTED: str(last.seq if last is not None else 0),
@@ -698,6 +731,19 @@ class NatsBroker(Broker):
             return None
         raise BrokerError(f"JetStream append failed: {error.get('description')}")
 
+    async def _empty_epoch(self, channel: str, last: _Entry | None) -> str:
+        """The epoch ``channel`` reads as while it has no live stream (``last`` is None or
+        expired), and its next stream starts in: computed, never stored (module docstring)."""
+        if last is not None:
+            seed = f"expired:{last.publication.epoch}:{last.seq}"
+        else:
+            reply = await self._api(f"STREAM.INFO.{self.stream_name}", {})
+            error = reply.get("error")
+            if error is not None:
+                raise BrokerError(f"JetStream stream info failed: {error.get('description')}")
+            seed = f"new:{reply.get('created', '')}:{channel}"
+        return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()[:8]
+
     async def _js_publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
         subject = self.history_subject(channel)
         keep = max(options.history_size, 0)
@@ -707,8 +753,9 @@ class NatsBroker(Broker):
             last = await self._last(channel)
             now = _now_ms()
             if last is None or last.expired(now):
-                # First publication of a new epoch: the old messages go (rollup).
-                offset, epoch, prev, rollup = 1, new_epoch(), 0, True
+                # First publication of a new stream, in the epoch readers were told: the old
+                # messages go (rollup).
+                offset, epoch, prev, rollup = 1, await self._empty_epoch(channel, last), 0, True
             else:
                 offset, epoch = last.publication.offset + 1, last.publication.epoch
                 prev, rollup = last.seq, keep == 0
@@ -751,14 +798,11 @@ class NatsBroker(Broker):
         limit: int | None = None,
         reverse: bool = False,
     ) -> HistoryResult:
-        while True:
-            last = await self._last(channel)
-            now = _now_ms()
-            if last is None or last.expired(now):
-                last = await self._mark(channel, last)
-                if last is None:
-                    continue  # another node started the epoch or published: read again
-            break
+        last = await self._last(channel)
+        if last is None or last.expired(_now_ms()):
+            # No live stream: nothing is written for a read (module docstring).
+            return HistoryResult([], StreamPosition(0, await self._empty_epoch(channel, last)))
+        now = _now_ms()
         top = last.publication
         position = StreamPosition(top.offset, top.epoch)
         if limit == 0 or top.offset == 0:
@@ -824,11 +868,14 @@ class NatsBroker(Broker):
         raise NotAvailableError(_NO_HISTORY)
 
     async def remove_history(self, channel: str) -> None:
+        """Replace the channel's messages with an epoch marker (rollup), so its next stream
+        starts in a new epoch that no earlier stream had."""
         if not self.config.jetstream:
             return None  # nothing is stored
-        reply = await self._api(f"STREAM.PURGE.{self.stream_name}", {"filter": self.history_subject(channel)})
-        if "error" in reply:
-            raise BrokerError(f"JetStream purge failed: {reply['error'].get('description')}")
+        for _ in range(_MAX_CONFLICTS):
+            if await self._mark(channel, await self._last(channel)) is not None:
+                return None
+        raise BrokerUnavailableError(f"JetStream remove_history of {channel}: too much contention")
 
     # ------------------------------------------------------------ presence replication
 

@@ -10,27 +10,37 @@ Keys (``prefix`` defaults to ``herald``; ``CHANNEL`` is the Herald channel name)
 =============================  ==========  ===================================================
 key                            type        contents
 =============================  ==========  ===================================================
-``PREFIX:meta:CHANNEL``        hash        ``e`` = epoch, ``o`` = offset of the newest publication
+``PREFIX:meta:CHANNEL``        hash        ``e`` = epoch, ``o`` = offset of the newest publication,
+                                           ``r`` = Redis run id of the last write, ``d`` = '1'
+                                           when that run kept every acknowledged write
 ``PREFIX:stream:CHANNEL``      stream      the last ``history_size`` publications; entry id
                                            ``OFFSET-0``, fields ``d`` data, ``i`` info, ``x``
                                            expiry (ms since the Unix epoch, 0 = never)
 ``PREFIX:presence:CHANNEL``    hash        client id -> ClientInfo JSON (see presence/redis.py)
 ``PREFIX:presence-exp:CHANNEL`` sorted set client id -> expiry (ms)
+``PREFIX:epochs``              hash        ``i`` = this Redis data set's random incarnation,
+                                           bucket -> streams created in it (one key in all)
 =============================  ==========  ===================================================
 
 Pub/Sub channels: ``PREFIX:ch:CHANNEL`` carries the channel's envelopes and
 ``PREFIX:link`` (never published to) keeps the subscriber connection up and
 tells when every subscription of a (re)connection was confirmed.
 
-Both history keys expire ``history_ttl`` seconds after the last publication.
-When the meta key is missing (TTL expired, Redis restarted without persistence,
-``remove_history``), the next publish or history read creates a new random
-epoch and offsets restart at 1, so clients holding an old position are told
-``recovered: false``.  A meta key created by a *read* (a client subscribed to or
-read the history of a channel that never had a publication) expires after
-``read_meta_ttl`` seconds, so clients cannot fill Redis with permanent keys by
-subscribing to random names; the first publish then applies the publish rules
-(``history_ttl``, ``stream_meta_ttl``, or no expiry).
+Both history keys expire ``history_ttl`` seconds after the last publication;
+the meta key of a namespace without history expires ``stream_meta_ttl`` seconds
+after it.  Only a publish writes a channel's keys.  A channel without a meta key
+(never published to, TTL expired, Redis restarted without persistence,
+``remove_history``) reads as offset 0 in its *empty epoch*, and nothing is stored
+for the read, so clients cannot fill Redis by naming channels.  The next publish
+starts the stream at offset 1 in that same epoch, so a subscriber told ``(0,
+epoch)`` simply continues.  The empty epoch is computed, not stored per channel:
+from the Redis ``run_id`` (a restart, a promoted replica or a restored snapshot
+never reproduces it), a random incarnation kept in ``PREFIX:epochs`` (a FLUSHALL
+does not either) and the generation of the channel's bucket (``crc32(channel) %
+16384``) in that hash, which every stream creation in the bucket increments.  So
+once a channel's stream was created (and perhaps lost), the channel never reads
+as an earlier empty epoch again, and a client holding ``(0, old epoch)`` is told
+``recovered: false`` instead of silently missing that stream.
 
 Faults: when Redis is unreachable, :meth:`RedisBroker.publish`, ``history`` and
 presence calls raise :class:`~herald.exceptions.BrokerUnavailableError`,
@@ -48,6 +58,18 @@ a channel without history whose offset jumped) or the stream was lost (new
 epoch), nothing of the gap is delivered and the handler gets a
 :class:`~herald.brokers.base.StreamGap`; the node then closes the channel's
 subscribers with close code 4005 so they resume with ``since``.
+
+Rollbacks (Redis restarted from an older RDB snapshot or an AOF not fsynced on
+every write, a replica promoted before it had every write): a stream may come
+back *behind* what was acknowledged, and its offsets would be handed out again
+in the same epoch.  Every channel script first runs ``_RUN_CHECK``: a meta key
+stamped (``r``) with another Redis run id than the current one was last written
+before Redis (re)started; it is kept only when the run that wrote it and the
+current run both keep every acknowledged write (see :meth:`RedisBroker._check_run`),
+and otherwise dropped, so the stream starts again in a new epoch whichever node
+touches it first.  Second line: a node whose catch-up finds a stream below the
+offset it delivered in the same epoch drops that epoch (``_RESET``).  Limits are
+listed in docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -57,6 +79,8 @@ import contextlib
 import inspect
 import logging
 import random
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +93,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..config import redact_url
+from ..config import non_negative, positive_int, redact_url, split_url_options
 from ..exceptions import BrokerError, BrokerUnavailableError
 from . import envelope
 from .base import (
@@ -99,15 +123,13 @@ class RedisBrokerConfig:
     ``prefix``: prepended to every key and Pub/Sub channel, so several Herald
     deployments can share one Redis.  ``stream_meta_ttl``: seconds a channel's
     offset/epoch key lives after its last publication when the namespace keeps
-    no history (0: forever, like the memory broker; with history the key lives
-    as long as the history, ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
+    no history (0: forever; with history the key lives as long as the history,
+    ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
     the backoff between reconnect attempts (doubled each failure, with jitter).
     ``max_connections``: command connections per node; more concurrent commands
-    wait (up to ``command_timeout``) for a free one.  ``read_meta_ttl``: seconds
-    a channel's offset/epoch key lives when a read (subscribe, history) created
-    it and nothing was published yet (0: forever; the first publish applies the
-    rules above).  ``max_held``: live publications held per channel while it
-    catches up after a link blip; beyond it the gap is reported as lost.
+    wait (up to ``command_timeout``) for a free one.  ``max_held``: live
+    publications held per channel while it catches up after a link blip; beyond
+    it the gap is reported as lost.  :meth:`from_url` reads these from the URL.
     """
 
     url: str = field(default="redis://localhost:6379/0", repr=False)  # may hold a password
@@ -116,14 +138,87 @@ class RedisBrokerConfig:
     command_timeout: float = 5.0
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
-    stream_meta_ttl: float = 0.0
+    stream_meta_ttl: float = 3600.0
     max_connections: int = 50
-    read_meta_ttl: float = 3600.0
     max_held: int = 10_000
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisBrokerConfig:
+        """``redis://host:6379/0?prefix=app&stream_meta_ttl=600`` -> config.
+
+        Query options: ``prefix``, ``connect_timeout``, ``command_timeout``,
+        ``reconnect_min``, ``reconnect_max``, ``stream_meta_ttl``,
+        ``max_connections``, ``max_held``; redis-py's own URL options (``ssl_*``,
+        ``health_check_interval``, ...) are passed through.  Anything else, or a
+        malformed value, raises :class:`ConfigError`.
+        """
+        from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+        converters: dict[str, Callable[[str], Any]] = {
+            "prefix": _prefix,
+            "connect_timeout": non_negative,
+            "command_timeout": non_negative,
+            "reconnect_min": non_negative,
+            "reconnect_max": non_negative,
+            "stream_meta_ttl": non_negative,
+            "max_connections": positive_int,
+            "max_held": positive_int,
+        }
+        base, values = split_url_options(
+            url, converters, what="Redis", passthrough=set(URL_QUERY_ARGUMENT_PARSERS) - set(converters)
+        )
+        return cls(url=base, **values)
+
+
+def _prefix(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("expected a non-empty key prefix without spaces")
+    return value
 
 
 # Lua scripts run atomically: nothing else touches a channel's keys between the
 # epoch check, the offset increment, the append and the PUBLISH.
+
+# Rollback guard, run first by every script that reads or writes a channel's keys.  The
+# last two ARGV are the Redis run id the calling node checked and '1' when that run keeps
+# every acknowledged write (see ``RedisBroker._check_run``).  A run id changes on every
+# Redis start and differs on a promoted replica, and no snapshot or replica can bring a
+# future one back: a stream whose meta key is stamped with another run id (field ``r``)
+# was last written before Redis (re)started, and may have been rolled back.  It is kept
+# only when the run that wrote it and the current run both keep every acknowledged write
+# (field ``d``); otherwise it is dropped here and the script continues as for a lost
+# stream: a new epoch, offsets from 1.  ``{-1, run}``: the node must check this run first.
+_RUN_CHECK = """
+local run = string.match(redis.call('info', 'server'), 'run_id:(%x+)')
+if ARGV[#ARGV - 1] ~= run then return {-1, run} end
+local durable = ARGV[#ARGV]
+if redis.call('hget', KEYS[2], 'r') ~= run and redis.call('hexists', KEYS[2], 'e') == 1 then
+  if durable == '1' and redis.call('hget', KEYS[2], 'd') == '1' then
+    redis.call('hset', KEYS[2], 'r', run)
+  else
+    redis.call('del', KEYS[1], KEYS[2])
+  end
+end
+"""
+
+#: Number of generation counters in ``PREFIX:epochs`` (see the module docstring).
+EPOCH_BUCKETS = 16384
+
+# The epoch a channel without a stream reads as, and its next stream starts in (module
+# docstring).  ``epochs`` is KEYS[3] (PREFIX:epochs), ``bucket`` the channel's bucket,
+# ``fresh`` a random token (the incarnation when the hash is new).
+_EMPTY_EPOCH = """
+local function empty_epoch(epochs, bucket, fresh)
+  local incarnation = redis.call('hget', epochs, 'i')
+  if not incarnation then
+    incarnation = fresh
+    redis.call('hset', epochs, 'i', incarnation)
+  end
+  local server_run = string.match(redis.call('info', 'server'), 'run_id:(%x+)') or ''
+  local generation = redis.call('hget', epochs, bucket) or '0'
+  return string.sub(redis.sha1hex(server_run .. incarnation), 1, 8) .. '.' .. generation
+end
+"""
 
 _PUBLISH = """
 local stream, meta = KEYS[1], KEYS[2]
@@ -131,12 +226,15 @@ local pubsub, data, info = ARGV[1], ARGV[2], ARGV[3]
 local size, ttl, meta_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
 local epoch = redis.call('hget', meta, 'e')
 if not epoch then
-  -- The stream was lost (expired, flushed, Redis restarted empty): start a new epoch.
-  epoch = ARGV[6]
+  -- No stream (never published, expired, flushed, Redis restarted empty): start one in
+  -- the empty epoch readers were told; later streams of this bucket get another one.
+  epoch = empty_epoch(KEYS[3], ARGV[8], ARGV[6])
+  redis.call('hincrby', KEYS[3], ARGV[8], 1)
   redis.call('del', stream)
   redis.call('hset', meta, 'e', epoch)
 end
 local offset = redis.call('hincrby', meta, 'o', 1)
+redis.call('hset', meta, 'r', run, 'd', durable)
 if size > 0 then
   local expires = 0
   if ttl > 0 then
@@ -155,7 +253,7 @@ if size > 0 then
 elseif meta_ttl > 0 then
   redis.call('pexpire', meta, meta_ttl)
 else
-  -- A read may have created the key with an expiry (read_meta_ttl): published keys persist.
+  -- The namespace may have kept history (with a TTL) before: published keys persist.
   redis.call('persist', meta)
 end
 redis.call('publish', pubsub,
@@ -166,14 +264,11 @@ return {offset, epoch}
 _HISTORY = """
 local stream, meta = KEYS[1], KEYS[2]
 local since_offset, since_epoch = ARGV[2], ARGV[3]
-local limit, reverse, meta_ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local limit, reverse = tonumber(ARGV[4]), ARGV[5]
 local epoch = redis.call('hget', meta, 'e')
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('del', stream)
-  redis.call('hset', meta, 'e', epoch)
-  -- Created by a read: expire it (read_meta_ttl) unless a publish comes and keeps it.
-  if meta_ttl > 0 then redis.call('pexpire', meta, meta_ttl) end
+  -- No stream: a read stores nothing for the channel (a left-over stream key is stale).
+  return {0, empty_epoch(KEYS[3], ARGV[6], ARGV[1]), {}}
 end
 local offset = tonumber(redis.call('hget', meta, 'o') or '0')
 if limit == 0 then return {offset, epoch, {}} end
@@ -216,6 +311,30 @@ end
 return {offset, epoch, entries}
 """
 
+# The node-side high-water mark found the stream below what this node delivered in the
+# same epoch (a rollback the run-id stamp could not see): every later offset of that epoch
+# repeats one already handed out, so the epoch is dropped (unless another node did it).
+_RESET = """
+if redis.call('hget', KEYS[2], 'e') == ARGV[1] then
+  redis.call('del', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"""
+
+# What decides whether a run keeps every acknowledged write (CONFIG is not allowed here).
+_RUN_INFO = """
+local server = redis.call('info', 'server')
+local persistence = redis.call('info', 'persistence')
+local replication = redis.call('info', 'replication')
+return {
+  string.match(server, 'run_id:(%x+)'),
+  string.match(persistence, 'aof_enabled:(%d+)') or '0',
+  string.match(replication, 'role:(%a+)') or '',
+  string.match(replication, 'second_repl_offset:(%-?%d+)') or '',
+}
+"""
+
 
 _DELIVER, _DROP, _JUMP = 0, 1, 2
 
@@ -255,6 +374,16 @@ class _Track:
         return _JUMP
 
 
+def epoch_bucket(channel: str) -> int:
+    """The generation counter of ``PREFIX:epochs`` that ``channel``'s streams share."""
+    return zlib.crc32(channel.encode()) % EPOCH_BUCKETS
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -288,6 +417,14 @@ class RedisBroker(Broker):
         self.reconnects = 0  # link re-establishments after the first (for tests and metrics)
         self._publish_script: Any = None
         self._history_script: Any = None
+        self._reset_script: Any = None
+        self._run_info_script: Any = None
+        #: The Redis run this node checked (run id) and whether it keeps every acknowledged
+        #: write; the scripts refuse to run for another run id until it is checked.
+        self._run: tuple[str, bool] = ("", False)
+        self._run_check: asyncio.Future[tuple[str, bool]] | None = None
+        #: Streams found rolled back and started again in a new epoch (tests/metrics).
+        self.rollbacks = 0
         #: Per subscribed channel: the last delivered position and the catch-up state.
         self._tracks: dict[str, _Track] = {}
         self._tasks = BackgroundTasks()
@@ -302,6 +439,11 @@ class RedisBroker(Broker):
 
     def stream_key(self, channel: str) -> str:
         return f"{self.config.prefix}:stream:{channel}"
+
+    @property
+    def epochs_key(self) -> str:
+        """The one hash the empty epochs are computed from (see the module docstring)."""
+        return f"{self.config.prefix}:epochs"
 
     def pubsub_channel(self, channel: str) -> str:
         return self._channel_prefix + channel
@@ -328,8 +470,10 @@ class RedisBroker(Broker):
                 retry_on_error=[RedisConnectionError],
             )
             self._client = aioredis.Redis.from_pool(pool)
-            self._publish_script = self._client.register_script(_PUBLISH)
-            self._history_script = self._client.register_script(_HISTORY)
+            self._publish_script = self._client.register_script(_RUN_CHECK + _EMPTY_EPOCH + _PUBLISH)
+            self._history_script = self._client.register_script(_RUN_CHECK + _EMPTY_EPOCH + _HISTORY)
+            self._reset_script = self._client.register_script(_RESET)
+            self._run_info_script = self._client.register_script(_RUN_INFO)
         return self._client
 
     async def start(self, handler: BrokerHandler) -> None:
@@ -526,6 +670,8 @@ class RedisBroker(Broker):
             await self._link_up.wait()
             wanted = track.wanted
             since = StreamPosition(track.offset, track.epoch) if track.epoch is not None else None
+            # Held publications received before the read: the read sees a stream at least as new.
+            before_read = len(track.held or ())
             try:
                 history = await self.history(channel, since=since, limit=None if since else 0)
             except BrokerError as exc:
@@ -541,17 +687,29 @@ class RedisBroker(Broker):
             elif since is not None and (track.epoch, track.offset) != (since.epoch, since.offset):
                 continue  # moved meanwhile (held publications given up): read again
             else:
-                await self._apply(channel, track, since, history)
+                try:
+                    await self._apply(channel, track, since, history)
+                except BrokerError as exc:  # a rollback found, but Redis failed resetting it
+                    logger.debug("catching up %s failed: %s; retrying", channel, exc)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                    continue
             track.done = wanted
             # Release the held publications in order; a jump among them needs another read.
             held = track.held or []
             while held:
                 publication = held[0]
+                if before_read > 0 and publication.epoch != track.epoch:
+                    # Its epoch was already gone when the stream was read (a rollback or a
+                    # lost stream, reported above): another read would never place it.
+                    held.pop(0)
+                    before_read -= 1
+                    continue
                 step = track.step(publication)
                 if step == _JUMP:
                     track.wanted += 1
                     break
                 held.pop(0)
+                before_read -= 1
                 if step == _DELIVER:
                     await self._deliver(publication)
             else:
@@ -574,7 +732,13 @@ class RedisBroker(Broker):
             await self._deliver(StreamGap(channel, since, top, epoch_changed=True))
             return
         missed = [p for p in history.publications if p.offset > track.offset]
-        if top.offset <= track.offset:
+        if top.offset < track.offset:
+            # This node delivered further in this epoch than the stream now reaches: Redis
+            # rolled back (a failover or restart the run-id stamp could not see).  Its next
+            # offsets would repeat ones clients hold, so the stream must start again.
+            await self._roll_back(channel, track, since)
+            return
+        if top.offset == track.offset:
             return
         if missed and missed[0].offset == track.offset + 1:
             self.gaps_filled += len(missed)
@@ -588,6 +752,27 @@ class RedisBroker(Broker):
         track.offset = top.offset
         self.gaps_lost += 1
         await self._deliver(StreamGap(channel, last, top))
+
+    async def _roll_back(self, channel: str, track: _Track, since: StreamPosition) -> None:
+        """Start ``channel`` again in a new epoch (unless it already moved past ``since``)
+        and report the lost stream, as for any stream lost while this node listened."""
+        await self._call(
+            self._reset_script,
+            keys=[self.stream_key(channel), self.meta_key(channel)],
+            args=[since.epoch],
+        )
+        top = (await self.history(channel, limit=0)).position
+        logger.warning(
+            "channel %s: redis rolled back below offset %d of epoch %s; new epoch %s",
+            channel,
+            since.offset,
+            since.epoch,
+            top.epoch,
+        )
+        self.rollbacks += 1
+        self.gaps_lost += 1
+        track.epoch, track.offset = top.epoch, top.offset
+        await self._deliver(StreamGap(channel, since, top, epoch_changed=top.epoch != since.epoch))
 
     # ------------------------------------------------------------ subscriptions
 
@@ -654,13 +839,10 @@ class RedisBroker(Broker):
             ttl_ms,
             new_epoch(),
             int(self.config.stream_meta_ttl * 1000),
+            epoch_bucket(channel),
         ]
         _ = self.client
-        result = await self._call(
-            self._publish_script,
-            keys=[self.stream_key(channel), self.meta_key(channel)],
-            args=args,
-        )
+        result = await self._scripted(self._publish_script, channel, args)
         return StreamPosition(int(result[0]), _text(result[1]))
 
     async def publish_event(self, event: PresenceEvent) -> None:
@@ -683,13 +865,9 @@ class RedisBroker(Broker):
             since.epoch if since is not None else "",
             -1 if limit is None else max(limit, 0),
             "1" if reverse else "0",
-            int(self.config.read_meta_ttl * 1000),
+            epoch_bucket(channel),
         ]
-        result = await self._call(
-            self._history_script,
-            keys=[self.stream_key(channel), self.meta_key(channel)],
-            args=args,
-        )
+        result = await self._scripted(self._history_script, channel, args)
         epoch = _text(result[1])
         publications = []
         for entry_id, fields in result[2]:
@@ -702,6 +880,61 @@ class RedisBroker(Broker):
 
     async def remove_history(self, channel: str) -> None:
         await self._call(self.client.delete, self.stream_key(channel), self.meta_key(channel))
+
+    async def _scripted(self, script: Any, channel: str, args: list[Any]) -> Any:
+        """Run a channel script behind the rollback guard (``_RUN_CHECK``).
+
+        The guard needs the current Redis run checked first: after a restart or a
+        failover the first call answers ``{-1, run_id}``, the run is checked, and the
+        call is made again.
+        """
+        keys = [self.stream_key(channel), self.meta_key(channel), self.epochs_key]
+        for _ in range(3):
+            run_id, durable = self._run
+            result = await self._call(script, keys=keys, args=[*args, run_id, "1" if durable else "0"])
+            if not (isinstance(result[0], int) and result[0] == -1):
+                return result
+            # One check per node however many calls found the new run at once.
+            check = self._run_check
+            if check is None or check.done():
+                check = self._run_check = asyncio.ensure_future(self._check_run())
+                check.add_done_callback(_retrieve)  # its callers may all have been cancelled
+            self._run = await asyncio.shield(check)
+        raise BrokerUnavailableError("redis unavailable: its run id keeps changing (restarting?)")
+
+    async def _check_run(self) -> tuple[str, bool]:
+        """The current Redis run id, and whether that run keeps every acknowledged write.
+
+        It does when Redis is a master that was not promoted from a replica in this run
+        (``second_repl_offset`` -1) and writes an append-only file it fsyncs before
+        answering (``appendonly yes``, ``appendfsync always``).  Anything else, or a
+        ``CONFIG`` command that is refused or renamed, counts as not durable: a restart
+        then starts every stream again in a new epoch rather than risk a rollback.
+        """
+        for _ in range(3):
+            before = [_text(value) for value in await self._call(self._run_info_script, keys=[], args=[])]
+            try:
+                reply = await self.client.config_get("appendfsync")
+                config = {_text(k): _text(v) for k, v in reply.items()}
+                fsync_always = config.get("appendfsync") == "always"
+            except _UNAVAILABLE as exc:
+                raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            except RedisError as exc:
+                logger.warning(
+                    "redis refused CONFIG GET appendfsync (%s): every stream starts a new epoch "
+                    "after a Redis restart (see docs/scaling.md, Rollbacks)",
+                    exc,
+                )
+                fsync_always = False
+            after = [_text(value) for value in await self._call(self._run_info_script, keys=[], args=[])]
+            if before != after:
+                continue  # Redis restarted (or changed) while we looked: look again
+            run_id, aof_enabled, role, second_offset = after
+            durable = fsync_always and aof_enabled == "1" and role == "master" and second_offset == "-1"
+            if run_id != self._run[0]:
+                logger.info("redis run %s: %s", run_id[:12], "durable" if durable else "not durable")
+            return run_id, durable
+        raise BrokerUnavailableError("redis unavailable: its run id keeps changing (restarting?)")
 
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a Redis call, mapping connection trouble to :class:`BrokerUnavailableError`."""

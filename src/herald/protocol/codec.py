@@ -209,4 +209,14 @@ def encode_disconnect(code: int, reason: str, reconnect: bool) -> str:
     return dumps({"type": "disconnect", "code": code, "reason": reason, "reconnect": reconnect})
 
 
+def encode_sub_refresh(channel: str, grace: float) -> str:
+    """The push asking for a new subscription token for ``channel`` within ``grace`` seconds."""
+    return dumps({"type": "sub_refresh", "channel": channel, "grace": grace})
+
+
+def encode_unsubscribe(channel: str, code: int, reason: str) -> str:
+    """The push saying the server ended the subscription to ``channel`` (an error ``code``)."""
+    return dumps({"type": "unsubscribe", "channel": channel, "code": code, "reason": reason})
+
+
 PING_FRAME = '{"type":"ping"}'

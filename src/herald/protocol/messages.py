@@ -6,7 +6,8 @@ Each command with an ``id`` gets exactly one *reply* with the same ``id`` and
 an id and without a reply (it answers a server ``ping`` push).
 
 Server -> client frames without an ``id`` are *pushes*, discriminated on
-``type``: ``publication``, ``join``, ``leave``, ``disconnect``, ``ping``.
+``type``: ``publication``, ``join``, ``leave``, ``disconnect``, ``ping``, ``refresh``,
+``sub_refresh`` and ``unsubscribe``.
 
 All models forbid unknown fields so that typos fail loudly.
 """
@@ -139,6 +140,17 @@ class RefreshRequest(_Model):
     token: str = Field(min_length=1, max_length=8192)
 
 
+class SubRefreshRequest(_Model):
+    """Replace the subscription token of ``channel`` before it expires (or within the
+    grace period after the server's ``sub_refresh`` push).  The new token must be a
+    subscription token (``typ: "subscription"``) of the same user granting ``channel``."""
+
+    type: Literal["sub_refresh"]
+    id: CommandId
+    channel: str = Field(max_length=1024)
+    token: str = Field(min_length=1, max_length=8192)
+
+
 class PingRequest(_Model):
     type: Literal["ping"]
     id: CommandId
@@ -161,6 +173,7 @@ Command = Annotated[
     | HistoryRequest
     | PingRequest
     | RefreshRequest
+    | SubRefreshRequest
     | PongCommand,
     Field(discriminator="type"),
 ]
@@ -177,6 +190,7 @@ COMMAND_TYPES: frozenset[str] = frozenset(
         "history",
         "ping",
         "refresh",
+        "sub_refresh",
         "pong",
     }
 )
@@ -243,6 +257,12 @@ class RefreshResult(_Model):
     )
 
 
+class SubRefreshResult(_Model):
+    expires_at: float | None = Field(
+        default=None, description="When the new subscription token expires (Unix time); null: never."
+    )
+
+
 class PingResult(_Model):
     pass
 
@@ -295,6 +315,11 @@ class HistoryReply(_Reply):
 class RefreshReply(_Reply):
     type: Literal["refresh"] = "refresh"
     result: RefreshResult | None = None
+
+
+class SubRefreshReply(_Reply):
+    type: Literal["sub_refresh"] = "sub_refresh"
+    result: SubRefreshResult | None = None
 
 
 class PingReply(_Reply):
@@ -355,8 +380,38 @@ class RefreshPush(_Model):
     grace: float
 
 
+class SubRefreshPush(_Model):
+    """The subscription token of ``channel`` expired: send a ``sub_refresh`` command with
+    a new one within ``grace`` seconds, or the server ends the subscription (an
+    ``unsubscribe`` push with code 112)."""
+
+    type: Literal["sub_refresh"] = "sub_refresh"
+    channel: str
+    grace: float
+
+
+class UnsubscribePush(_Model):
+    """The server ended the subscription to ``channel`` (the connection stays open).
+
+    ``code`` is an error code: 112 (TOKEN_EXPIRED) when the subscription token expired
+    and no ``sub_refresh`` came within the grace period; subscribe again with a new token.
+    """
+
+    type: Literal["unsubscribe"] = "unsubscribe"
+    channel: str
+    code: int
+    reason: str
+
+
 Push = Annotated[
-    PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush | RefreshPush,
+    PublicationPush
+    | JoinPush
+    | LeavePush
+    | DisconnectPush
+    | PingPush
+    | RefreshPush
+    | SubRefreshPush
+    | UnsubscribePush,
     Field(discriminator="type"),
 ]
 
@@ -371,6 +426,7 @@ Reply = (
     | HistoryReply
     | PingReply
     | RefreshReply
+    | SubRefreshReply
     | ErrorReply
 )
 
@@ -385,4 +441,5 @@ REPLY_MODELS: dict[str, type[_Reply]] = {
     "history": HistoryReply,
     "ping": PingReply,
     "refresh": RefreshReply,
+    "sub_refresh": SubRefreshReply,
 }

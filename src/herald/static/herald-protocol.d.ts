@@ -21,7 +21,7 @@ export interface ChannelSubscription {
 }
 
 /** A frame a client sends: a command (or `pong`). */
-export type ClientFrame = ConnectRequest | SubscribeRequest | UnsubscribeRequest | PublishRequest | RpcRequest | PresenceRequest | PresenceStatsRequest | HistoryRequest | PingRequest | RefreshRequest | PongCommand;
+export type ClientFrame = ConnectRequest | SubscribeRequest | UnsubscribeRequest | PublishRequest | RpcRequest | PresenceRequest | PresenceStatsRequest | HistoryRequest | PingRequest | RefreshRequest | SubRefreshRequest | PongCommand;
 
 /** Who published, joined or left. */
 export interface ClientInfoModel {
@@ -211,7 +211,7 @@ export interface PublishResult {
 }
 
 /** A frame the server sends on its own (no id). */
-export type Push = PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush | RefreshPush;
+export type Push = PublicationPush | JoinPush | LeavePush | DisconnectPush | PingPush | RefreshPush | SubRefreshPush | UnsubscribePush;
 
 /**
  * The connection token expired: send a ``refresh`` command with a new token within
@@ -246,7 +246,7 @@ export interface RefreshResult {
 }
 
 /** The reply to one command, with its id. */
-export type Reply = ConnectReply | SubscribeReply | UnsubscribeReply | PublishReply | RpcReply | PresenceReply | PresenceStatsReply | HistoryReply | PingReply | RefreshReply | ErrorReply;
+export type Reply = ConnectReply | SubscribeReply | UnsubscribeReply | PublishReply | RpcReply | PresenceReply | PresenceStatsReply | HistoryReply | PingReply | RefreshReply | SubRefreshReply | ErrorReply;
 
 export interface RpcReply {
   id: number;
@@ -276,6 +276,42 @@ export interface StreamPositionModel {
   epoch: string;
 }
 
+/**
+ * The subscription token of ``channel`` expired: send a ``sub_refresh`` command with
+ * a new one within ``grace`` seconds, or the server ends the subscription (an
+ * ``unsubscribe`` push with code 112).
+ */
+export interface SubRefreshPush {
+  type: "sub_refresh";
+  channel: string;
+  grace: number;
+}
+
+export interface SubRefreshReply {
+  id: number;
+  error?: ErrorInfo | null;
+  type: "sub_refresh";
+  result?: SubRefreshResult | null;
+}
+
+/**
+ * Replace the subscription token of ``channel`` before it expires (or within the
+ * grace period after the server's ``sub_refresh`` push).  The new token must be a
+ * subscription token (``typ: "subscription"``) of the same user granting ``channel``.
+ */
+export interface SubRefreshRequest {
+  type: "sub_refresh";
+  /** Client-chosen id, echoed in the reply. */
+  id: number;
+  channel: string;
+  token: string;
+}
+
+export interface SubRefreshResult {
+  /** When the new subscription token expires (Unix time); null: never. */
+  expires_at?: number | null;
+}
+
 export interface SubscribeReply {
   id: number;
   error?: ErrorInfo | null;
@@ -292,6 +328,19 @@ export interface SubscribeRequest {
 
 export interface SubscribeResult {
   channels: ChannelSubscribeResult[];
+}
+
+/**
+ * The server ended the subscription to ``channel`` (the connection stays open).
+ *
+ * ``code`` is an error code: 112 (TOKEN_EXPIRED) when the subscription token expired
+ * and no ``sub_refresh`` came within the grace period; subscribe again with a new token.
+ */
+export interface UnsubscribePush {
+  type: "unsubscribe";
+  channel: string;
+  code: number;
+  reason: string;
 }
 
 export interface UnsubscribeReply {
@@ -322,6 +371,7 @@ export interface ResultTypes {
   publish: PublishResult;
   refresh: RefreshResult;
   rpc: RpcResult;
+  sub_refresh: SubRefreshResult;
   subscribe: SubscribeResult;
   unsubscribe: UnsubscribeResult;
 }

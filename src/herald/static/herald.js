@@ -8,6 +8,9 @@
 //   await client.connect();
 //   await client.subscribe("chat:lobby", { history: 50, onPublication: (pub) => render(pub) });
 //   await client.publish("chat:lobby", { text: "hi" });
+//   // A private channel: a subscription token, or a function that fetches one (called
+//   // again on every resubscribe and when the server says the token expired).
+//   await client.subscribe("team:red", { token: () => fetchSubscriptionToken("team:red") });
 //
 // Delivery contract: for each subscription, `onPublication` (and the "publication"
 // event) sees each offset at most once and in increasing order.  After a reconnect
@@ -17,7 +20,9 @@
 //
 // Close codes 4500-4999 (and a server disconnect push with reconnect: false) stop
 // reconnecting; every other loss of the socket reconnects with exponential backoff
-// and full jitter.  See docs/clients.md.
+// and full jitter.  A subscription the server ends (an `unsubscribe` push, e.g. code
+// 112 when its token expired) or refuses to restore ends client-side too: an
+// "unsubscribed" event says so, and it is not resubscribed.  See docs/clients.md.
 
 export const SUBPROTOCOL = "herald.v1";
 
@@ -67,6 +72,13 @@ export class Subscription {
     this.onPublication = options.onPublication || null;
     this.onJoin = options.onJoin || null;
     this.onLeave = options.onLeave || null;
+    this.onUnsubscribed = options.onUnsubscribed || null;
+    /** the subscription token: a string, or a (sync or async) function returning one */
+    this.token = options.token ?? null;
+    /** the token value last sent (sent again on a resubscribe when `token` is a string) */
+    this._tokenValue = typeof this.token === "function" ? null : this.token;
+    /** `{code, reason}` once the server ended this subscription (it is then forgotten) */
+    this.ended = null;
     this.historyLimit = options.history || 0;
     this.offset = options.since ? options.since.offset : null;
     this.epoch = options.since ? options.since.epoch : null;
@@ -105,6 +117,15 @@ export class Subscription {
   unsubscribe() {
     return this.client.unsubscribe(this.channel);
   }
+
+  /**
+   * Replace this subscription's token with `token`, or a fresh one from the token
+   * function.  Resolves with `{expires_at}`.  Done by itself on the server's
+   * `sub_refresh` push when the subscription's token is a function.
+   */
+  refresh({ token, timeout } = {}) {
+    return this.client._subRefresh(this, token, timeout);
+  }
 }
 
 /**
@@ -117,7 +138,8 @@ export class Subscription {
  *
  * Events (listen with `client.on(type, fn)` which passes `detail`, or
  * `client.addEventListener(type, e => e.detail)`): connecting, connected,
- * disconnected, reconnecting, recovered, subscribed, error, publication, join, leave.
+ * disconnected, reconnecting, recovered, subscribed, unsubscribed, error, publication,
+ * join, leave, disconnect.
  */
 export class HeraldClient extends EventTarget {
   constructor(url, options = {}) {
@@ -410,6 +432,23 @@ export class HeraldClient extends EventTarget {
           this.refresh().catch((error) => this._emit("error", { error, where: "refresh" }));
         }
         break;
+      case "sub_refresh": {
+        // A subscription token expired: a token function gives a fresh one within the
+        // grace period.  A fixed string cannot be refreshed: the server ends the
+        // subscription (the `unsubscribe` push below).
+        const sub = this.subscriptions.get(frame.channel);
+        if (sub && typeof sub.token === "function") {
+          sub.refresh().catch((error) => this._emit("error", { error, where: "sub_refresh", channel: sub.channel }));
+        }
+        break;
+      }
+      case "unsubscribe": {
+        // The server ended a subscription (the connection stays): it must not come back
+        // by itself on the next reconnect.
+        const sub = this.subscriptions.get(frame.channel);
+        if (sub) this._ended(sub, frame.code, frame.reason);
+        break;
+      }
       case "disconnect":
         // The close frame follows; remember whether the server wants us back.
         if (frame.reconnect === false) this._serverSaysNoReconnect = true;
@@ -484,7 +523,14 @@ export class HeraldClient extends EventTarget {
    *   in offset order, at most once each;
    * - `onJoin(e)`, `onLeave(e)`: presence pushes `{channel, info}`;
    * - `since: {offset, epoch}`: resume from a stored position (recovery);
-   * - `history: N`: first deliver the last N publications, then the live stream with no gap.
+   * - `history: N`: first deliver the last N publications, then the live stream with no gap;
+   * - `token`: a subscription token (a JWT with `typ: "subscription"`, needed for private
+   *   channels), or a (sync or async) function returning one: it is called for this
+   *   subscribe, again for each resubscribe after a reconnect, and on the server's
+   *   `sub_refresh` push (the token expired).  A fixed string is not refreshed: when it
+   *   expires the server ends the subscription;
+   * - `onUnsubscribed(e)`: the server ended the subscription, or refused to restore it
+   *   after a reconnect: `{channel, code, reason}` (code 112: the token expired).
    * Resolves with the Subscription once the server confirmed it (its `result` says
    * `recovered`, `recoverable`, `offset`, `epoch`); rejects with HeraldError if refused.
    */
@@ -522,6 +568,7 @@ export class HeraldClient extends EventTarget {
         }
       }
       const item = result.find((i) => i.channel === channel);
+      if (!item && this.subscriptions.get(channel) !== sub) throw new HeraldError(109, "unsubscribed meanwhile");
       if (!item) throw new HeraldError(100, "no result for this channel");
       if (item.error) throw new HeraldError(item.error.code, item.error.message);
       return sub;
@@ -533,13 +580,27 @@ export class HeraldClient extends EventTarget {
     }
   }
 
-  /** Send one subscribe command for `subs` and apply the results. */
-  async _subscribeBatch(subs, resubscribe = false) {
-    const channels = subs.map((sub) => {
+  /**
+   * Send one subscribe command for `subs` and apply the results.  `ws`: the connection a
+   * resubscribe restores; if it is gone once the tokens are fetched, nothing is sent
+   * (the next connection's resubscribe sends these subscriptions).
+   */
+  async _subscribeBatch(subs, resubscribe = false, ws = undefined) {
+    const tokens = await Promise.all(subs.map((sub) => this._subscriptionToken(sub, ws !== undefined)));
+    if (ws !== undefined && ws !== this._ws) return [];
+    const channels = [];
+    const sent = [];
+    subs.forEach((sub, index) => {
+      // The app may have unsubscribed while a token function ran.
+      if (this.subscriptions.get(sub.channel) !== sub) return;
       const item = { channel: sub.channel };
       if (sub.position) item.since = sub.position;
-      return item;
+      if (tokens[index]) item.token = tokens[index];
+      channels.push(item);
+      sent.push(sub);
     });
+    if (!channels.length) return [];
+    subs = sent;
     const result = await this._send({ type: "subscribe", channels });
     const items = result.channels || [];
     for (const item of items) {
@@ -547,12 +608,12 @@ export class HeraldClient extends EventTarget {
       if (!sub || !subs.includes(sub)) continue;
       if (item.error) {
         if (resubscribe) {
-          this.subscriptions.delete(item.channel);
           this._emit("error", {
             error: new HeraldError(item.error.code, item.error.message),
             where: "resubscribe",
             channel: item.channel,
           });
+          this._ended(sub, item.error.code, item.error.message);
         }
         continue;
       }
@@ -588,10 +649,54 @@ export class HeraldClient extends EventTarget {
     const subs = [...this.subscriptions.values()].filter((sub) => !sub.active && !sub._pending);
     if (!subs.length) return;
     try {
-      await this._subscribeBatch(subs, reconnected);
+      await this._subscribeBatch(subs, reconnected, this._ws);
     } catch (err) {
       this._emit("error", { error: err, where: "resubscribe" });
     }
+  }
+
+  /**
+   * The token to send with a subscribe of `sub`: a token function's next value, else the
+   * last value.  When the function fails on a resubscribe (`restoring`) the last value is
+   * sent (the server refuses it if it expired, which ends the subscription) and an
+   * "error" event says why; on a first subscribe the failure rejects the subscribe.
+   */
+  async _subscriptionToken(sub, restoring) {
+    if (typeof sub.token !== "function") return sub._tokenValue;
+    try {
+      sub._tokenValue = (await sub.token()) || null;
+    } catch (error) {
+      if (!restoring) throw error;
+      this._emit("error", { error, where: "token", channel: sub.channel });
+    }
+    return sub._tokenValue;
+  }
+
+  /** Replace the subscription token of `sub` (see Subscription.refresh). */
+  async _subRefresh(sub, token, timeout) {
+    let value = token ?? sub.token;
+    if (typeof value === "function") value = await value();
+    if (!value) throw new Error(`no subscription token to refresh ${sub.channel} with`);
+    const command = { type: "sub_refresh", channel: sub.channel, token: value };
+    const result = await this._send(command, timeout ?? this.timeout);
+    sub._tokenValue = value;
+    return result;
+  }
+
+  /** The server ended `sub`, or refused to restore it: forget it and tell the app. */
+  _ended(sub, code, reason) {
+    if (this.subscriptions.get(sub.channel) === sub) this.subscriptions.delete(sub.channel);
+    sub.active = false;
+    sub.ended = { code, reason };
+    const detail = { channel: sub.channel, code, reason };
+    if (sub.onUnsubscribed) {
+      try {
+        sub.onUnsubscribed(detail);
+      } catch (err) {
+        this._emit("error", { error: err, where: "onUnsubscribed" });
+      }
+    }
+    this._emit("unsubscribed", detail);
   }
 
   /** Stop receiving `channel`. */

@@ -43,14 +43,17 @@ unset for an uncompressed message).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from ..codes import TOO_MANY_FRAGMENTS
 from .fastapi import StarletteTransport
 from .wsframes import frame_text
+from .wsreader import DEFAULT_MAX_FRAGMENTS
 
 #: The scope key under which :class:`AsgiWebSocketProtocol` exposes itself.
 SCOPE_KEY = "herald.fastpath"
@@ -73,8 +76,66 @@ def framed(text: str) -> bytes:
     return frame
 
 
-class AsgiWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, plus a direct-write entry for Herald.
+#: The environment variable the ASGI WebSocket protocols read their fragment bound from
+#: (``herald serve`` exports the effective ``max_message_fragments`` there).
+FRAGMENTS_ENV = "HERALD_MAX_MESSAGE_FRAGMENTS"
+
+
+def fragment_limit() -> int:
+    """The most frames one inbound message may arrive in, for a connection opening now.
+
+    Read from :data:`FRAGMENTS_ENV` (a uvicorn protocol class knows the server's
+    options, not Herald's settings; like ``ws_max_size``, the bound is the server's).
+    """
+    try:
+        limit = int(os.environ.get(FRAGMENTS_ENV, DEFAULT_MAX_FRAGMENTS))
+    except ValueError:
+        return DEFAULT_MAX_FRAGMENTS
+    return limit if limit >= 1 else DEFAULT_MAX_FRAGMENTS
+
+
+class BoundedSansIOProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with a bound on the frames of one message.
+
+    websockets' sans-I/O parser bounds a message's bytes (``ws_max_size``) but leaves
+    assembling fragments to uvicorn, which keeps every fragment in a list: a text frame
+    with FIN=0 followed by millions of empty continuation frames grew that list without
+    limit.  Here the frame after the :func:`fragment_limit`-th of a message fails the
+    connection with 1009 (:data:`~herald.codes.TOO_MANY_FRAGMENTS`), so the list holds
+    at most that many entries.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_fragments = fragment_limit()
+        self.fragments = 0  # frames of the message being received
+
+    def handle_text(self, event: Any) -> None:
+        self.fragments = 1
+        super().handle_text(event)
+
+    def handle_bytes(self, event: Any) -> None:
+        self.fragments = 1
+        super().handle_bytes(event)
+
+    def handle_cont(self, event: Any) -> None:
+        if self.close_sent:
+            # Closing (or failed, with more frames of this batch still to dispatch): a
+            # message completed now would be dropped anyway, so its fragments are not kept.
+            self.frames = []
+            return
+        self.fragments += 1
+        if self.fragments > self.max_fragments:
+            self.frames = []
+            self.conn.fail(1009, TOO_MANY_FRAGMENTS.format(limit=self.max_fragments))
+            self.handle_parser_exception()
+            return
+        super().handle_cont(event)
+
+
+class AsgiWebSocketProtocol(BoundedSansIOProtocol):
+    """uvicorn's websockets-sansio protocol (with Herald's fragment bound, see
+    :class:`BoundedSansIOProtocol`), plus a direct-write entry for Herald.
 
     :class:`~herald.transports.native.HeraldWebSocketProtocol` hands it every
     upgrade request that is not for a natively served route.
@@ -261,22 +322,34 @@ def uvicorn_ws_protocol(ws_impl: str, fast_path: bool) -> type[asyncio.Protocol]
     """The ``ws=`` argument for uvicorn.
 
     Herald's protocol class when the fast path is on and the chosen implementation is
-    websockets' sans-I/O one it extends (``auto`` picks it too); otherwise ``ws_impl``
-    unchanged (``wsproto`` and the legacy ``websockets`` protocol have no fast path).
+    websockets' sans-I/O one it extends (``auto`` picks it too); without the fast path,
+    uvicorn's implementation with Herald's bounds: :class:`BoundedSansIOProtocol`, or for
+    ``wsproto`` :class:`~herald.transports.uvicorn_ws.BoundedWSProtocol` (no
+    permessage-deflate).  The legacy ``websockets`` protocol is uvicorn's own: websockets
+    bounds its fragments itself (4096 per message, close 1009 "too many fragments").
     """
-    if fast_path and ws_impl in ("websockets-sansio", "auto"):
-        from .native import HeraldWebSocketProtocol
+    if ws_impl in ("websockets-sansio", "auto"):
+        if fast_path:
+            from .native import HeraldWebSocketProtocol
 
-        return HeraldWebSocketProtocol
+            return HeraldWebSocketProtocol
+        return BoundedSansIOProtocol
+    if ws_impl == "wsproto":
+        from .uvicorn_ws import BoundedWSProtocol
+
+        return BoundedWSProtocol
     return ws_impl
 
 
 __all__ = [
+    "FRAGMENTS_ENV",
     "SCOPE_KEY",
     "AsgiWebSocketProtocol",
     "BatchedWrites",
+    "BoundedSansIOProtocol",
     "FastTransport",
     "batch_flusher",
+    "fragment_limit",
     "frame_text",
     "framed",
     "transport_for",

@@ -8,11 +8,11 @@ instead.  On each upgrade request it looks at the path:
 
 * a route Herald registered (``/connect``, ``/ws``, ``/ws_json``, ``/ws_broadcast``
   when the app's lifespan is Herald's) is served here: the handshake, RFC 6455
-  framing (see :mod:`.wsframes`), pings and the closing handshake, with a
-  :class:`NativeSession` receiving each message.  There is no task per
-  connection: a task exists only while a message whose handling is a coroutine is
-  being handled (on Python 3.12+ it runs eagerly, so one that never suspends
-  costs no loop turn).
+  framing (its rules live in :mod:`.wsreader`, sans I/O), pings and the closing
+  handshake, with a :class:`NativeSession` receiving each message.  There is no
+  task per connection: a task exists only while a message whose handling is a
+  coroutine is being handled (on Python 3.12+ it runs eagerly, so one that never
+  suspends costs no loop turn).
 * any other path goes to :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`
   (uvicorn's own protocol with Herald's direct-write path), so every ordinary ASGI
   WebSocket route keeps working.
@@ -23,16 +23,16 @@ applied here, from the same ``forwarded_allow_ips``) and permessage-deflate
 (never negotiated; the client falls back to uncompressed frames).
 
 Limits hold as on the ASGI path: a message over the route's ``max_size`` is
-refused (1009) without being buffered; reading stops while a client's messages
-wait to be handled (at most :data:`INBOX_LIMIT`) or while the socket's write
-buffer is over its high-water mark; a frame batch never exceeds the connection's
-queue bound (see :class:`~herald.transports.fastpath.BatchedWrites`).
+refused (1009) without being buffered, and so is one in more frames than its
+``max_fragments`` (1009, :data:`~herald.codes.TOO_MANY_FRAGMENTS`); reading stops
+while a client's messages wait to be handled (at most :data:`INBOX_LIMIT`) or while
+the socket's write buffer is over its high-water mark; a frame batch never exceeds
+the connection's queue bound (see :class:`~herald.transports.fastpath.BatchedWrites`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import logging
 import socket
@@ -49,20 +49,16 @@ from .fastpath import AsgiWebSocketProtocol, BatchedWrites, batch_flusher
 from .wsframes import (
     OP_BINARY,
     OP_CLOSE,
-    OP_CONT,
     OP_PING,
     OP_PONG,
-    OP_TEXT,
     FrameError,
     accept_key,
-    apply_mask,
     close_payload,
     encode_frame,
     frame_text,
-    parse_close,
-    read_header,
     valid_key,
 )
+from .wsreader import DEFAULT_MAX_FRAGMENTS, FrameReader
 
 logger = logging.getLogger("herald.transport")
 access_logger = logging.getLogger("uvicorn.error")
@@ -110,13 +106,17 @@ SessionFactory = Callable[["HeraldWebSocketProtocol"], "NativeSession | str"]
 
 
 class NativeRoute:
-    """A path served natively: how to open a session, and its message size limit."""
+    """A path served natively: how to open a session, and its message bounds (bytes,
+    and frames per message)."""
 
-    __slots__ = ("max_size", "open")
+    __slots__ = ("max_fragments", "max_size", "open")
 
-    def __init__(self, open: SessionFactory, max_size: int) -> None:
+    def __init__(
+        self, open: SessionFactory, max_size: int, max_fragments: int = DEFAULT_MAX_FRAGMENTS
+    ) -> None:
         self.open = open
         self.max_size = max_size
+        self.max_fragments = max_fragments
 
 
 # ---------------------------------------------------------------- route registry
@@ -230,7 +230,7 @@ def _keepalive(loop: asyncio.AbstractEventLoop, interval: float) -> _Keepalive:
 # ---------------------------------------------------------------- the protocol
 
 
-class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
+class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
     """uvicorn's ``ws=`` protocol class for ``herald serve``.
 
     Use as ``uvicorn.run(app, ws=HeraldWebSocketProtocol)``.  Herald's routes are
@@ -240,34 +240,27 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
 
     For a native session this object is also the connection's transport
     (:class:`~herald.transports.base.Transport`), with the request's details
-    (``path``, ``headers``, ``client_ip``, ``scope``...).
+    (``path``, ``headers``, ``client_ip``, ``scope``...).  The frame and message rules
+    are :class:`~herald.transports.wsreader.FrameReader`'s; this class does the I/O.
     """
 
     __slots__ = (
         "__weakref__",
         "_backlog",
-        "_buf",
         "_buffered",
         "_close_timer",
-        "_decoder",
         "_delegate",
-        "_discard",
         "_ended",
         "_flusher",
-        "_frag",
-        "_frag_size",
-        "_frag_text",
         "_heard",
         "_inbox",
         "_keepalive",
         "_lost_args",
-        "_max_size",
         "_pending",
         "_pending_bytes",
         "_ping_out",
         "_read_paused",
         "_scope",
-        "_skip",
         "_state",
         "_task",
         "_writable",
@@ -311,14 +304,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         self.busy = False
         self._task: asyncio.Task[None] | None = None
         self._inbox: deque[str | bytes] | None = None
-        self._buf: bytearray | None = None
-        self._frag: list[Any] | None = None
-        self._frag_text = False
-        self._frag_size = 0
-        self._decoder: Any = None
-        self._skip = 0
-        self._discard = False
-        self._max_size = 0
+        self.reset_reader(0)  # the route's bounds are set at the handshake
         self._read_paused = 0
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
@@ -362,7 +348,10 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         state = self._state
         if state is _OPEN or state is _CLOSING:
             self._heard = True
-            self._read_frames(data)
+            try:
+                self.feed(data)
+            except FrameError as exc:
+                self._fail(exc.code, exc.reason)
         elif state is _HANDSHAKE:
             self._handshake(data)
         elif state is _DELEGATED and self._delegate is not None:
@@ -393,6 +382,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         state = self._state
         self._state = _CLOSED
         self._pending = []
+        self.stop_reading()
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -454,7 +444,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         self.path = path
         self.query_string = query
         self.headers = headers
-        self._max_size = route.max_size
+        self.reset_reader(route.max_size, route.max_fragments)
         self._apply_proxy_headers()
         for offered in self.header_values(b"sec-websocket-protocol"):
             self.subprotocols.extend(token.strip() for token in offered.split(",") if token.strip())
@@ -608,128 +598,25 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
             }
         return scope
 
-    # ------------------------------------------------------------ reading
+    # ------------------------------------------------------------ FrameReader callbacks
 
-    def _read_frames(self, data: bytes) -> None:
-        buf = self._buf
-        if buf is not None:
-            buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data
-        size = len(view)
-        pos = 0
-        try:
-            while pos < size:
-                if self._skip:
-                    step = min(self._skip, size - pos)
-                    pos += step
-                    self._skip -= step
-                    continue
-                header = read_header(view, pos)
-                if header is None:
-                    break
-                first, length, mask_start, payload_start = header
-                opcode = first & 0x0F
-                if first & 0x70:
-                    raise FrameError(1002, "reserved bits set (no extension was negotiated)")
-                if opcode >= 8:
-                    if opcode > OP_PONG:
-                        raise FrameError(1002, f"reserved opcode {opcode}")
-                    if not first & 0x80 or length > 125:
-                        raise FrameError(1002, "control frames must be final and at most 125 bytes")
-                elif opcode > OP_BINARY:
-                    raise FrameError(1002, f"reserved opcode {opcode}")
-                elif self._discard:
-                    # Closing: data frames are not read, whatever their size.
-                    pos, self._skip = payload_start, length
-                    continue
-                elif self._frag_size + length > self._max_size:
-                    self._too_big()
-                    pos, self._skip = payload_start, length
-                    continue
-                end = payload_start + length
-                if end > size:
-                    break
-                payload = apply_mask(view[payload_start:end], view[mask_start:payload_start])
-                pos = end
-                self._frame(opcode, first & 0x80, payload)
-                if self._state is not _OPEN and self._state is not _CLOSING:
-                    return
-        except FrameError as exc:
-            self._fail(exc.code, exc.reason)
-            return
-        if pos >= size:
-            self._buf = None
-        elif buf is None:
-            self._buf = bytearray(view[pos:])
-        else:
-            del buf[:pos]
+    def on_ping(self, payload: bytes) -> None:
+        if self._state is _OPEN:
+            self.transport.write(encode_frame(OP_PONG, payload))
 
-    def _frame(self, opcode: int, fin: int, payload: bytes) -> None:
-        if opcode in (OP_TEXT, OP_BINARY):
-            if self._frag is not None:
-                raise FrameError(1002, "a new message began before the last one ended")
-            if fin:
-                if opcode == OP_TEXT:
-                    try:
-                        self._deliver(payload.decode())
-                    except UnicodeDecodeError:
-                        raise FrameError(1007, "invalid UTF-8 in a text message") from None
-                else:
-                    self._deliver(payload)
-                return
-            self._frag_text = opcode == OP_TEXT
-            self._frag_size = len(payload)
-            if self._frag_text:
-                # Decoded as it arrives, so that invalid UTF-8 fails at once.
-                self._decoder = codecs.getincrementaldecoder("utf-8")()
-                self._frag = [self._decode_part(payload, False)]
-            else:
-                self._frag = [payload]
-        elif opcode == OP_CONT:
-            frag = self._frag
-            if frag is None:
-                raise FrameError(1002, "continuation frame without a message to continue")
-            self._frag_size += len(payload)
-            if self._frag_text:
-                frag.append(self._decode_part(payload, bool(fin)))
-            else:
-                frag.append(payload)
-            if fin:
-                self._frag = None
-                self._frag_size = 0
-                self._decoder = None
-                self._deliver("".join(frag) if self._frag_text else b"".join(frag))
-        elif opcode == OP_CLOSE:
-            self._on_close_frame(*parse_close(payload))
-        elif opcode == OP_PING:
-            if self._state is _OPEN:
-                self.transport.write(encode_frame(OP_PONG, payload))
-        else:  # pong: any inbound frame already counts as a sign of life
-            self._ping_out = False
+    def on_pong(self, payload: bytes) -> None:
+        self._ping_out = False  # any inbound frame already counts as a sign of life
 
-    def _decode_part(self, payload: bytes, final: bool) -> str:
-        try:
-            return str(self._decoder.decode(payload, final))
-        except UnicodeDecodeError:
-            raise FrameError(1007, "invalid UTF-8 in a text message") from None
-
-    def _too_big(self) -> None:
-        self._frag = None
-        self._frag_size = 0
-        self._decoder = None
-        self._discard = True
-        reason = f"message larger than {self._max_size} bytes"
+    def on_too_big(self, reason: str) -> None:
         session = self.session
         if session is not None:
             session.fail(1009, reason)
         else:
             self.close_now(1009, reason)
 
-    def _on_close_frame(self, code: int, reason: str) -> None:
+    def on_close_frame(self, code: int, reason: str) -> None:
         self.peer_close = (code, reason)
-        self._discard = True
+        self.discard_data()
         if self._state is _OPEN:
             self.flush()
             # Echo the code (RFC 6455 section 5.5.1), then the server closes TCP first.
@@ -741,19 +628,18 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
     def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: send a close frame and drop the connection."""
         logger.warning("WebSocket protocol error from %s: %s (close %d)", self.remote, reason, code)
-        self._discard = True
+        self.stop_reading()
         if self._state is _OPEN:
             self.flush()
             self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
             self._state = _CLOSING
             self.close_code, self.close_reason = code, reason
             self._end(code, reason, False)
-        self._buf = None
         self.transport.close()
 
     # ------------------------------------------------------------ handing messages over
 
-    def _deliver(self, data: str | bytes) -> None:
+    def on_message(self, data: str | bytes) -> None:
         if self._discard or self._state is not _OPEN:
             return
         if self.busy:
@@ -887,7 +773,7 @@ class HeraldWebSocketProtocol(BatchedWrites, asyncio.Protocol):
         transport.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
         self._state = _CLOSING
         self.close_code, self.close_reason = code, reason
-        self._discard = True
+        self.discard_data()
         # Read on, to see the peer's close frame.
         if self._read_paused:
             self._read_paused = 0

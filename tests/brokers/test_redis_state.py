@@ -1,0 +1,138 @@
+"""The Redis broker writes a channel's keys only when it is published to, and those of a
+namespace without history expire (issue 13, item 6), on a redis-server the test owns."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from herald.brokers.base import PublishOptions, StreamPosition
+from herald.brokers.redis import RedisBroker, RedisBrokerConfig
+
+from ..servers import RedisServer, redis_server_fixture, require
+
+pytestmark = pytest.mark.redis
+
+NO_HISTORY = PublishOptions()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from redis_server_fixture()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def _broker(url: str, **config: object) -> RedisBroker:
+    broker = RedisBroker(RedisBrokerConfig(url=url, prefix=f"t{secrets.token_hex(4)}", **config))  # type: ignore[arg-type]
+    await broker.start(lambda message: None)
+    return broker
+
+
+async def _keys(redis: aioredis.Redis, prefix: str) -> list[str]:
+    return sorted([key.decode() async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)])
+
+
+async def test_reads_of_unpublished_channels_write_no_keys(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    broker = await _broker(redis_server.url)
+    prefix = broker.config.prefix
+    try:
+        positions = [(await broker.history(f"chat:{i}", limit=0)).position for i in range(1500)]
+        positions += [(await broker.history(f"chat:{i}")).position for i in range(1500, 3000)]
+        for channel in ("chat:a", "chat:b"):
+            await broker.subscribe(channel)  # a subscribe reads the position too
+        # One key in all (the incarnation and generations), none per channel.
+        assert await _keys(redis, prefix) == [f"{prefix}:epochs"]
+        assert all(p.offset == 0 and p.epoch for p in positions)
+        told = (await broker.history("chat:a", limit=0)).position
+        assert (await broker.history("chat:a", limit=0)).position == told
+        # The first publication continues the position a reader was told.
+        assert await broker.publish("chat:a", b"1", PublishOptions(history_size=5)) == StreamPosition(
+            1, told.epoch
+        )
+        recovered = await broker.history("chat:a", since=told)
+        assert [p.data for p in recovered.publications] == [b"1"]
+    finally:
+        await broker.close()
+
+
+async def test_history_less_meta_keys_expire_after_stream_meta_ttl(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    default = await _broker(redis_server.url)
+    short = await _broker(redis_server.url, stream_meta_ttl=30)
+    forever = await _broker(redis_server.url, stream_meta_ttl=0)
+    try:
+        assert default.config.stream_meta_ttl == 3600
+        for broker, bound in ((default, 3600_000), (short, 30_000)):
+            for i in range(20):
+                await broker.publish(f"news:{i}", b"x", NO_HISTORY)
+            keys = await _keys(redis, broker.config.prefix)
+            metas = [key for key in keys if ":meta:" in key]
+            assert len(metas) == 20 and not [key for key in keys if ":stream:" in key]
+            for key in metas:
+                ttl = await redis.pttl(key)
+                assert bound - 5_000 < ttl <= bound, (key, ttl)
+        await forever.publish("news:kept", b"x", NO_HISTORY)
+        assert await redis.pttl(forever.meta_key("news:kept")) == -1
+        # A namespace that keeps history with a TTL: both keys live as long as the history.
+        await short.publish("chat:h", b"x", PublishOptions(history_size=5, history_ttl=7))
+        assert 0 < await redis.pttl(short.meta_key("chat:h")) <= 7000
+        assert 0 < await redis.pttl(short.stream_key("chat:h")) <= 7000
+    finally:
+        for broker in (default, short, forever):
+            await broker.close()
+
+
+async def test_a_lost_stream_never_reads_as_an_earlier_empty_epoch(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    broker = await _broker(redis_server.url)
+    try:
+        told = (await broker.history("chat:c", limit=0)).position
+        first = await broker.publish("chat:c", b"1", PublishOptions(history_size=5))
+        assert first == StreamPosition(1, told.epoch)
+        await redis.delete(broker.meta_key("chat:c"), broker.stream_key("chat:c"))  # as a TTL would
+        after_loss = (await broker.history("chat:c", limit=0)).position
+        assert after_loss.offset == 0 and after_loss.epoch != told.epoch
+        await broker.publish("chat:c", b"2", PublishOptions(history_size=5))
+        await redis.flushall()  # the generations go too: the incarnation changes
+        after_flush = (await broker.history("chat:c", limit=0)).position
+        assert after_flush.epoch not in (told.epoch, after_loss.epoch)
+    finally:
+        await broker.close()
+
+
+async def test_a_restarted_redis_never_reproduces_an_empty_epoch() -> None:
+    """A snapshot or AOF restores the generations; the run id of the new Redis process
+    still makes every empty epoch new, so a rolled-back creation cannot repeat one."""
+    require("redis-server")
+    server = RedisServer(persistent=True)
+    server.start()
+    broker = await _broker(server.url)
+    try:
+        before = (await broker.history("chat:d", limit=0)).position
+        server.restart()  # kill -9; the append-only file brings every key back
+        after = None
+        for _ in range(50):  # the pool reconnects on its next command
+            try:
+                after = (await broker.history("chat:d", limit=0)).position
+                break
+            except Exception:
+                continue
+        assert after is not None and after.offset == 0
+        assert after.epoch != before.epoch
+        assert after.epoch.split(".")[1] == before.epoch.split(".")[1]  # same generation restored
+    finally:
+        await broker.close()
+        server.cleanup()
