@@ -27,7 +27,7 @@ import uvicorn
 
 from herald.config import Settings
 from herald.server import create_app
-from herald.transports.native import HeraldWebSocketProtocol
+from herald.transports.uvicorn import HeraldWebSocketProtocol
 
 
 def masked_text(text: str) -> bytes:

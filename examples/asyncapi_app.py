@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from herald import ClientContext, Herald
+from herald import ClientContext, Herald, NamespaceOptions, Settings
 
 
 class Move(BaseModel):
@@ -31,7 +31,8 @@ class Shout(BaseModel):
     text: str = Field(min_length=1, max_length=200)
 
 
-herald = Herald()
+# An application names the namespaces its channels use ("game:board" below).
+herald = Herald(Settings(namespaces={"game": NamespaceOptions(history_size=200)}))
 app = FastAPI(title="AsyncAPI example", lifespan=herald.lifespan)
 app.include_router(herald.router)
 app.include_router(herald.asyncapi_router)

@@ -22,10 +22,14 @@ import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from herald.demos import DEMO_NAMESPACES
+
 from .wire_schema import record_exchange, record_server_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TIMEOUT = 5.0
+#: ``HERALD_NAMESPACES`` for a server process whose tests use the demo namespaces.
+DEMO_NAMESPACES_JSON = json.dumps({name: options.model_dump() for name, options in DEMO_NAMESPACES.items()})
 
 
 def free_port() -> int:
@@ -85,7 +89,10 @@ class ServerProcess:
         port: int | None = None,
     ):
         self.port = port or free_port()
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # The tests' channels live in the demo namespaces (chat, dashboard, game), also
+        # when a test turns the demos off; a test's own HERALD_NAMESPACES wins.
+        base = {"PYTHONUNBUFFERED": "1", "HERALD_NAMESPACES": DEMO_NAMESPACES_JSON}
+        self.env = {**os.environ, **base, **(env or {})}
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(f"/tmp/herald-test-server-{self.port}.log")

@@ -20,13 +20,14 @@ from herald.auth import (
     RedactTokensFilter,
     TokenClaims,
     TokenVerifier,
-    check_origin,
     redact_tokens,
 )
 from herald.codes import ErrorCode
 from herald.config import NamespaceOptions, Settings
+from herald.context import AsgiHandshake, ClientContext
 from herald.exceptions import CommandError, ConfigError
-from herald.node import ClientContext, Node
+from herald.hosts import check_origin
+from herald.node import Node
 from herald.transports.fastapi import run_dependency
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
@@ -409,13 +410,16 @@ def handshake_scope(headers: dict[str, str], query: str = "") -> dict[str, Any]:
 def test_context_reads_headers_cookies_query() -> None:
     ctx = ClientContext(
         client="c",
-        scope=handshake_scope({"Cookie": "session=abc123; theme=dark", "X-Api": "v"}, "token=t0k&room=1"),
+        handshake=AsgiHandshake(
+            handshake_scope({"Cookie": "session=abc123; theme=dark", "X-Api": "v"}, "token=t0k&room=1")
+        ),
     )
     assert ctx.cookie("session") == "abc123"
     assert ctx.cookie("missing") is None
     assert ctx.header("x-api") == "v"
     assert ctx.query("token") == "t0k" and ctx.query("room") == "1"
     assert ctx.client_ip == "203.0.113.9"
+    assert ctx.scope["path"] == "/connect"  # hooks still get the ASGI scope
 
 
 SESSIONS = {"abc123": "alice"}

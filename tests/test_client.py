@@ -24,6 +24,7 @@ from herald.client import (
     RecoveredEvent,
 )
 from herald.codes import ErrorCode
+from herald.demos import DEMO_NAMESPACES
 from herald.exceptions import (
     ClientClosedError,
     ClientConnectionError,
@@ -60,6 +61,7 @@ def app_server() -> Iterator[ThreadServer]:
         ping_interval=0.2,
         pong_timeout=0.4,
         demos=False,
+        namespaces=DEMO_NAMESPACES,
     )
     herald = Herald(settings)
 
@@ -278,7 +280,7 @@ async def test_token_callable_and_bad_token(app_server: ThreadServer) -> None:
 
 
 async def test_expired_token_is_refreshed_from_the_callable_without_reconnecting() -> None:
-    settings = Settings(token_secret=SECRET, token_refresh_grace=1.0, demos=False)
+    settings = Settings(token_secret=SECRET, token_refresh_grace=1.0, demos=False, namespaces=DEMO_NAMESPACES)
     server = ThreadServer(create_app(settings)).start()
     issued: list[float] = []
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 
-from herald.demos import DASHBOARD_CHANNEL, DashboardPublisher, name_as_info
-from herald.node import ClientContext, Node
+from herald.config import NamespaceOptions, Settings
+from herald.context import ClientContext
+from herald.demos import DASHBOARD_CHANNEL, DEMO_NAMESPACES, DashboardPublisher, install_demos, name_as_info
+from herald.node import Node
 
 from .helpers import async_wait_for
 
@@ -31,13 +33,13 @@ def test_name_never_overrides_info_from_a_token_or_hook() -> None:
 
 
 async def test_dashboard_publisher_publishes_figures_into_history() -> None:
-    node = Node()
+    node = Node(Settings(namespaces=DEMO_NAMESPACES))
     await node.start()
     publisher = DashboardPublisher(node, interval=0.05)
     try:
         await publisher.start()
         await async_wait_for(lambda: publisher.samples >= 1, what="a first sample")
-        node.stats["messages_in"] += 10  # as if clients had sent ten commands now
+        node.stats.frames_in += 10  # as if clients had sent ten commands now
         await async_wait_for(lambda: publisher.samples >= 3, what="three samples")
         await publisher.stop()
         history = await node.history(DASHBOARD_CHANNEL, limit=100)
@@ -69,3 +71,17 @@ async def test_dashboard_publisher_publishes_figures_into_history() -> None:
     finally:
         await publisher.stop()
         await node.close()
+
+
+def test_a_plain_herald_has_only_the_default_namespace_and_the_demos_add_theirs() -> None:
+    from herald import Herald
+
+    plain = Herald(Settings())
+    assert set(plain.settings.namespaces) == {""}
+    mine = NamespaceOptions(history_size=3)
+    served = Herald(Settings(namespaces={"chat": mine}))
+    install_demos(served)
+    assert set(served.settings.namespaces) == {"", "chat", "dashboard", "game"}
+    assert served.settings.namespaces["chat"] is mine  # the application's own options win
+    assert served.settings.namespaces["dashboard"] == DEMO_NAMESPACES["dashboard"]
+    assert not served.settings.namespaces["dashboard"].allow_publish

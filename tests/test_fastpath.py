@@ -21,15 +21,14 @@ from herald.codes import CloseCode
 from herald.config import Settings
 from herald.connection import Connection
 from herald.server import create_app
-from herald.transports.fastapi import StarletteTransport
-from herald.transports.fastpath import (
+from herald.transports.asgi import AsgiSocket
+from herald.transports.fastpath import frame_text, framed
+from herald.transports.uvicorn import (
     BoundedSansIOProtocol,
-    FastTransport,
-    frame_text,
-    framed,
+    FastAsgiSocket,
+    HeraldWebSocketProtocol,
     uvicorn_ws_protocol,
 )
-from herald.transports.native import HeraldWebSocketProtocol
 from herald.tutorial import render_broadcast
 
 from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
@@ -99,12 +98,12 @@ def _socket_of(transport: object) -> asyncio.Transport:
     """The asyncio transport under a connection's fast transport (native or ASGI)."""
     if isinstance(transport, HeraldWebSocketProtocol):
         return transport.transport
-    assert isinstance(transport, FastTransport)
+    assert isinstance(transport, FastAsgiSocket)
     return transport._protocol.transport
 
 
 TRANSPORT_KINDS = pytest.mark.parametrize(
-    ("native", "kind"), [(True, HeraldWebSocketProtocol), (False, FastTransport)], ids=["native", "asgi"]
+    ("native", "kind"), [(True, HeraldWebSocketProtocol), (False, FastAsgiSocket)], ids=["native", "asgi"]
 )
 
 
@@ -162,7 +161,7 @@ async def test_plain_uvicorn_and_fast_path_off_use_asgi_sends() -> None:
             try:
                 await async_wait_for(lambda app=app: len(_server_connections(app)) == 2)
                 transports = [c.transport for c in _server_connections(app)]  # type: ignore[attr-defined]
-                assert all(type(t) is StarletteTransport for t in transports)
+                assert all(type(t) is AsgiSocket for t in transports)
                 await a.send("ping")
                 assert await asyncio.wait_for(b.recv(), DEFAULT_TIMEOUT) == "New message: ping"
             finally:
@@ -308,10 +307,9 @@ class _Protocol:
         self.disconnected = False
 
 
-def _fast(wire: _Wire) -> tuple[FastTransport, _Protocol]:
+def _fast(wire: _Wire) -> tuple[FastAsgiSocket, _Protocol]:
     protocol = _Protocol(wire)
-    websocket = type("FakeWebSocket", (), {"send": wire.send})()
-    return FastTransport(websocket, protocol), protocol  # type: ignore[arg-type]
+    return FastAsgiSocket({"type": "websocket"}, wire.send, protocol), protocol  # type: ignore[arg-type]
 
 
 async def test_frames_of_one_loop_turn_leave_in_one_write() -> None:

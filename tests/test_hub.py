@@ -12,10 +12,12 @@ from pydantic import BaseModel
 from herald.brokers.base import ClientInfo
 from herald.brokers.memory import MemoryBroker
 from herald.codes import CloseCode
-from herald.commands import ProtocolHandler, render_publication
+from herald.commands import CommandHandler, render_publication
 from herald.config import Settings
 from herald.connection import Connection
-from herald.node import ClientContext, Node
+from herald.context import AsgiHandshake, ClientContext
+from herald.demos import DEMO_NAMESPACES
+from herald.node import Node
 
 from .helpers import async_wait_for
 from .recording import RecordingTransport
@@ -29,7 +31,7 @@ class Client:
     def __init__(self, node: Node, name: str, **queue: int) -> None:
         self.transport = RecordingTransport()
         self.connection = Connection(self.transport, name, renderer=render_publication, **queue)  # type: ignore[arg-type]
-        self.handler = ProtocolHandler(node, self.connection, {})
+        self.handler = CommandHandler(node, self.connection, AsgiHandshake({}))
         self.connection.start()
         self.ids = 0
 
@@ -50,7 +52,7 @@ class Client:
 
 @pytest.fixture
 async def node() -> Node:
-    settings = Settings(ping_interval=0, presence_ttl=60)
+    settings = Settings(ping_interval=0, presence_ttl=60, namespaces=DEMO_NAMESPACES)
     node = Node(settings)
     await node.start()
     yield node  # type: ignore[misc]
@@ -243,9 +245,9 @@ class LaggingBroker(MemoryBroker):
         while True:
             message = await self.lag.get()
             await asyncio.sleep(0.02)
-            await MemoryBroker._deliver(self, message)
+            MemoryBroker._fan_out(self, message)
 
-    async def _deliver(self, message: Any) -> None:
+    def _fan_out(self, message: Any) -> None:
         self.lag.put_nowait(message)
 
     async def close(self) -> None:
@@ -256,7 +258,7 @@ class LaggingBroker(MemoryBroker):
 
 @pytest.mark.parametrize("with_since", [True, False])
 async def test_no_duplicate_when_live_delivery_lags_behind_history(with_since: bool) -> None:
-    node = Node(Settings(ping_interval=0), broker=LaggingBroker())
+    node = Node(Settings(ping_interval=0, namespaces=DEMO_NAMESPACES), broker=LaggingBroker())
     await node.start()
     try:
         first = await connected(node, "first")

@@ -80,3 +80,57 @@ def test_connection_counter_unlimited_still_counts() -> None:
     counter = ConnectionCounter(limit=0)
     assert all(counter.acquire("a") for _ in range(500))
     assert counter.count("a") == 500
+
+
+# ---------------------------------------------------------------- guards found by mutation testing
+
+
+def test_bucket_holds_at_least_one_token() -> None:
+    for burst in (0, 0.5, 1):
+        bucket = TokenBucket(rate=10, burst=burst, clock=Clock())
+        assert bucket.burst == 1.0
+        assert [bucket.take() for _ in range(2)] == [True, False]
+
+
+def test_slow_rates_still_limit_and_detect_abuse() -> None:
+    clock = Clock()
+    limiter = CommandRateLimiter(rate=0.5, burst=1, strikes=1, clock=clock)
+    assert [limiter.check() for _ in range(3)] == [RateVerdict.OK, RateVerdict.LIMITED, RateVerdict.ABUSE]
+
+
+def test_strikes_refill_at_a_tenth_of_their_capacity_per_second() -> None:
+    clock = Clock()
+    limiter = CommandRateLimiter(rate=0.01, burst=1, strikes=4, clock=clock)
+    assert [limiter.check() for _ in range(6)] == [RateVerdict.OK] + [RateVerdict.LIMITED] * 4 + [
+        RateVerdict.ABUSE
+    ]
+    clock.now += 2  # 0.8 strike back: not yet one
+    assert limiter.check() is RateVerdict.ABUSE
+    clock.now += 0.5  # 1.0
+    assert limiter.check() is RateVerdict.LIMITED
+    one = CommandRateLimiter(rate=0.01, burst=1, strikes=1, clock=clock)
+    assert [one.check() for _ in range(3)] == [RateVerdict.OK, RateVerdict.LIMITED, RateVerdict.ABUSE]
+    clock.now += 7  # one strike refills in 10 s
+    assert one.check() is RateVerdict.ABUSE
+    clock.now += 3
+    assert one.check() is RateVerdict.LIMITED
+
+
+def test_connection_counter_with_a_limit_of_one() -> None:
+    counter = ConnectionCounter(limit=1)
+    assert counter.acquire("a") and not counter.acquire("a")
+    assert counter.count("a") == 1
+
+
+def test_connection_counter_release_counts_down_one() -> None:
+    counter = ConnectionCounter(limit=10)
+    for _ in range(3):
+        counter.acquire("a")
+    counter.release("a")
+    assert counter.count("a") == 2
+    counter.release("a")
+    assert counter.count("a") == 1 and len(counter) == 1
+    counter.release("a")
+    assert counter.count("a") == 0 and len(counter) == 0
+    counter.release("never-seen")  # a release without an acquire is harmless
+    assert counter.count("never-seen") == 0 and len(counter) == 0

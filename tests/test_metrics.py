@@ -206,3 +206,53 @@ async def test_recovery_outcomes(metrics_server: ServerProcess) -> None:
             before, "herald_recoveries_total", recovered=outcome
         )
         assert grew == 1, outcome
+
+
+class _Transport:
+    async def send(self, frame: str) -> None:
+        return None
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+
+async def test_node_stats_feed_the_metrics_named_for_them() -> None:
+    """In process: each NodeStats field lands in its documented metric (deliveries are
+    not frames), broker gaps and broker events are exported."""
+    from herald.brokers.memory import MemoryBroker
+    from herald.config import Settings
+    from herald.connection import Connection
+    from herald.demos import DEMO_NAMESPACES
+    from herald.metrics import Metrics
+    from herald.node import Node
+
+    broker = MemoryBroker()
+    node = Node(Settings(ping_interval=0, namespaces=DEMO_NAMESPACES), broker=broker)
+    metrics = Metrics(node)
+    await node.start()
+    try:
+        subscribers = [Connection(_Transport(), f"c{i}", renderer=lambda p: "x") for i in range(3)]
+        for connection in subscribers:
+            node.hub.subscribe("chat:gap", connection)
+        await node.ensure_broker_subscription("chat:gap")
+        await node.publish("chat:gap", 1)  # one publication, three deliveries
+        broker.drop_hook = lambda publication: True
+        await node.publish("chat:gap", 2)  # missed by this node: a gap, subscribers closed
+        broker.handler_errors = 2  # as if the node's handler had failed twice
+        node.stats.frames_in, node.stats.bytes_in = 5, 50
+
+        samples: Samples = {}
+        for family in text_string_to_metric_families(metrics.render().decode()):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        assert node.stats.deliveries == 3
+        assert value(samples, "herald_deliveries_total") == 3
+        assert value(samples, "herald_publications_total", namespace="chat") == 2
+        assert value(samples, "herald_stream_gaps_total") == 1
+        assert all(c.is_closing for c in subscribers)
+        assert value(samples, "herald_broker_events_total", event="handler_errors") == 2
+        assert value(samples, "herald_messages_in_total") == 5
+        assert value(samples, "herald_bytes_in_total") == 50
+        assert node.stats.as_dict()["stream_gaps"] == 1
+    finally:
+        await node.close()

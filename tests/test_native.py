@@ -23,18 +23,19 @@ from fastapi import FastAPI, WebSocket
 
 from herald import Herald
 from herald.config import Settings
+from herald.context import ClientContext
 from herald.server import create_app
-from herald.transports.fastpath import (
+from herald.transports.uvicorn import (
     FRAGMENTS_ENV,
     AsgiWebSocketProtocol,
     BoundedSansIOProtocol,
+    BoundedWSProtocol,
+    HeraldWebSocketProtocol,
     fragment_limit,
     uvicorn_ws_protocol,
 )
-from herald.transports.native import HeraldWebSocketProtocol
-from herald.transports.uvicorn_ws import BoundedWSProtocol
 
-from .helpers import DEFAULT_TIMEOUT, ThreadServer, async_wait_for
+from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
 from .test_wsframes import client_frame
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -122,17 +123,21 @@ async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -
             assert AsgiWebSocketProtocol in protocol_kinds(server)
 
 
-async def test_a_library_app_learns_its_routes_at_their_prefix() -> None:
+async def test_a_library_app_serves_natively_the_routes_it_declares_at_their_prefix() -> None:
     herald = Herald(Settings())
     app = FastAPI(lifespan=herald.lifespan)
     app.include_router(herald.router, prefix="/rt")
+    herald.serve_natively(app, {"/rt/ws": "tutorial_echo"})
     with serving(app) as server:
-        for expected in (AsgiWebSocketProtocol, HeraldWebSocketProtocol):
-            async with websockets.connect(server.ws("/rt/ws")) as ws:
-                await ws.send("x")
-                assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "Message text was: x"
-                # The first handshake went through ASGI and taught the path; the next is native.
-                assert protocol_kinds(server) == [expected]
+        # Declared: native from the first handshake.  Not declared: ASGI, every time (no
+        # path is learned), with the same replies.
+        for path, expected in (("/rt/ws", HeraldWebSocketProtocol), ("/rt/ws_json", AsgiWebSocketProtocol)):
+            for _ in range(2):
+                async with websockets.connect(server.ws(path)) as ws:
+                    await ws.send('"x"')
+                    reply = await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT)
+                    assert reply in ('Message text was: "x"', '{"message":"Received JSON data","data":"x"}')
+                    assert protocol_kinds(server) == [expected]
 
 
 class _SeenByMiddleware:
@@ -336,3 +341,43 @@ def test_herald_serve_runs_a_bounded_protocol_for_every_implementation(
     ws_impl: str, fast_path: bool, expected: object
 ) -> None:
     assert uvicorn_ws_protocol(ws_impl, fast_path) == expected
+
+
+@pytest.mark.parametrize("native_routes", [True, False], ids=["native", "asgi-driver"])
+async def test_hooks_see_the_same_handshake_on_both_drivers(native_routes: bool) -> None:
+    herald = Herald(Settings(native_routes=native_routes))
+    seen: dict[str, Any] = {}
+
+    @herald.on_connect
+    async def look(ctx: ClientContext) -> None:
+        seen.update(
+            header=ctx.header("x-who"),
+            query=ctx.query("room"),
+            cookie=ctx.cookie("s"),
+            ip=ctx.client_ip,
+            path=ctx.scope["path"],
+            subprotocols=list(ctx.handshake.subprotocols),
+        )
+
+    app = create_app(herald=herald)
+    with serving(app) as server:
+        client = await ProtocolClient.open(
+            server.ws("/connect?room=r%201&x=y"),
+            additional_headers={"X-Who": "ada", "Cookie": "s=abc; t=1"},
+            subprotocols=["other", "herald.v1"],
+        )
+        try:
+            assert client.ws.subprotocol == "herald.v1"
+            assert protocol_kinds(server) == [
+                HeraldWebSocketProtocol if native_routes else AsgiWebSocketProtocol
+            ]
+        finally:
+            await client.close()
+    assert seen == {
+        "header": "ada",
+        "query": "r 1",
+        "cookie": "abc",
+        "ip": "127.0.0.1",
+        "path": "/connect",
+        "subprotocols": ["other", "herald.v1"],
+    }

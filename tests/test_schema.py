@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from herald.asyncapi import EXAMPLES, protocol_json_schema, typescript_definitions
+from herald.brokers.base import Publication
 from herald.exceptions import ProtocolError
+from herald.protocol import encoders
 from herald.protocol import messages as m
 from herald.protocol.codec import decode_command
+from herald.protocol.values import ClientInfo, PresenceStats, StreamPosition
 
 from . import wire_schema
 
@@ -129,6 +132,54 @@ def test_model_dumps_are_server_frames() -> None:
     for frame in frames:
         dumped = frame.model_dump(mode="json")
         assert wire_schema.problem("ServerFrame", dumped) is None, dumped
+
+
+def test_encoder_frames_are_server_frames() -> None:
+    # What the server actually writes (herald.protocol.encoders) against the exported schema.
+    info = ClientInfo("c", "u", {"k": 1})
+    stored = [Publication("a", 4, "e", b'{"x":1}', info)]
+    position = StreamPosition(4, "e")
+    frames = [
+        encoders.encode_publication("a", 4, "e", b"[1]", info),
+        encoders.encode_publication("a", 5, "e", b"null", None),
+        encoders.encode_presence_event("join", "a", info),
+        encoders.encode_presence_event("leave", "a", info),
+        encoders.encode_disconnect(4502, "bye", False),
+        encoders.encode_refresh(1.5),
+        encoders.encode_sub_refresh("a", 1.5),
+        encoders.encode_unsubscribe("a", 112, "expired"),
+        encoders.PING_FRAME,
+        encoders.encode_error(None, None, 101, "bad"),
+        encoders.encode_error(2, "publish", 103, "denied"),
+        encoders.encode_connect_reply(
+            1, client="c", user="u", version="1", ping_interval=25, pong_timeout=10
+        ),
+        encoders.encode_subscribe_reply(
+            3,
+            [
+                encoders.subscribed_item(
+                    "a",
+                    position,
+                    recoverable=True,
+                    recovered=True,
+                    publications=encoders.publication_items(stored),
+                ),
+                encoders.subscribe_error_item("b", 106, "bad"),
+            ],
+        ),
+        encoders.encode_unsubscribe_reply(4, ["a"]),
+        encoders.encode_publish_reply(5, position),
+        encoders.encode_rpc_reply(6, {"any": ["json"]}),
+        encoders.encode_presence_reply(7, {"c": info}),
+        encoders.encode_presence_stats_reply(8, PresenceStats(1, 1)),
+        encoders.encode_history_reply(9, stored, position),
+        encoders.encode_refresh_reply(10, None),
+        encoders.encode_sub_refresh_reply(11, 12.5),
+        encoders.encode_ping_reply(12),
+    ]
+    for frame in frames:
+        value = json.loads(frame)
+        assert wire_schema.problem("ServerFrame", value) is None, value
 
 
 def test_typescript_declares_every_definition() -> None:

@@ -59,7 +59,7 @@ def test_api_key_rule() -> None:
 
 
 def test_broker_urls_are_redacted() -> None:
-    from herald.config import redact_url
+    from herald.urls import redact_url
 
     assert redact_url("redis://:s3cret@localhost:6379/0") == "redis://***@localhost:6379/0"
     assert redact_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"

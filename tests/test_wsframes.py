@@ -23,6 +23,7 @@ from herald.transports.wsframes import (
     accept_key,
     close_payload,
     encode_frame,
+    frame_text,
     parse_close,
     read_header,
     valid_key,
@@ -370,3 +371,145 @@ def test_reader_discards_data_frames_once_closing() -> None:
     reader.stop_reading()
     reader.feed(client_frame(OP_PING, b""))
     assert reader.events == [("close", (1001, ""))]
+
+
+# ---------------------------------------------------------------- guards found by mutation testing
+#
+# scripts/mutation plants small bugs in wsframes.py and wsreader.py; each test below is
+# the one that notices a mutant the tests above let through.
+
+
+def test_frame_error_carries_its_close_code_and_reason() -> None:
+    error = FrameError(1007, "invalid UTF-8 in a text message")
+    assert (error.code, error.reason, str(error)) == (
+        1007,
+        "invalid UTF-8 in a text message",
+        "invalid UTF-8 in a text message",
+    )
+
+
+def test_frame_text_is_a_final_text_frame() -> None:
+    payload = "héllo".encode()
+    assert frame_text(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+@pytest.mark.parametrize("length", [5, 300, 65536])
+def test_read_header_answers_as_soon_as_the_length_is_known(length: int) -> None:
+    # The length is known before the mask key arrives, so that a frame over the limit is
+    # refused on its first bytes; at another start in the buffer too.
+    head = masked_header(0x82, length)[:-4]
+    expected = (0x82, length, len(head), len(head) + 4)
+    assert read_header(head, 0) == expected
+    assert read_header(b"xyz" + head, 3) == (0x82, length, 3 + len(head), 3 + len(head) + 4)
+    for cut in range(len(head)):
+        assert read_header(b"xyz" + head[:cut], 3) is None
+
+
+def test_read_header_refusals_say_why() -> None:
+    with pytest.raises(FrameError, match=r"^frames from a client must be masked$"):
+        read_header(bytes((0x81, 5)), 0)
+    with pytest.raises(FrameError, match=r"^invalid frame length$"):
+        read_header(bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 1 << 63), 0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x03", "close frame with a one-byte payload"),
+        (struct.pack("!H", 1005), "invalid close code 1005"),
+        (struct.pack("!H", 5000), "invalid close code 5000"),
+        (struct.pack("!H", 1000) + b"\xff", "invalid UTF-8 in close reason"),
+    ],
+)
+def test_parse_close_refusals_say_why(payload: bytes, reason: str) -> None:
+    with pytest.raises(FrameError) as refused:
+        parse_close(payload)
+    assert refused.value.reason == reason
+
+
+def test_parse_close_accepts_the_whole_application_range() -> None:
+    assert parse_close(struct.pack("!H", 4999)) == (4999, "")
+    assert parse_close(struct.pack("!H", 3000)) == (3000, "")
+
+
+def test_close_payload_keeps_a_reason_that_fits() -> None:
+    assert close_payload(1000, "r" * 123) == struct.pack("!H", 1000) + b"r" * 123
+    assert close_payload(1000, "r" * 124) == struct.pack("!H", 1000) + b"r" * 123
+
+
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        (client_frame(OP_TEXT, b"hi", rsv=0x40), "reserved bits set (no extension was negotiated)"),
+        (client_frame(3, b""), "reserved opcode 3"),
+        (client_frame(0xB, b""), "reserved opcode 11"),
+        (client_frame(OP_PING, b"", fin=False), "control frames must be final and at most 125 bytes"),
+        (client_frame(OP_CONT, b"x"), "continuation frame without a message to continue"),
+        (
+            client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_TEXT, b"b"),
+            "a new message began before the last one ended",
+        ),
+        (client_frame(OP_TEXT, b"\xff"), "invalid UTF-8 in a text message"),
+        (
+            client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_CONT, b"\xff"),
+            "invalid UTF-8 in a text message",
+        ),
+    ],
+)
+def test_reader_refusals_say_why(stream: bytes, reason: str) -> None:
+    # The reason is the close frame's reason on the wire.
+    assert feed_fails(Recorder(), stream).reason == reason
+
+
+def test_reader_accepts_control_frames_of_exactly_125_bytes() -> None:
+    reader = Recorder()
+    reader.feed(client_frame(OP_PING, b"p" * 125) + client_frame(OP_PONG, b"q" * 125))
+    assert reader.events == [("ping", b"p" * 125), ("pong", b"q" * 125)]
+
+
+def test_reader_keeps_the_unread_end_of_a_feed() -> None:
+    # A whole frame then the start of the next one, in one read: the start is kept.
+    reader = Recorder()
+    second = client_frame(OP_BINARY, b"second")
+    reader.feed(client_frame(OP_TEXT, b"first") + second[:-2])
+    reader.feed(second[-2:])
+    assert reader.events == [("message", "first"), ("message", b"second")]
+
+
+def test_reader_reads_on_after_a_refused_message_in_the_same_feed() -> None:
+    # The refused message's payload is skipped and the control frame after it is read at
+    # once, also when the payload arrives in pieces that start inside a read.
+    reader = Recorder(max_size=10)
+    big = client_frame(OP_BINARY, b"z" * 200)
+    reader.feed(client_frame(OP_TEXT, b"ok") + big[:50])
+    assert reader.events == [("message", "ok"), ("too_big", "message larger than 10 bytes")]
+    reader.feed(big[50:120])
+    reader.feed(big[120:] + client_frame(OP_PING, b"after"))
+    assert reader.events[2:] == [("ping", b"after")]
+    whole = Recorder(max_size=10)
+    whole.feed(big + client_frame(OP_PING, b"now"))
+    assert whole.events == [("too_big", "message larger than 10 bytes"), ("ping", b"now")]
+
+
+def test_reader_accepts_a_fragmented_message_of_exactly_max_size() -> None:
+    reader = Recorder(max_size=100)
+    reader.feed(
+        client_frame(OP_TEXT, b"a" * 40, fin=False)
+        + client_frame(OP_CONT, b"b" * 40, fin=False)
+        + client_frame(OP_CONT, b"c" * 20)
+    )
+    assert reader.events == [("message", "a" * 40 + "b" * 40 + "c" * 20)]
+    # Every fragment counts, not only the first and the last: 40 + 40 + 21 is too big.
+    reader.feed(
+        client_frame(OP_BINARY, b"a" * 40, fin=False)
+        + client_frame(OP_CONT, b"b" * 40, fin=False)
+        + client_frame(OP_CONT, b"c" * 21)
+    )
+    assert reader.events[1:] == [("too_big", "message larger than 100 bytes")]
+
+
+def test_reader_delivers_a_fragmented_text_of_one_non_empty_part() -> None:
+    reader = Recorder()
+    reader.feed(client_frame(OP_TEXT, b"whole", fin=False) + client_frame(OP_CONT, b""))
+    reader.feed(client_frame(OP_TEXT, b"", fin=False) + client_frame(OP_CONT, b"late"))
+    assert reader.events == [("message", "whole"), ("message", "late")]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from .brokers.base import Broker, ClientInfo, Publication, StreamPosition
-from .brokers.memory import MemoryBroker
 from .codes import CloseCode, ErrorCode
-from .config import NamespaceOptions, Settings
 from .exceptions import (
     BrokerError,
     BrokerUnavailableError,
@@ -21,22 +19,40 @@ from .exceptions import (
     PermissionDeniedError,
     ProtocolError,
 )
-from .node import ClientContext
-from .presence.base import PresenceManager
-from .presence.memory import MemoryPresenceManager
+from .protocol.values import ClientInfo, StreamPosition
 
 if TYPE_CHECKING:
     from .app import Herald
+    from .brokers.base import Broker, Publication
+    from .brokers.memory import MemoryBroker
+    from .config import NamespaceOptions, Settings
+    from .context import ClientContext
+    from .presence.base import PresenceManager
+    from .presence.memory import MemoryPresenceManager
+
+# The server's names are imported on first use: `import herald.client` (which runs this
+# module) must load no server module, neither FastAPI, PyJWT nor pydantic-settings
+# (tests/test_layers.py), and the CLI's client commands start quickly.
+_LAZY = {
+    "Herald": ".app",
+    "Broker": ".brokers.base",
+    "Publication": ".brokers.base",
+    "MemoryBroker": ".brokers.memory",
+    "NamespaceOptions": ".config",
+    "Settings": ".config",
+    "ClientContext": ".context",
+    "PresenceManager": ".presence.base",
+    "MemoryPresenceManager": ".presence.memory",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # `Herald` pulls in FastAPI; importing it lazily keeps `herald.client` and the CLI's
-    # client commands quick to start.
-    if name == "Herald":
-        from .app import Herald
-
-        return Herald
-    raise AttributeError(f"module 'herald' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'herald' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -25,36 +25,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, WebSocket
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
+from starlette.routing import WebSocketRoute
 
 from . import __version__
-from .apiguard import FRAME_HEADERS_DICT, HttpGate, guarded_route_class, local_address
+from .admission import HandshakeTimeout, opener
+from .apiguard import FRAME_HEADERS_DICT, HttpGate, guarded_route_class
 from .auth import api_key_allows
+from .brokers.base import Publication
 from .brokers.memory import MemoryBroker
 from .codes import CloseCode
 from .commands import render_publication
 from .connection import Connection
-from .hosts import handshake_refusal
-from .transports.fastapi import (
-    StarletteTransport,
-    client_ip,
-    close_quietly,
-    new_client_id,
-    read_loop,
-    refuse_handshake,
-    remote_address,
-    settle,
-)
+from .sessions import RouteSession, new_connection, record_end
+from .transports.asgi import AsgiRoute
+from .transports.base import Route, Socket
+from .transports.uvicorn import abort_for
 
 if TYPE_CHECKING:
-    from .app import Herald
     from .config import Settings
+    from .node import Node
 
 logger = logging.getLogger("herald.admin")
 
@@ -67,6 +63,8 @@ SNAPSHOT_HEARTBEAT = 5.0
 MAX_CLIENTS = 500
 MAX_CHANNELS = 1000
 AUTH_TIMEOUT = 10.0
+#: The largest frame an admin page may send (it sends only its key).
+MAX_FRAME = 4096
 
 
 def key_allows(
@@ -78,12 +76,12 @@ def key_allows(
 
 
 class Admin:
-    """The admin page and its snapshot publisher for one :class:`~herald.Herald`."""
+    """The admin page and its snapshot publisher for one node."""
 
-    def __init__(self, herald: Herald) -> None:
-        self.herald = herald
-        self.node = herald.node
-        gate = HttpGate(herald.settings)
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.settings
+        gate = HttpGate(node.settings)
         self.router = APIRouter(
             prefix="/admin", include_in_schema=False, route_class=guarded_route_class(gate, require_key=False)
         )
@@ -124,7 +122,7 @@ class Admin:
             "num_users": node.hub.user_count,
             "clients": clients,
             "channels": dict(channels),
-            "stats": dict(node.stats),
+            "stats": node.stats.as_dict(),
         }
 
     def _wanted(self) -> bool:
@@ -174,7 +172,7 @@ class Admin:
     # ------------------------------------------------------------ routes
 
     def _add_routes(self) -> None:
-        settings = self.herald.settings
+        settings = self.settings
         router = self.router
 
         @router.get("", response_class=HTMLResponse)
@@ -191,88 +189,101 @@ class Admin:
                 raise HTTPException(401, detail="missing or wrong API key")
             return self.snapshot()
 
-        router.add_api_websocket_route("/ws", self._ws_endpoint)
+        # The admin socket is a route like Herald's others (same admission: Host, Origin,
+        # per-IP limit); a plain WebSocket route ignores the router's prefix, hence the path.
+        endpoint = AsgiRoute(self.route(), fast_path=settings.fast_path, abort_for=abort_for)
+        router.routes.append(WebSocketRoute(router.prefix + "/ws", endpoint))
 
-    async def _ws_endpoint(self, websocket: WebSocket) -> None:
-        node, settings = self.node, self.herald.settings
-        refusal = handshake_refusal(
-            settings,
-            host=websocket.headers.get("host"),
-            origin=websocket.headers.get("origin"),
-            local_address=local_address(websocket.scope),
-            scheme=websocket.url.scheme,
-        )
-        if refusal is not None:
-            node.record_rejection(refusal.kind)
-            await refuse_handshake(websocket, refusal.reason)
-            return
-        # An admin page is a WebSocket like any other for the per-IP limit.
-        ip = client_ip(websocket)
-        if not node.ip_connections.acquire(ip):
-            node.record_rejection("ip_limit")
-            await refuse_handshake(websocket, "too many connections from this address")
-            return
-        try:
-            await self._serve_ws(websocket)
-        finally:
-            node.ip_connections.release(ip)
+    def route(self) -> Route:
+        """``/admin/ws`` as a :class:`~herald.transports.base.Route` (either driver)."""
 
-    async def _serve_ws(self, websocket: WebSocket) -> None:
-        node, settings = self.node, self.herald.settings
-        await websocket.accept()
-        try:
-            message = await asyncio.wait_for(websocket.receive(), AUTH_TIMEOUT)
-        except TimeoutError:
-            await close_quietly(websocket, CloseCode.HANDSHAKE_TIMEOUT, "send the API key first")
-            return
+        def make(socket: Socket) -> AdminSession:
+            return AdminSession(self, socket)
+
+        return Route(opener(self.node, make), MAX_FRAME)
+
+
+class AdminSession(HandshakeTimeout, RouteSession):
+    """``/admin/ws``: the first frame proves the key (``{"api_key": "..."}``), within
+    :data:`AUTH_TIMEOUT`; then the page is a subscriber of ``$admin`` and whatever it
+    sends is ignored."""
+
+    __slots__ = ("admin", "connection", "timer")
+
+    timeout_code = CloseCode.HANDSHAKE_TIMEOUT
+    timeout_reason = "send the API key first"
+
+    def __init__(self, admin: Admin, socket: Socket) -> None:
+        super().__init__(admin.node, socket)
+        self.admin = admin
+        self.connection: Connection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def started(self) -> None:
+        self.arm_handshake_timeout(AUTH_TIMEOUT)
+
+    def handshake_pending(self) -> bool:
+        return self.connection is None
+
+    def message(self, data: str | bytes) -> Awaitable[None] | None:
+        if self.connection is not None:
+            return super().message(data)  # text is ignored, binary closes with 1003
+        self.cancel_handshake_timeout()
         supplied: str | None = None
-        text = message.get("text")
-        if text:
+        if isinstance(data, str) and data:
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-                value = orjson.loads(text).get("api_key")
+                value = orjson.loads(data).get("api_key")
                 supplied = value if isinstance(value, str) else None
-        host = websocket.client.host if websocket.client else None
-        if message["type"] == "websocket.disconnect":
-            return
-        if not key_allows(settings, supplied, host, websocket.headers.get("host")):
-            node.record_rejection("admin_auth")
-            await close_quietly(websocket, CloseCode.UNAUTHORIZED, "missing or wrong API key")
-            return
-        connection = Connection(
-            StarletteTransport(websocket),
-            new_client_id(),
-            renderer=render_publication,
-            events=False,
-            max_queue_messages=64,
-            max_queue_bytes=settings.max_queue_bytes,
-            remote=remote_address(websocket),
+        socket = self.socket
+        client = socket.client
+        if not key_allows(
+            self.admin.settings, supplied, client[0] if client else None, socket.header("host")
+        ):
+            self.node.record_rejection("admin_auth")
+            self.fail(CloseCode.UNAUTHORIZED, "missing or wrong API key")
+            return None
+        self.connection = new_connection(
+            self.admin.settings, socket, render_publication, protocol=False, max_queue_messages=64
         )
+        return self._join(self.connection)
+
+    async def _join(self, connection: Connection) -> None:
+        node, admin = self.node, self.admin
         connection.start()
         # Not admitted to the node: admin pages are not clients, and are not listed.
         node.hub.subscribe(ADMIN_CHANNEL, connection)
-        ending = None
         try:
             await node.ensure_broker_subscription(ADMIN_CHANNEL)
             # The page should not wait for the next tick to show something.
-            connection.send(render_publication(_local_publication(orjson.dumps(self.snapshot()))))
-            await self.publish_snapshot(force=True)
-
-            async def ignore(_: str) -> None:
-                return None
-
-            ending = await read_loop(websocket, ignore, max_size=4096)
+            connection.send(render_publication(_local_publication(orjson.dumps(admin.snapshot()))))
+            await admin.publish_snapshot(force=True)
         except Exception as exc:
-            logger.debug("admin connection ended: %r", exc)
+            logger.debug("admin connection failed: %r", exc)
+            connection.close(CloseCode.INTERNAL_ERROR, "internal error", push=False)
+
+    def on_text(self, text: str) -> None:
+        return None
+
+    def fail(self, code: int, reason: str) -> None:
+        if self.connection is not None:
+            self.connection.close(code, reason, push=False)
+        else:
+            self.socket.close_now(code, reason)
+
+    async def lost(self, code: int, reason: str, by_peer: bool) -> None:
+        self.cancel_handshake_timeout()
+        connection = self.connection
+        try:
+            if connection is not None:
+                record_end(connection, code, reason, by_peer)
+                await self.node.unregister(connection, protocol_channels=False)
+                await connection.stop()
         finally:
-            await settle(connection, ending, push=False)
-            await node.unregister(connection, protocol_channels=False)
-            await connection.stop()
+            self.release()
 
 
-def _local_publication(data: bytes) -> Any:
-    from .brokers.base import Publication
-
+def _local_publication(data: bytes) -> Publication:
     return Publication(ADMIN_CHANNEL, 0, "", data, None)
 
 
-__all__ = ["ADMIN_CHANNEL", "Admin", "key_allows"]
+__all__ = ["ADMIN_CHANNEL", "Admin", "AdminSession", "key_allows"]

@@ -22,12 +22,21 @@ from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
 from .exceptions import BrokerError, CommandError, NotAvailableError
 from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history
-from .protocol.messages import MAX_ID, ClientInfoModel, PublicationModel
+from .protocol.messages import (
+    MAX_ID,
+    ClientInfoModel,
+    ErrorInfo,
+    HistoryResult,
+    PresenceResult,
+    PresenceStatsResult,
+    PublicationModel,
+    PublishResult,
+)
 
 logger = logging.getLogger("herald.api")
 
 if TYPE_CHECKING:
-    from .app import Herald
+    from .node import Node
 
 
 class PublishBody(BaseModel):
@@ -46,35 +55,19 @@ class DisconnectBody(BaseModel):
     reason: str = Field(default="disconnected by server", max_length=120)
 
 
-class PositionOut(BaseModel):
-    offset: int
-    epoch: str
+# The answers that are also protocol replies use the protocol's result models
+# (herald.protocol.messages): one definition of the wire for sockets and HTTP.
 
 
 class BroadcastItem(BaseModel):
     channel: str
     offset: int | None = None
     epoch: str | None = None
-    error: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
 
 
 class BroadcastOut(BaseModel):
     results: list[BroadcastItem]
-
-
-class PresenceOut(BaseModel):
-    clients: dict[str, ClientInfoModel]
-
-
-class PresenceStatsOut(BaseModel):
-    num_clients: int
-    num_users: int
-
-
-class HistoryOut(BaseModel):
-    publications: list[PublicationModel]
-    offset: int
-    epoch: str
 
 
 class ChannelsOut(BaseModel):
@@ -109,9 +102,9 @@ def _error(exc: CommandError) -> HTTPException:
     return HTTPException(status, detail={"code": int(exc.code), "message": exc.message})
 
 
-def build_api_router(herald: Herald) -> APIRouter:
-    settings = herald.settings
-    node = herald.node
+def build_api_router(node: Node) -> APIRouter:
+    """The HTTP server API (``/api/...``) of ``node`` (its settings: ``node.settings``)."""
+    settings = node.settings
 
     async def trusted_check(operation: Operation, channel: str) -> Grant:
         """The access policy for an API-key holder (trusted: only the channel's validity
@@ -126,15 +119,15 @@ def build_api_router(herald: Herald) -> APIRouter:
     route_class = guarded_route_class(HttpGate(settings), require_key=True)
     router = APIRouter(prefix="/api", tags=["server API"], route_class=route_class)
 
-    @router.post("/publish", response_model=PositionOut, summary="Publish to a channel")
-    async def publish(body: PublishBody) -> PositionOut:
+    @router.post("/publish", response_model=PublishResult, summary="Publish to a channel")
+    async def publish(body: PublishBody) -> PublishResult:
         try:
             position = await node.publish(body.channel, body.data)
         except CommandError as exc:
             raise _error(exc) from None
         except BrokerError as exc:
             raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
-        return PositionOut(offset=position.offset, epoch=position.epoch)
+        return PublishResult(offset=position.offset, epoch=position.epoch)
 
     @router.post("/broadcast", response_model=BroadcastOut, summary="Publish one message to many channels")
     async def broadcast(body: BroadcastBody) -> BroadcastOut:
@@ -144,41 +137,41 @@ def build_api_router(herald: Herald) -> APIRouter:
                 position = await node.publish(channel, body.data)
             except CommandError as exc:
                 results.append(
-                    BroadcastItem(channel=channel, error={"code": int(exc.code), "message": exc.message})
+                    BroadcastItem(channel=channel, error=ErrorInfo(code=int(exc.code), message=exc.message))
                 )
             except BrokerError as exc:
                 results.append(
                     BroadcastItem(
                         channel=channel,
-                        error={"code": int(ErrorCode.BROKER_UNAVAILABLE), "message": str(exc)},
+                        error=ErrorInfo(code=int(ErrorCode.BROKER_UNAVAILABLE), message=str(exc)),
                     )
                 )
             else:
                 results.append(BroadcastItem(channel=channel, offset=position.offset, epoch=position.epoch))
         return BroadcastOut(results=results)
 
-    @router.get("/presence", response_model=PresenceOut, summary="Who is in a channel")
-    async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceOut:
+    @router.get("/presence", response_model=PresenceResult, summary="Who is in a channel")
+    async def presence(channel: Annotated[str, Query(max_length=1024)]) -> PresenceResult:
         name = (await trusted_check(Operation.PRESENCE, channel)).channel
         with _broker_errors():
             clients = await node.presence_of(name)
-        return PresenceOut(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
+        return PresenceResult(clients={c: ClientInfoModel(**i.as_dict()) for c, i in clients.items()})
 
-    @router.get("/presence_stats", response_model=PresenceStatsOut, summary="Presence counts")
-    async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsOut:
+    @router.get("/presence_stats", response_model=PresenceStatsResult, summary="Presence counts")
+    async def presence_stats(channel: Annotated[str, Query(max_length=1024)]) -> PresenceStatsResult:
         name = (await trusted_check(Operation.PRESENCE_STATS, channel)).channel
         with _broker_errors():
             stats = await node.presence_stats(name)
-        return PresenceStatsOut(num_clients=stats.num_clients, num_users=stats.num_users)
+        return PresenceStatsResult(num_clients=stats.num_clients, num_users=stats.num_users)
 
-    @router.get("/history", response_model=HistoryOut, summary="A channel's history")
+    @router.get("/history", response_model=HistoryResult, summary="A channel's history")
     async def history(
         channel: Annotated[str, Query(max_length=1024)],
         limit: Annotated[int | None, Query(ge=0)] = None,
         since_offset: Annotated[int | None, Query(description=f"0 to {MAX_ID}")] = None,
         since_epoch: Annotated[str | None, Query(max_length=64)] = None,
         reverse: bool = False,
-    ) -> HistoryOut:
+    ) -> HistoryResult:
         if since_offset is not None and not 0 <= since_offset <= MAX_ID:
             # An offset no stream can reach; the broker would fail on it (503) otherwise.
             raise _error(CommandError(ErrorCode.BAD_REQUEST, f"since_offset must be 0 to {MAX_ID}"))
@@ -200,7 +193,7 @@ def build_api_router(herald: Herald) -> APIRouter:
             check_epoch(since, result.position)
         except CommandError as exc:
             raise _error(exc) from None
-        return HistoryOut(
+        return HistoryResult(
             publications=[
                 PublicationModel(
                     offset=p.offset,

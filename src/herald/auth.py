@@ -1,8 +1,5 @@
-"""Origin checks and token verification, as plain functions.
-
-Browsers send ``Origin`` on WebSocket handshakes but Starlette's CORS middleware
-does not apply to WebSockets, so without this check any web page could open a
-socket to Herald with the visitor's cookies (cross-site WebSocket hijacking).
+"""Token verification and log redaction, as plain functions (the ``Origin`` check is
+:func:`herald.hosts.check_origin`).
 
 Tokens are JWTs (RFC 7519) checked with PyJWT:
 
@@ -34,90 +31,20 @@ import hmac
 import ipaddress
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jwt
 from pydantic import SecretStr
 
 from .codes import ErrorCode
 from .exceptions import CommandError, ConfigError
+from .hosts import trusts_loopback
 
 #: Algorithms Herald accepts for asymmetric keys.
 ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
-
-
-# ---------------------------------------------------------------- origin
-
-
-def _origin_parts(origin: str) -> tuple[str, str] | None:
-    parts = urlsplit(origin.strip().lower())
-    if not parts.scheme or not parts.hostname:
-        return None
-    default_port = {"http": 80, "https": 443, "ws": 80, "wss": 443}.get(parts.scheme)
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        return None
-    return parts.scheme, f"{parts.hostname}:{port}"
-
-
-_WILDCARD_LABELS = r"[a-z0-9-]+(?:\.[a-z0-9-]+)*"
-
-
-def _pattern_matches(pattern: str, origin: str) -> bool:
-    """Whether ``origin`` matches one allow-list entry.
-
-    ``*`` alone allows every origin.  ``https://*.example.com`` allows any
-    subdomain (at any depth) of example.com over https, but not example.com
-    itself, and not ``https://example.com.evil.net``.  Other entries are compared
-    as (scheme, host, port), so ``https://app.example.com`` equals
-    ``https://app.example.com:443``.
-    """
-    pattern = pattern.strip()
-    if pattern == "*":
-        return True
-    if "*" in pattern:
-        regex = re.escape(pattern.lower().rstrip("/")).replace(r"\*", _WILDCARD_LABELS)
-        return re.fullmatch(regex, origin.strip().lower().rstrip("/")) is not None
-    want, got = _origin_parts(pattern), _origin_parts(origin)
-    return want is not None and want == got
-
-
-def check_origin(
-    origin: str | None,
-    host: str | None,
-    allowed: list[str],
-    *,
-    allow_missing: bool = True,
-    scheme: str = "http",
-) -> str | None:
-    """Return None when the handshake may proceed, else the reason it is refused.
-
-    Allowed: a request without ``Origin`` (if ``allow_missing``), an ``Origin``
-    whose host and port equal the request's ``Host``, or one matching an entry of
-    ``allowed`` (exact origins, ``https://*.example.com`` wildcards, or ``*``).
-    The reason is safe to log: it quotes at most 100 characters of the origin.
-    """
-    if origin is None or origin == "":
-        return None if allow_missing else "missing Origin header"
-    if origin == "null":
-        return "opaque origin (null) not allowed"
-    parts = _origin_parts(origin)
-    if parts is None:
-        return "malformed Origin header"
-    if host:
-        http_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-        own = _origin_parts(f"{http_scheme}://{host}")
-        if own is not None and own[1] == parts[1]:
-            return None
-    if any(_pattern_matches(pattern, origin) for pattern in allowed):
-        return None
-    return f"origin {origin[:100]} not allowed"
 
 
 # ---------------------------------------------------------------- tokens
@@ -349,7 +276,6 @@ __all__ = [
     "RedactTokensFilter",
     "TokenClaims",
     "TokenVerifier",
-    "check_origin",
     "install_token_redaction",
     "redact_tokens",
     "seconds_left",
@@ -375,8 +301,6 @@ def api_key_allows(
     when they name the server by a loopback name (``host_header``, the request's ``Host``;
     None: the request had none), so that a DNS-rebinding page gets no loopback trust."""
     if key is None:
-        from .hosts import trusts_loopback
-
         return trusts_loopback(client_host, host_header)
     if not supplied:
         return False

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .cli_client import add_client_commands
-from .config import redact_url
+from .urls import redact_url
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .logs import log_config
-    from .transports.fastpath import uvicorn_ws_protocol
+    from .transports.uvicorn import uvicorn_ws_protocol
 
     overrides = _overrides(args)
     settings = _load_settings(args)

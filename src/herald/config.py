@@ -8,79 +8,14 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
-def redact_url(url: str) -> str:
-    """``url`` with any password or token in its user info replaced, for logs and output:
-    ``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    # "user:password" keeps the user; a lone value ("nats://TOKEN@host") is itself the secret.
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:" if colon and user else ""
-    return f"{scheme}://{shown}***@{host}"
-
-
-def non_negative(value: str) -> float:
-    """A broker URL option in seconds: a number >= 0."""
-    number = float(value)
-    if not number >= 0 or number == float("inf"):
-        raise ValueError("expected a finite number >= 0")
-    return number
-
-
-def positive_int(value: str) -> int:
-    """A broker URL option that counts something: an integer >= 1."""
-    number = int(value)
-    if number < 1:
-        raise ValueError("expected an integer >= 1")
-    return number
-
-
-def split_url_options(
-    url: str,
-    converters: dict[str, Callable[[str], Any]],
-    *,
-    what: str,
-    passthrough: Collection[str] = (),
-) -> tuple[str, dict[str, Any]]:
-    """Take Herald's broker options out of a broker URL's query string.
-
-    ``redis://h:6379/0?prefix=app&stream_meta_ttl=600`` -> (``redis://h:6379/0``,
-    ``{"prefix": "app", "stream_meta_ttl": 600.0}``).  Options named in
-    ``passthrough`` stay in the returned URL (for the client library); any other
-    option, or a malformed value, raises :class:`~herald.exceptions.ConfigError`.
-    """
-    from urllib.parse import parse_qsl, urlencode
-
-    from .exceptions import ConfigError
-
-    base, _, query = url.partition("?")
-    values: dict[str, Any] = {}
-    kept: list[tuple[str, str]] = []
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        convert = converters.get(key)
-        if convert is None:
-            if key in passthrough:
-                kept.append((key, value))
-                continue
-            known = ", ".join([*converters, *sorted(passthrough)])
-            raise ConfigError(f"unknown {what} broker URL option {key!r} (known: {known})")
-        try:
-            values[key] = convert(value)
-        except ValueError as exc:
-            raise ConfigError(f"{what} broker URL option {key}={value!r}: {exc}") from exc
-    return (f"{base}?{urlencode(kept)}" if kept else base), values
+from .brokers.options import check_broker_options
+from .exceptions import ConfigError
 
 
 class NamespaceOptions(BaseModel):
@@ -109,12 +44,10 @@ _NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.@=,!~\-]+")
 
 
 def _default_namespaces() -> dict[str, NamespaceOptions]:
-    return {
-        "": NamespaceOptions(),
-        "chat": NamespaceOptions(),
-        "dashboard": NamespaceOptions(history_size=60, presence=False, join_leave=False, allow_publish=False),
-        "game": NamespaceOptions(history_size=200),
-    }
+    # Only channels without a namespace ("lobby"): an application names the namespaces
+    # it uses.  The demo pages' namespaces (chat, dashboard, game) are added by
+    # herald.demos when the demos are served.
+    return {"": NamespaceOptions()}
 
 
 def _split_list(value: Any) -> Any:
@@ -295,9 +228,6 @@ class Settings(BaseSettings):
     @field_validator("broker")
     @classmethod
     def _broker_options(cls, value: str) -> str:
-        from .engines import check_broker_options
-        from .exceptions import ConfigError
-
         try:
             check_broker_options(value)
         except ConfigError as exc:

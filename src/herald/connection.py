@@ -19,7 +19,7 @@ from typing import Any
 
 from .brokers.base import Publication
 from .codes import CloseCode, should_reconnect
-from .protocol.codec import encode_disconnect
+from .protocol.encoders import encode_disconnect
 from .transports.base import Transport
 
 logger = logging.getLogger("herald.connection")

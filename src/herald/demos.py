@@ -2,6 +2,8 @@
 
 ``herald serve`` installs it when ``settings.demos`` is true (the default):
 
+* the namespaces the pages use (:data:`DEMO_NAMESPACES`: ``chat``, ``dashboard``,
+  ``game``), unless the configuration defines them already;
 * a ``connect`` hook that copies the connect command's ``name`` into the client's
   presence info (``{"name": ...}``) when no token or earlier hook set ``info``, so
   that the chat's presence list can show names.  The name is self-declared: it
@@ -21,7 +23,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from .node import ClientContext, Node
+from .config import NamespaceOptions, Settings
+from .context import ClientContext
+from .node import Node
 
 if TYPE_CHECKING:
     from .app import Herald
@@ -32,6 +36,20 @@ logger = logging.getLogger("herald.demos")
 DASHBOARD_CHANNEL = "dashboard:metrics"
 #: Longest name kept in presence info (the protocol caps ``name`` at 64 characters).
 MAX_NAME_LENGTH = 32
+
+#: The namespaces of the demo pages (chat.html, dashboard.html, game.html).
+DEMO_NAMESPACES: dict[str, NamespaceOptions] = {
+    "chat": NamespaceOptions(),
+    # Figures published by the server once a second: one minute of chart, no client publishing.
+    "dashboard": NamespaceOptions(history_size=60, presence=False, join_leave=False, allow_publish=False),
+    "game": NamespaceOptions(history_size=200),
+}
+
+
+def add_demo_namespaces(settings: Settings) -> None:
+    """Add :data:`DEMO_NAMESPACES` to ``settings``, keeping namespaces it configures."""
+    for name, options in DEMO_NAMESPACES.items():
+        settings.namespaces.setdefault(name, options)
 
 
 def name_as_info(ctx: ClientContext) -> None:
@@ -82,14 +100,14 @@ class DashboardPublisher:
         node = self.node
         loop = asyncio.get_running_loop()
         wall, cpu = time.monotonic(), time.process_time()
-        stats = dict(node.stats)
+        stats = node.stats.as_dict()
         while True:
             target = loop.time() + self.interval
             await asyncio.sleep(self.interval)
             lag_ms = max(0.0, (loop.time() - target) * 1000)
             now_wall, now_cpu = time.monotonic(), time.process_time()
             elapsed = max(now_wall - wall, 1e-6)
-            current = dict(node.stats)
+            current = node.stats.as_dict()
             sample = self._sample(stats, current, elapsed, (now_cpu - cpu) / elapsed, lag_ms)
             wall, cpu, stats = now_wall, now_cpu, current
             started = time.perf_counter()
@@ -124,8 +142,8 @@ class DashboardPublisher:
             "interval": self.interval,
             "connections": node.hub.connection_count,
             "subscriptions": subscriptions,
-            "messages_in_per_s": rate("messages_in"),
-            "messages_out_per_s": rate("messages_out"),
+            "messages_in_per_s": rate("frames_in"),
+            "messages_out_per_s": rate("deliveries"),
             "publications_per_s": rate("publications"),
             "publish_latency_ms": round(self._last_publish_ms, 3),
             "loop_lag_ms": round(lag_ms, 3),
@@ -135,11 +153,13 @@ class DashboardPublisher:
 
 
 def install_demos(herald: Herald) -> contextlib.AbstractAsyncContextManager[None]:
-    """Add the demo hooks to ``herald``; returns the context that runs the dashboard publisher.
+    """Add the demo namespaces and hooks to ``herald``; returns the context that runs the
+    dashboard publisher.
 
     Use the returned context manager inside the application's lifespan, after the
     node started.
     """
+    add_demo_namespaces(herald.settings)
     herald.node.add_hook("connect", name_as_info)
 
     @contextlib.asynccontextmanager
@@ -154,4 +174,11 @@ def install_demos(herald: Herald) -> contextlib.AbstractAsyncContextManager[None
     return running()
 
 
-__all__ = ["DASHBOARD_CHANNEL", "DashboardPublisher", "install_demos", "name_as_info"]
+__all__ = [
+    "DASHBOARD_CHANNEL",
+    "DEMO_NAMESPACES",
+    "DashboardPublisher",
+    "add_demo_namespaces",
+    "install_demos",
+    "name_as_info",
+]

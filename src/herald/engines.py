@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-from urllib.parse import urlsplit
 
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
-from .config import Settings, non_negative, split_url_options
+from .brokers.options import MEMORY_OPTIONS, broker_scheme
+from .config import Settings
 from .exceptions import ConfigError
 from .presence.base import PresenceManager
 from .presence.memory import MemoryPresenceManager
-
-
-def _scheme(url: str) -> str:
-    return urlsplit(url).scheme if "://" in url else url.partition("?")[0]
-
-
-def check_broker_options(url: str) -> None:
-    """Parse the broker settings in ``url``'s query string without building anything;
-    raises :class:`ConfigError` naming a bad one (``Settings`` checks at load time)."""
-    scheme = _scheme(url)
-    if scheme == "memory":
-        split_url_options(url, {"stream_meta_ttl": non_negative}, what="memory")
-    elif scheme in ("redis", "rediss", "unix"):
-        from .brokers.redis import RedisBrokerConfig
-
-        RedisBrokerConfig.from_url(url)
-    elif scheme in ("nats", "tls"):
-        from .brokers.nats import NatsBrokerConfig
-
-        NatsBrokerConfig.from_url(url)
+from .urls import split_url_options
 
 
 def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
@@ -41,9 +22,9 @@ def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
     or malformed one raises :class:`ConfigError`.
     """
     url = settings.broker
-    scheme = _scheme(url)
+    scheme = broker_scheme(url)
     if scheme == "memory":
-        _, options = split_url_options(url, {"stream_meta_ttl": non_negative}, what="memory")
+        _, options = split_url_options(url, MEMORY_OPTIONS, what="memory")
         return MemoryBroker(**options), MemoryPresenceManager()
     if scheme in ("redis", "rediss", "unix"):
         try:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from .brokers.base import PresenceEvent, Publication
 from .connection import Connection, Renderer
-from .protocol.codec import encode_presence_event
+from .protocol.encoders import encode_presence_event
 
 
 class Hub:
@@ -118,7 +118,7 @@ class Hub:
         subscribers = self._channels.get(event.channel)
         if not subscribers:
             return 0
-        frame = encode_presence_event(event.kind, event.channel, event.info.as_dict())
+        frame = encode_presence_event(event.kind, event.channel, event.info)
         count = 0
         for connection in list(subscribers.values()):
             if connection.events:

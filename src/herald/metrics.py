@@ -1,7 +1,7 @@
 """Prometheus metrics for ``/metrics``.
 
 The hot path never touches prometheus-client: the node, hub and connections keep
-plain ints (``node.stats``, ``connection.frames_out`` ...) and :class:`Metrics`
+plain ints (:class:`herald.stats.NodeStats`, ``connection.frames_out`` ...) and :class:`Metrics`
 copies them into prometheus-client counters and gauges when ``/metrics`` is
 scraped (:meth:`Metrics.sync`).  Only the broker publish latency histogram is
 observed directly, once per publication (not per subscriber).
@@ -18,7 +18,6 @@ Every metric is listed in docs/operations.md.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .codes import CloseCode
+from .periodic import every
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -130,6 +130,15 @@ class Metrics:
         self.broker_errors = counter(
             "herald_broker_errors", "Failed broker operations, by operation.", ("operation",)
         )
+        self.stream_gaps = counter(
+            "herald_stream_gaps",
+            "Publications lost by the broker (gaps) that closed a channel's local subscribers with 4005.",
+        )
+        self.broker_events = counter(
+            "herald_broker_events",
+            "Broker-internal events by name (handler_errors, reconnects, gaps_filled, gaps_lost, ...).",
+            ("event",),
+        )
         self.recoveries = counter(
             "herald_recoveries",
             "Subscriptions with a `since` position, by whether the missed publications were recovered.",
@@ -160,8 +169,8 @@ class Metrics:
         node = self.node
         stats = node.stats
         hub = node.hub
-        frames_out = stats.get("frames_out_closed", 0)
-        bytes_out = stats.get("bytes_out_closed", 0)
+        frames_out = stats.frames_out_closed
+        bytes_out = stats.bytes_out_closed
         for connection in hub.connections():
             frames_out += connection.frames_out
             bytes_out += connection.bytes_out
@@ -170,15 +179,18 @@ class Metrics:
         self.subscriptions.set(sum(channels.values()))
         self.channels.set(len(channels))
         advance = self._advance
-        advance(self.connections, stats.get("connections", 0))
-        advance(self.messages_in, stats.get("messages_in", 0))
-        advance(self.bytes_in, stats.get("bytes_in", 0))
+        advance(self.connections, stats.connections)
+        advance(self.messages_in, stats.frames_in)
+        advance(self.bytes_in, stats.bytes_in)
         advance(self.messages_out, frames_out)
         advance(self.bytes_out, bytes_out)
-        advance(self.deliveries, stats.get("messages_out", 0))
-        advance(self.slow_consumers, stats.get("slow_consumers", 0))
-        advance(self.recoveries, stats.get("recovered", 0), "true")
-        advance(self.recoveries, stats.get("not_recovered", 0), "false")
+        advance(self.deliveries, stats.deliveries)
+        advance(self.slow_consumers, stats.slow_consumers)
+        advance(self.stream_gaps, stats.stream_gaps)
+        advance(self.recoveries, stats.recovered, "true")
+        advance(self.recoveries, stats.not_recovered, "false")
+        for event, count in node.broker.counters().items():
+            advance(self.broker_events, count, event)
         codes: dict[str, int] = {}
         for code, count in list(node.close_codes.items()):
             label = close_code_label(code)
@@ -189,7 +201,7 @@ class Metrics:
             advance(self.publications, count, namespace)
         for reason, count in list(node.rejected_handshakes.items()):
             advance(self.rejected, count, reason)
-        for reason, count in list(getattr(node, "rejected_commands", {}).items()):
+        for reason, count in list(node.rejected_commands.items()):
             advance(self.rejected_commands, count, reason)
         for operation, count in list(node.broker_errors.items()):
             advance(self.broker_errors, count, operation)
@@ -215,19 +227,10 @@ class Metrics:
         if not self.multiprocess:
             yield
             return
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(MULTIPROCESS_SYNC_INTERVAL)
-                self.sync()
-
-        task = asyncio.get_running_loop().create_task(loop(), name="herald-metrics-sync")
         try:
-            yield
+            async with every(MULTIPROCESS_SYNC_INTERVAL, self.sync, name="herald-metrics-sync"):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             self.sync()
             from prometheus_client import multiprocess
 

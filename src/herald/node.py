@@ -1,31 +1,36 @@
-"""The node: wires the hub, the broker, presence, namespaces and app hooks.
+"""The node: lifecycle, publishing and the broker side of one Herald process.
 
 One node runs per process.  It subscribes the broker to a channel once, when
-the first local client subscribes, and forwards every publication the broker
-delivers to the hub for local fan-out.
+the first local client subscribes (ref-counted with the hub), and forwards every
+message the broker delivers to the hub for local fan-out, synchronously: the
+broker's handler never awaits.  It admits and unregisters connections, keeps
+their liveness (pings, idle and handshake timeouts) and owns the counters
+(:class:`~herald.stats.NodeStats`).
+
+The rest lives beside it, one concept per module: the access policy
+(:mod:`herald.policy`), RPC methods (:mod:`herald.rpc`), app hooks
+(:mod:`herald.hooks`), presence entries and their refresh
+(:mod:`herald.presence_upkeep`), node-to-node commands (:mod:`herald.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .auth import SUBSCRIPTION_TOKEN, TokenClaims, TokenVerifier
 from .brokers.base import (
     Broker,
+    BrokerMessage,
     ClientInfo,
     HistoryResult,
-    PresenceEvent,
     Publication,
     PublishOptions,
     StreamGap,
@@ -35,102 +40,22 @@ from .brokers.memory import MemoryBroker
 from .codes import CloseCode, ErrorCode
 from .config import NamespaceOptions, Settings
 from .connection import Connection
+from .context import ClientContext
+from .control import CONTROL_CHANNEL, ControlChannel
 from .exceptions import BrokerError, BrokerUnavailableError, CommandError, DisconnectError
+from .hooks import AppHooks, Hook
 from .hub import Hub
 from .limits import ConnectionCounter
 from .policy import ChannelPolicy
 from .presence.base import PresenceManager, PresenceStats
 from .presence.memory import MemoryPresenceManager
+from .presence_upkeep import PresenceUpkeep
 from .protocol.channels import ChannelRules, namespace_of, validate_channel
-from .protocol.codec import PING_FRAME
+from .protocol.encoders import PING_FRAME
+from .rpc import RpcMethod, call_rpc, rpc_method
+from .stats import NodeStats
 
 logger = logging.getLogger("herald.node")
-
-#: Node-to-node commands (cross-node disconnect) travel on this reserved broker channel.
-CONTROL_CHANNEL = "$herald:control"
-
-
-@dataclass(slots=True)
-class ClientContext:
-    """What hooks and RPC handlers know about a client.
-
-    ``on_connect`` hooks may set ``user`` and ``info``.  ``scope`` is the ASGI
-    scope of the handshake (headers, cookies, query string, client address).
-    """
-
-    client: str
-    user: str = ""
-    info: Any = None
-    token: str | None = None
-    scope: MutableMapping[str, Any] = field(default_factory=dict)
-    name: str | None = None
-    #: The verified connection token's claims (None for anonymous or hook-authenticated clients).
-    claims: TokenClaims | None = None
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower().encode("latin-1")
-        for key, value in self.scope.get("headers", ()):
-            if key == wanted:
-                return bytes(value).decode("latin-1")
-        return None
-
-    def cookie(self, name: str) -> str | None:
-        """A cookie sent with the handshake (browsers send the site's cookies on WebSockets)."""
-        from http.cookies import CookieError, SimpleCookie
-
-        raw = self.header("cookie")
-        if not raw:
-            return None
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(raw)
-        except CookieError:
-            return None
-        morsel = jar.get(name)
-        return morsel.value if morsel is not None else None
-
-    def query(self, name: str) -> str | None:
-        """A query parameter of the handshake URL (``/connect?token=...``): the first
-        non-empty value of ``name``, decoded as in a form (``%XX``, ``+``).
-
-        Any number of other parameters is fine: the scan is linear in the query string,
-        which the server already bounds with the request head.
-        """
-        from urllib.parse import unquote_plus
-
-        raw = self.scope.get("query_string", b"")
-        text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
-        for part in text.split("&"):
-            key, equals, value = part.partition("=")
-            if equals and value and unquote_plus(key) == name:
-                return unquote_plus(value)
-        return None
-
-    @property
-    def client_ip(self) -> str:
-        """The client's IP (uvicorn puts the proxy-forwarded one here when trusted)."""
-        client = self.scope.get("client")
-        return str(client[0]) if client else ""
-
-
-Hook = Callable[..., Any]
-
-
-@dataclass(slots=True)
-class RpcMethod:
-    name: str
-    handler: Callable[..., Any]
-    params: TypeAdapter[Any] | None
-    params_type: Any
-    result_type: Any
-    #: What each positional argument of the handler receives: "params" or "ctx".
-    arguments: tuple[str, ...] = ()
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 class Node:
@@ -163,30 +88,16 @@ class Node:
         #: Open WebSocket connections per client IP (all routes; see app.py).
         self.ip_connections = ConnectionCounter(self.settings.max_connections_per_ip)
         self.rpc_methods: dict[str, RpcMethod] = {}
-        self.hooks: dict[str, list[Hook]] = {
-            "connect": [],
-            "subscribe": [],
-            "publish": [],
-            "disconnect": [],
-        }
+        self.hooks = AppHooks()
+        self.control = ControlChannel(self.id, self.broker, self.hub)
+        self.presence_upkeep = PresenceUpkeep(self)
         self._broker_subscriptions: dict[str, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
         self.closing = False
         self.started_at = time.time()
         # Plain counters on the hot path; herald.metrics exports them at scrape time.
-        self.stats = {
-            "messages_in": 0,  # inbound frames
-            "bytes_in": 0,
-            "messages_out": 0,  # publications queued to subscribers (fan-out deliveries)
-            "publications": 0,
-            "slow_consumers": 0,
-            "connections": 0,  # admitted since start
-            "frames_out_closed": 0,  # frames/bytes written to connections that are gone
-            "bytes_out_closed": 0,
-            "recovered": 0,  # subscribe with `since`: recovered or not
-            "not_recovered": 0,
-        }
+        self.stats = NodeStats()
         self.close_codes: dict[int, int] = {}
         self.publications_by_namespace: dict[str, int] = {}
         self.broker_errors: dict[str, int] = {}
@@ -211,7 +122,7 @@ class Node:
             logger.warning("control channel not subscribed yet: %s", exc)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="herald-heartbeat"))
-        self._tasks.append(loop.create_task(self._presence_loop(), name="herald-presence"))
+        self._tasks.append(loop.create_task(self.presence_upkeep.refresh_forever(), name="herald-presence"))
         self.started = True
         self.closing = False
 
@@ -323,7 +234,7 @@ class Node:
             raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
         if self.observe_publish_latency is not None:
             self.observe_publish_latency(time.perf_counter() - started)
-        self.stats["publications"] += 1
+        self.stats.publications += 1
         namespace = namespace_of(channel)
         by_namespace = self.publications_by_namespace
         by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
@@ -345,13 +256,14 @@ class Node:
 
     # ------------------------------------------------------------ broker side
 
-    async def _on_broker_message(self, message: Publication | PresenceEvent | StreamGap) -> None:
+    def _on_broker_message(self, message: BrokerMessage) -> None:
+        """The broker's handler (synchronous: fan-out queues frames without awaiting)."""
         if message.channel == CONTROL_CHANNEL:
             if isinstance(message, Publication):
-                self._on_control(message.data)
+                self.control.on_message(message.data)
             return
         if isinstance(message, Publication):
-            self.stats["messages_out"] += self.hub.fan_out(message)
+            self.stats.deliveries += self.hub.fan_out(message)
         elif isinstance(message, StreamGap):
             self._on_stream_gap(message)
         else:
@@ -378,7 +290,7 @@ class Node:
             gap.last.offset,
             len(subscribers),
         )
-        self.stats["stream_gaps"] = self.stats.get("stream_gaps", 0) + 1
+        self.stats.stream_gaps += 1
         for connection in subscribers:
             connection.close(CloseCode.INSUFFICIENT_STATE, "publications lost; resume with since")
 
@@ -426,61 +338,18 @@ class Node:
     # ------------------------------------------------------------ presence
 
     async def join(self, channel: str, options: NamespaceOptions, connection: Connection) -> None:
-        if not options.presence:
-            return
-        info = ClientInfo(connection.client_id, connection.user, connection.info)
-        try:
-            await self.presence.add(channel, info, self.settings.presence_ttl)
-            if options.join_leave:
-                await self.broker.publish_event(PresenceEvent(channel, "join", info))
-        except Exception as exc:
-            # The subscribe already succeeded (and was answered); the presence loop retries.
-            logger.warning("presence join %s failed: %r", channel, exc)
+        """Write ``connection``'s presence entry in ``channel`` (and announce the join)."""
+        await self.presence_upkeep.join(channel, options, connection)
 
     async def leave(self, channel: str, connection: Connection) -> None:
-        try:
-            options = self.namespace(channel)
-        except CommandError:
-            return
-        if not options.presence:
-            return
-        try:
-            await self.presence.remove(channel, connection.client_id)
-            if options.join_leave:
-                info = ClientInfo(connection.client_id, connection.user, connection.info)
-                await self.broker.publish_event(PresenceEvent(channel, "leave", info))
-        except Exception as exc:
-            logger.warning("presence leave %s failed: %r", channel, exc)
+        """Remove ``connection``'s presence entry from ``channel`` (and announce the leave)."""
+        await self.presence_upkeep.leave(channel, connection)
 
     async def presence_of(self, channel: str) -> dict[str, ClientInfo]:
         return await self.presence.presence(channel)
 
     async def presence_stats(self, channel: str) -> PresenceStats:
         return await self.presence.stats(channel)
-
-    async def _presence_loop(self) -> None:
-        """Refresh this node's presence entries so that they outlive the TTL only while we live."""
-        period = max(self.settings.presence_ttl / 3, 0.05)
-        while True:
-            await asyncio.sleep(period)
-            for connection in self.hub.connections():
-                for channel in list(connection.channels):
-                    if channel.startswith("$"):
-                        continue
-                    try:
-                        if not self.namespace(channel).presence:
-                            continue
-                        info = ClientInfo(connection.client_id, connection.user, connection.info)
-                        await self.presence.add(channel, info, self.settings.presence_ttl)
-                        # The client may have left while we awaited: its leave already removed
-                        # the entry, so remove the one we just wrote instead of leaving a ghost.
-                        if (
-                            channel not in connection.channels
-                            or self.hub.get(connection.client_id) is not connection
-                        ):
-                            await self.presence.remove(channel, connection.client_id)
-                    except Exception as exc:
-                        logger.debug("presence refresh failed: %r", exc)
 
     # ------------------------------------------------------------ auth
 
@@ -541,35 +410,12 @@ class Node:
             self.record_rejection("user_limit")
             raise DisconnectError(CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user")
         self.hub.add(connection)
-        self.stats["connections"] += 1
+        self.stats.connections += 1
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> int:
-        """Close every connection of ``user`` on every node; returns how many were local.
-
-        Other nodes get the command through the broker's control channel and close
-        theirs asynchronously.  Raises ``BrokerError`` when the broker cannot carry
-        it (the local connections are closed anyway).
-        """
-        count = self._disconnect_local(user, code, reason)
-        command = {"op": "disconnect", "node": self.id, "user": user, "code": code, "reason": reason}
-        await self.broker.publish(CONTROL_CHANNEL, orjson.dumps(command), PublishOptions())
-        return count
-
-    def _disconnect_local(self, user: str, code: int, reason: str) -> int:
-        connections = self.hub.user_connections(user)
-        for connection in connections:
-            connection.close(code, reason)
-        return len(connections)
-
-    def _on_control(self, data: bytes) -> None:
-        try:
-            command = orjson.loads(data)
-            if command.get("node") == self.id:
-                return
-            if command.get("op") == "disconnect":
-                self._disconnect_local(str(command["user"]), int(command["code"]), str(command["reason"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            logger.warning("ignoring malformed control message: %r", exc)
+        """Close every connection of ``user`` on every node; returns how many were local
+        (see :class:`herald.control.ControlChannel`)."""
+        return await self.control.disconnect_user(user, code, reason)
 
     # ------------------------------------------------------------ connections
 
@@ -580,10 +426,10 @@ class Node:
             code = connection.close_code or 1005
             self.close_codes[code] = self.close_codes.get(code, 0) + 1
             if code == CloseCode.SLOW_CONSUMER:
-                self.stats["slow_consumers"] += 1
+                self.stats.slow_consumers += 1
         stats = self.stats
-        stats["frames_out_closed"] += connection.frames_out
-        stats["bytes_out_closed"] += connection.bytes_out
+        stats.frames_out_closed += connection.frames_out
+        stats.bytes_out_closed += connection.bytes_out
         emptied = self.hub.remove(connection)
         if protocol_channels:
             for channel in channels:
@@ -628,60 +474,15 @@ class Node:
     # ------------------------------------------------------------ app extensions
 
     def add_hook(self, event: str, hook: Hook) -> None:
-        if event not in self.hooks:
-            raise ValueError(f"unknown hook event {event!r}; one of {sorted(self.hooks)}")
-        self.hooks[event].append(hook)
+        """Register an app hook (``connect``, ``subscribe``, ``publish``, ``disconnect``)."""
+        self.hooks.add(event, hook)
 
     async def run_hooks(self, event: str, *args: Any) -> list[Any]:
-        return [await _maybe_await(hook(*args)) for hook in self.hooks[event]]
+        return await self.hooks.run(event, *args)
 
     def add_rpc(self, name: str, handler: Callable[..., Any]) -> None:
-        """Register an RPC handler.
-
-        Its parameters are recognised by annotation: one annotated ``ClientContext`` (or
-        named ``ctx`` without annotation) receives the caller's context; the other one
-        receives the command's ``params``, validated against its annotation (no annotation:
-        any JSON value).  Both are optional: ``handler()``, ``handler(params)``,
-        ``handler(ctx)`` and ``handler(params, ctx)`` all work.
-        """
-        try:
-            hints = inspect.get_annotations(handler, eval_str=True)
-        except NameError as exc:
-            raise TypeError(
-                f"rpc handler {name!r}: cannot resolve its annotations ({exc}); "
-                "define the types it uses at module level"
-            ) from None
-        arguments: list[str] = []
-        params_type: Any = None
-        for parameter in inspect.signature(handler).parameters.values():
-            annotation = hints.get(parameter.name)
-            if annotation is ClientContext or (annotation is None and parameter.name == "ctx"):
-                arguments.append("ctx")
-            elif "params" in arguments:
-                raise TypeError(f"rpc handler {name!r} may take one params argument and one ctx")
-            else:
-                arguments.append("params")
-                params_type = annotation
-        adapter = TypeAdapter(params_type) if params_type is not None else None
-        self.rpc_methods[name] = RpcMethod(
-            name, handler, adapter, params_type, hints.get("return"), tuple(arguments)
-        )
+        """Register an RPC handler (see :func:`herald.rpc.rpc_method` for its arguments)."""
+        self.rpc_methods[name] = rpc_method(name, handler)
 
     async def call_rpc(self, name: str, params: Any, ctx: ClientContext) -> Any:
-        method = self.rpc_methods.get(name)
-        if method is None:
-            raise CommandError(ErrorCode.METHOD_NOT_FOUND, f"method not found: {name[:64]}")
-        if method.params is not None:
-            try:
-                params = method.params.validate_python(params)
-            except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise CommandError(
-                    ErrorCode.INVALID_PARAMS, f"{where}: {first['msg']}" if where else first["msg"]
-                ) from None
-        args = [ctx if kind == "ctx" else params for kind in method.arguments]
-        result = await _maybe_await(method.handler(*args))
-        if isinstance(result, BaseModel):
-            return result.model_dump(mode="json")
-        return result
+        return await call_rpc(self.rpc_methods, name, params, ctx)

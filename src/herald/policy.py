@@ -53,7 +53,8 @@ from .exceptions import CommandError
 from .protocol.channels import allowed_users
 
 if TYPE_CHECKING:
-    from .node import ClientContext, Node
+    from .context import ClientContext
+    from .node import Node
 
 
 class Operation(enum.StrEnum):

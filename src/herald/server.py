@@ -18,16 +18,11 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .apiguard import HostGuardMiddleware
-from .app import Herald
+from .app import ROUTE_PATHS, Herald
 from .config import Settings
 
 #: The WebSocket routes ``create_app`` mounts at the root: path -> route name.
-ROUTE_NAMES = {
-    "/connect": "herald_connect",
-    "/ws": "tutorial_echo",
-    "/ws_json": "tutorial_json",
-    "/ws_broadcast": "tutorial_broadcast",
-}
+ROUTE_NAMES = ROUTE_PATHS
 
 
 def create_app(settings: Settings | None = None, *, herald: Herald | None = None) -> FastAPI:
@@ -60,15 +55,13 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
     if settings.admin:
         from .admin import Admin
 
-        admin = Admin(herald)
+        admin = Admin(herald.node)
         operations.append(admin.running())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(herald.lifespan(app))
-            # Herald's WebSocket routes are this app's first routes: serve them natively.
-            herald.serve_natively(app, ROUTE_NAMES)
             await stack.enter_async_context(demo_context)
             for context in operations:
                 await stack.enter_async_context(context)
@@ -93,6 +86,9 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
     # framed.  Herald's routes check again themselves, for apps built without create_app.
     app.add_middleware(HostGuardMiddleware, settings=settings)
     app.include_router(herald.router)
+    # Herald's WebSocket routes are at the root of this app: serve them natively (under
+    # HeraldWebSocketProtocol; see Herald.serve_natively).
+    herald.serve_natively(app, ROUTE_NAMES)
     app.include_router(herald.api_router)
     app.include_router(herald.asyncapi_router)  # /asyncapi.json and /asyncapi
     if metrics is not None:

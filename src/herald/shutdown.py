@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .transports.uvicorn import stop_listening
+
 if TYPE_CHECKING:
     from .node import Node
 
@@ -46,16 +48,6 @@ def _hand_over(previous: Any, sig: int, frame: FrameType | None) -> None:
     elif previous == signal.SIG_DFL:
         signal.signal(sig, signal.SIG_DFL)
         signal.raise_signal(sig)
-
-
-def _stop_listening(previous: Any) -> None:
-    """Close uvicorn's listening sockets (its ``Server`` owns the handler we wrapped)."""
-    owner = getattr(previous, "__self__", None)
-    if owner is None or not type(owner).__module__.startswith("uvicorn"):
-        return
-    for server in getattr(owner, "servers", None) or ():
-        with contextlib.suppress(Exception):
-            server.close()
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +75,7 @@ async def drain_on_signals(node: Node, signals: Iterable[int] = DEFAULT_SIGNALS)
             node.settings.drain_timeout,
         )
         try:
-            _stop_listening(previous[sig])
+            stop_listening(previous[sig])
             await node.drain()
         except Exception:
             logger.exception("drain failed")

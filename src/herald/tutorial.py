@@ -4,7 +4,7 @@
 ``/ws_json``      each JSON message -> ``{"message": "Received JSON data", "data": <value>}``
 ``/ws_broadcast`` each text message -> ``New message: {data}`` to every *other* client
 
-The endpoints themselves live in :mod:`herald.app`; the broadcast goes through
+The endpoints themselves are sessions in :mod:`herald.sessions`; the broadcast goes through
 the node's hub and broker on the reserved channel :data:`BROADCAST_CHANNEL`, so
 it reaches clients on every worker once a shared broker is configured.
 """

@@ -43,9 +43,13 @@ class NodeEngines:
     broker: Broker
     presence: PresenceManager
     received: list[Publication | PresenceEvent | StreamGap] = field(default_factory=list)
+    #: Publications whose data is in here make the handler raise (after recording them).
+    fail_on: set[bytes] = field(default_factory=set)
 
     def handler(self, message: Publication | PresenceEvent | StreamGap) -> None:
         self.received.append(message)
+        if isinstance(message, Publication) and message.data in self.fail_on:
+            raise RuntimeError(f"handler failed on {message.data!r}")
 
     def publications(self, channel: str) -> list[Publication]:
         return [m for m in self.received if isinstance(m, Publication) and m.channel == channel]
@@ -196,6 +200,70 @@ class BrokerConformance:
         await other.broker.publish(marker, b"2", HISTORY)
         await node.wait_publications(marker, 1)
         assert node.publications(gone) == []
+
+    async def test_subscribe_and_unsubscribe_are_idempotent(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.unsubscribe(channel)  # never subscribed: nothing happens
+        await node.broker.subscribe(channel)
+        await node.broker.subscribe(channel)  # twice: still one subscription
+        assert channel in node.broker.channels()
+        await node.broker.publish(channel, b"1", HISTORY)
+        await node.broker.publish(channel, b"2", HISTORY)
+        await node.wait_publications(channel, 2)
+        await node.broker.publish(channel, b"3", HISTORY)
+        received = await node.wait_publications(channel, 3)
+        assert [p.data for p in received] == [b"1", b"2", b"3"]  # each exactly once
+        await node.broker.unsubscribe(channel)
+        await node.broker.unsubscribe(channel)
+        assert channel not in node.broker.channels()
+        await node.broker.subscribe(channel)  # a channel left can be subscribed again
+        if self.subscriptions_settle:
+            await _settle([node], channel)
+        await node.broker.publish(channel, b"4", HISTORY)
+        await async_wait_for(lambda: b"4" in {p.data for p in node.publications(channel)}, TIMEOUT)
+
+    async def test_handler_errors_are_logged_counted_and_delivery_goes_on(
+        self, engine: Engine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        node = await engine.node()
+        publisher = await engine.node() if self.multi_node else node
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        if publisher is not node and self.subscriptions_settle:
+            await publisher.broker.subscribe(channel)
+            await _settle([node, publisher], channel)
+        node.fail_on = {b"boom"}
+        assert node.broker.handler_errors == 0
+        with caplog.at_level("ERROR", logger="herald.broker"):
+            # The publisher never sees the subscriber's failure...
+            await publisher.broker.publish(channel, b"boom", HISTORY)
+            await publisher.broker.publish(channel, b"after", HISTORY)
+            # ...and the broker's reader survives it: the next publication arrives.
+            await async_wait_for(lambda: b"after" in {p.data for p in node.publications(channel)}, TIMEOUT)
+        assert [p.data for p in node.publications(channel)][-2:] == [b"boom", b"after"]
+        assert node.broker.handler_errors == 1
+        assert node.broker.counters()["handler_errors"] == 1
+        assert any("broker handler failed" in r.getMessage() for r in caplog.records)
+
+    async def test_nothing_is_delivered_after_close(self, engine: Engine) -> None:
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        await node.broker.publish(channel, b"before", HISTORY)
+        await node.wait_publications(channel, 1)
+        await node.broker.close()
+        await node.broker.close()  # idempotent
+        assert node.broker.channels() == set()
+        # A witness subscribed to the same channel: once it has the publication, a broker
+        # still delivering to the closed node would have delivered it too.
+        witness = await engine.node()
+        await witness.broker.subscribe(channel)
+        if self.subscriptions_settle:
+            await _settle([witness], channel)
+        await witness.broker.publish(channel, b"after", HISTORY)
+        await async_wait_for(lambda: b"after" in {p.data for p in witness.publications(channel)}, TIMEOUT)
+        assert [p.data for p in node.publications(channel)] == [b"before"]
 
     async def test_events_fan_out_and_are_not_stored(self, engine: Engine) -> None:
         node = await engine.node()

@@ -20,8 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from herald.brokers.base import PresenceEvent, Publication, PublishOptions, StreamGap, StreamPosition
-from herald.brokers.redis import _DELIVER, _DROP, _JUMP, RedisBroker, RedisBrokerConfig, _Track, redact_url
+from herald.brokers.redis import RedisBroker, RedisBrokerConfig
+from herald.brokers.redis_catchup import _DELIVER, _DROP, _JUMP, _Track
 from herald.exceptions import BrokerError
+from herald.urls import redact_url
 
 from ..helpers import async_until, async_wait_for
 from ..servers import RedisServer, redis_server_fixture, require

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from starlette.routing import WebSocketRoute
 
 from herald.config import Settings
-from herald.transports.fastpath import FRAGMENTS_ENV, uvicorn_ws_protocol
-from herald.transports.native import HeraldWebSocketProtocol, NativeRoute, register_routes
+from herald.transports.asgi import AsgiRoute
+from herald.transports.base import Route, Socket
+from herald.transports.uvicorn import FRAGMENTS_ENV, abort_for, register_routes, uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import ThreadServer
@@ -42,12 +44,13 @@ KNOWN_BELOW_HERALD = {"7.1.5"}
 MAX_FRAGMENTS = 1 << 17 if FULL else Settings().max_message_fragments
 
 
-class NativeEcho:
-    """An echo served by Herald's own framing (transports/native.py), like Herald's routes."""
+class Echo:
+    """An echo session, served like Herald's routes by either driver: natively (Herald's
+    own framing, transports/native.py) and through Herald's ASGI driver."""
 
     subprotocol = None
 
-    def __init__(self, ws: HeraldWebSocketProtocol) -> None:
+    def __init__(self, ws: Socket) -> None:
         self.ws = ws
 
     def started(self) -> None:
@@ -74,7 +77,10 @@ def find_wstest() -> str | None:
 
 def echo_app(max_size: int) -> FastAPI:
     app = FastAPI()
-    register_routes(app, {"/native-echo": NativeRoute(NativeEcho, max_size, MAX_FRAGMENTS)})
+    route = Route(Echo, max_size, MAX_FRAGMENTS)
+    register_routes(app, {"/native-echo": route})
+    # The same route through Herald's ASGI driver (on uvicorn's protocol below it).
+    app.router.routes.append(WebSocketRoute("/asgi-echo", AsgiRoute(route, abort_for=abort_for)))
 
     @app.websocket("/echo")
     async def echo(websocket: WebSocket) -> None:
@@ -118,8 +124,8 @@ def echo_server() -> Iterator[ThreadServer]:
 
 @pytest.mark.parametrize(
     ("path", "known_failures"),
-    [("/native-echo", set()), ("/echo", KNOWN_BELOW_HERALD)],
-    ids=["native", "asgi"],
+    [("/native-echo", set()), ("/asgi-echo", KNOWN_BELOW_HERALD), ("/echo", KNOWN_BELOW_HERALD)],
+    ids=["native", "asgi-driver", "asgi"],
 )
 def test_autobahn_fuzzingclient(
     echo_server: ThreadServer, tmp_path: Path, path: str, known_failures: set[str]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from websockets.asyncio.client import ClientConnection
 from herald import Herald
 from herald.codes import CloseCode, ErrorCode
 from herald.config import NamespaceOptions, Settings
-from herald.node import ClientContext
+from herald.context import ClientContext
 from herald.server import create_app
-from herald.transports.fastpath import uvicorn_ws_protocol
+from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import ProtocolClient, ThreadServer, http_get
@@ -487,22 +488,37 @@ async def _query_token(env: Env) -> None:
         await ws.close()
 
 
+#: The lifetime of a token that expires while connected: whole seconds (``exp`` is an
+#: integer), at least 2 s so that ``connect`` under load never sees it expired already.
+SHORT_LIFETIME = 2
+#: The longest wait for the refresh push: up to ``SHORT_LIFETIME + 1`` s, plus slack.
+PUSH_TIMEOUT = SHORT_LIFETIME + 1 + TIMEOUT
+
+
+def short_lived_token(sub: str) -> str:
+    """A token whose ``exp`` is at least ``SHORT_LIFETIME`` whole seconds ahead."""
+    exp = math.ceil(time.time()) + SHORT_LIFETIME
+    return jwt.encode({"sub": sub, "exp": exp}, SECRET, algorithm="HS256")
+
+
 @case("token-expires-while-connected-closed-4004")
 async def _token_expiry(env: Env) -> None:
-    ws = await connected(env, tok=token("dave", exp_in=1))
-    push = await recv_json(ws)
+    ws = await connected(env, tok=short_lived_token("dave"))
+    push = json.loads(await asyncio.wait_for(ws.recv(), PUSH_TIMEOUT))
     assert push == {"type": "refresh", "grace": 1.0}
     assert await closed_with(ws) == C.TOKEN_EXPIRED
 
 
 @case("token-refreshed-in-time-stays")
 async def _token_refresh(env: Env) -> None:
-    ws = await connected(env, tok=token("erin", exp_in=1))
+    ws = await connected(env, tok=short_lived_token("erin"))
     try:
-        assert (await recv_json(ws))["type"] == "refresh"
+        assert json.loads(await asyncio.wait_for(ws.recv(), PUSH_TIMEOUT))["type"] == "refresh"
+        pushed = time.monotonic()
         reply = await call(ws, 2, "refresh", token=token("erin", exp_in=300))
         assert reply["result"]["expires_at"] > time.time() + 200
-        await asyncio.sleep(1.5)  # past the grace period: must still be connected
+        # Past the grace period (1 s after the push): must still be connected.
+        await asyncio.sleep(max(0.0, pushed + 1.5 - time.monotonic()))
         await still_serving(ws)
     finally:
         await ws.close()

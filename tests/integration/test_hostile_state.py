@@ -39,7 +39,7 @@ from herald import Herald
 from herald.brokers.memory import MemoryBroker
 from herald.config import NamespaceOptions, Settings
 from herald.server import create_app
-from herald.transports.fastpath import uvicorn_ws_protocol
+from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import ProtocolClient, ThreadServer, async_until

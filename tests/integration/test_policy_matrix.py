@@ -26,10 +26,10 @@ import pytest
 from herald import Herald
 from herald.codes import ErrorCode
 from herald.config import NamespaceOptions, Settings
+from herald.context import ClientContext
 from herald.exceptions import PermissionDeniedError
-from herald.node import ClientContext
 from herald.server import create_app
-from herald.transports.fastpath import uvicorn_ws_protocol
+from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer

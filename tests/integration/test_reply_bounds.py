@@ -240,7 +240,7 @@ async def test_broker_reads_are_bounded_by_the_budget() -> None:
 
     broker = MemoryBroker()
 
-    async def ignore(message: Any) -> None:
+    def ignore(message: Any) -> None:
         return None
 
     await broker.start(ignore)
@@ -285,7 +285,7 @@ async def test_newest_first_reads_are_paged_too() -> None:
 
     broker = MemoryBroker()
 
-    async def ignore(message: Any) -> None:
+    def ignore(message: Any) -> None:
         return None
 
     await broker.start(ignore)

@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
 import pytest
 from pydantic import TypeAdapter
 
 from herald.codes import ErrorCode
 from herald.exceptions import ProtocolError
 from herald.protocol import messages as m
-from herald.protocol.codec import (
-    decode_command,
-    encode_disconnect,
-    encode_error,
-    encode_presence_event,
-    encode_publication,
-    encode_reply,
-    json_depth_exceeds,
-)
+from herald.protocol.codec import decode_command, json_depth_exceeds
 
 COMMANDS: list[dict[str, Any]] = [
     {"id": 1, "type": "connect"},
@@ -124,33 +115,3 @@ def test_json_depth_counts_containers_only() -> None:
     assert not json_depth_exceeds({"a": {"b": [1, "x"]}}, 3)
     assert json_depth_exceeds({"a": {"b": [1, "x"]}}, 2)
     assert not json_depth_exceeds("scalar", 0)
-
-
-def test_publication_encoding_keeps_data_bytes_verbatim() -> None:
-    data = orjson.dumps({"text": "héllo", "n": 1})
-    frame = json.loads(
-        encode_publication("chat:lobby", 7, "ep", data, {"client": "c", "user": "u", "info": None})
-    )
-    push = m.PublicationPush.model_validate(frame)
-    assert push.offset == 7 and push.epoch == "ep" and push.data == {"text": "héllo", "n": 1}
-    assert push.info is not None and push.info.client == "c"
-    no_info = json.loads(encode_publication("a", 1, "e", b"null", None))
-    assert "info" not in no_info and no_info["data"] is None
-
-
-def test_pushes_and_replies_validate_against_models() -> None:
-    push_adapter: TypeAdapter[m.Push] = TypeAdapter(m.Push)
-    join = json.loads(encode_presence_event("join", "a", {"client": "c", "user": "", "info": None}))
-    assert isinstance(push_adapter.validate_python(join), m.JoinPush)
-    leave = json.loads(encode_presence_event("leave", "a", {"client": "c", "user": "u", "info": {"x": 1}}))
-    assert isinstance(push_adapter.validate_python(leave), m.LeavePush)
-    disconnect = json.loads(encode_disconnect(4001, "slow consumer", True))
-    assert push_adapter.validate_python(disconnect) == m.DisconnectPush(
-        code=4001, reason="slow consumer", reconnect=True
-    )
-    reply = json.loads(encode_reply(3, "publish", {"offset": 1, "epoch": "e"}))
-    assert m.PublishReply.model_validate(reply).result == m.PublishResult(offset=1, epoch="e")
-    error = json.loads(encode_error(3, "publish", 110, "permission denied"))
-    assert m.PublishReply.model_validate(error).error == m.ErrorInfo(code=110, message="permission denied")
-    anonymous_error = json.loads(encode_error(None, None, 101, "bad request"))
-    assert m.ErrorReply.model_validate(anonymous_error).id is None

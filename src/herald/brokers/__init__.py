@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import (
     Broker,
     BrokerHandler,
+    BrokerMessage,
     ClientInfo,
     HistoryResult,
     PresenceEvent,
@@ -18,6 +19,7 @@ from .memory import MemoryBroker
 __all__ = [
     "Broker",
     "BrokerHandler",
+    "BrokerMessage",
     "ClientInfo",
     "HistoryResult",
     "MemoryBroker",

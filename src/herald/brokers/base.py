@@ -23,6 +23,14 @@ Contract every broker keeps (checked by ``tests/brokers/conformance.py``):
   it cannot deliver any more (its link to the backend dropped and the history no
   longer covers them, or the stream was lost) hands the handler a
   :class:`StreamGap` instead of skipping them silently.
+* **Delivery.**  Messages reach the node through one synchronous
+  :data:`BrokerHandler` (the node fans out without awaiting), always through
+  :meth:`Broker._deliver`, and only for channels this node subscribed to and
+  only between :meth:`Broker.start` and :meth:`Broker.close`.
+* **Handler errors.**  An exception raised by the handler is logged and counted
+  (:attr:`Broker.handler_errors`) and goes no further: it never reaches the
+  publisher, never stops the broker's reader, and the next message is delivered
+  as usual.
 """
 
 from __future__ import annotations
@@ -30,10 +38,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+# The value types live in the protocol (the client shares them); re-exported here.
+from ..protocol.values import ClientInfo as ClientInfo
+from ..protocol.values import StreamPosition as StreamPosition
 
 
 def new_epoch() -> str:
@@ -60,30 +73,6 @@ class BackgroundTasks:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-@dataclass(frozen=True, slots=True)
-class StreamPosition:
-    """``offset`` of the newest publication in stream ``epoch`` (0 when empty)."""
-
-    offset: int
-    epoch: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    """Who published, joined or left: client id, user id and optional app info."""
-
-    client: str
-    user: str
-    info: Any = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"client": self.client, "user": self.user, "info": self.info}
-
-    @classmethod
-    def from_dict(cls, value: dict[str, Any]) -> ClientInfo:
-        return cls(str(value["client"]), str(value["user"]), value.get("info"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,17 +124,45 @@ class PublishOptions:
 @dataclass(frozen=True, slots=True)
 class HistoryResult:
     publications: list[Publication] = field(default_factory=list)
-    position: StreamPosition = StreamPosition(0, "")
+    position: StreamPosition = StreamPosition(0, "")  # noqa: RUF009 - frozen value
 
 
 #: Called by the broker for every publication or event on a channel this node subscribed to
 #: (and with a :class:`StreamGap` when it lost publications it cannot deliver).
 BrokerMessage = Publication | PresenceEvent | StreamGap
-BrokerHandler = Callable[[BrokerMessage], Awaitable[None] | None]
+#: Synchronous: the node queues frames without awaiting, so a broker never awaits its handler.
+BrokerHandler = Callable[[BrokerMessage], None]
+
+logger = logging.getLogger("herald.broker")
 
 
 class Broker(abc.ABC):
     """Moves publications between nodes and keeps per-channel history."""
+
+    #: The node's handler, set by :meth:`start` and cleared by :meth:`close`.
+    _handler: BrokerHandler | None = None
+    #: Messages whose handler raised (logged, then dropped; see the module docstring).
+    handler_errors: int = 0
+
+    def _deliver(self, message: BrokerMessage) -> None:
+        """Hand ``message`` to the node: the one way every broker delivers.
+
+        A handler error is logged and counted here, so it can neither reach a
+        publisher nor stop a reader loop (the contract's "handler errors" clause).
+        """
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception:
+            self.handler_errors += 1
+            logger.exception("broker handler failed for %s", message.channel)
+
+    def counters(self) -> dict[str, int]:
+        """This broker's event counts since start, by name (exported as
+        ``herald_broker_events{event=...}``); brokers add their own."""
+        return {"handler_errors": self.handler_errors}
 
     @abc.abstractmethod
     async def start(self, handler: BrokerHandler) -> None:

@@ -19,7 +19,6 @@ The counters are bounded (at most ``EPOCH_BUCKETS`` integers).
 
 from __future__ import annotations
 
-import inspect
 import secrets
 import time
 import zlib
@@ -200,24 +199,24 @@ class MemoryBroker(Broker):
             stream.entries.clear()
             # Only the offset is kept; it expires like a Redis meta key (stream_meta_ttl).
             self._set_lifetime(channel, stream, self.stream_meta_ttl, now)
-        await self._deliver(publication)
+        self._fan_out(publication)
         return StreamPosition(stream.offset, stream.epoch)
 
     async def publish_event(self, event: PresenceEvent) -> None:
-        await self._deliver(event)
+        self._fan_out(event)
 
-    async def _deliver(self, message: Publication | PresenceEvent) -> None:
+    def _fan_out(self, message: Publication | PresenceEvent) -> None:
         if self._handler is None or message.channel not in self._subscribed:
             return
         if isinstance(message, Publication) and self.drop_hook is not None and self.drop_hook(message):
             # A missed publication is reported, never skipped silently (broker contract).
             last = StreamPosition(message.offset - 1, message.epoch)
-            gap = StreamGap(message.channel, last, StreamPosition(message.offset, message.epoch))
-            result = self._handler(gap)
+            self._deliver(StreamGap(message.channel, last, StreamPosition(message.offset, message.epoch)))
         else:
-            result = self._handler(message)
-        if inspect.isawaitable(result):
-            await result
+            self._deliver(message)
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "streams_expired": self.expired}
 
     async def history(
         self,

@@ -19,41 +19,9 @@ broker URL):
 
 **With JetStream** (``jetstream=True``): the same guarantees as the Redis broker.
 
-* *One stream per deployment*, ``HERALD_<prefix>`` (or ``stream=``), capturing
-  ``PREFIX.h.>``; a channel's history is the subject ``PREFIX.h.<hex(channel)>``.
-  The stream is created (or updated) on connection and re-created when it is
-  found missing (deleted, or the server restarted without storage).
-* *Gap-free offsets across nodes.*  Every stored message carries the channel's
-  offset and epoch in its envelope.  To publish, a node reads the subject's last
-  message (offset ``n``, epoch ``e``, stream sequence ``s``) and appends offset
-  ``n + 1`` with the header ``Nats-Expected-Last-Subject-Sequence: s``: JetStream
-  rejects the append if anything was appended to the subject since, and the node
-  retries with the new last message (optimistic concurrency).  Offsets are thus
-  1, 2, 3... in the subject's stream order, however many nodes publish.
-* *Epochs.*  Reads never write.  A channel with no live stream (the subject is
-  empty: never used, stream deleted, server restarted without storage; or its
-  last message expired, ``history_ttl``) reads as offset 0 in its *empty epoch*,
-  computed by every node alike: a hash of the JetStream stream's creation time
-  and the channel name (empty subject), or of the expired last message's epoch
-  and sequence.  The next publish starts the stream at offset 1 in that epoch
-  and atomically removes the old messages (``Nats-Rollup: sub``), so a
-  subscriber told ``(0, epoch)`` continues, and a later stream of the channel
-  never gets an earlier epoch (a re-created stream has another creation time; an
-  expired last message another sequence).  :meth:`remove_history` replaces the
-  channel's messages with an *epoch marker* (offset 0, a random epoch).  Purge a
-  single channel only that way: a subject emptied by hand would read as its
-  first epoch again.
-* *Per-namespace history size and TTL* travel in headers of each message
-  (``Herald-Keep``, ``Herald-Expires``) because stream limits are per stream:
-  history reads return only the last ``Herald-Keep`` offsets that have not
-  expired; namespaces without history publish with ``Nats-Rollup: sub`` (only
-  the last message, which holds the offset, is kept); other subjects are trimmed
-  to their history size every ``trim_every`` publications (``STREAM.PURGE`` with
-  ``keep``).  ``max_age`` caps every message's age stream-wide (0: no cap);
-  make it longer than the longest ``history_ttl``.
-* *History reads* walk back from the last message through ``Herald-Prev`` (the
-  stream sequence of the subject's previous message) with ``STREAM.MSG.GET``:
-  one request per publication returned.
+* *History, offsets and epochs* live in one JetStream stream per deployment,
+  written with optimistic concurrency so offsets are 1, 2, 3... however many
+  nodes publish; see :mod:`herald.brokers.nats_jetstream`.
 * *Delivery in offset order.*  After JetStream acknowledged the append, the
   publisher fans the envelope out on the core subject as in core mode.  Several
   publishers' fan-outs can overtake each other, so each node re-orders per
@@ -88,23 +56,17 @@ channel, so those clients are told (4005, then ``recovered: false``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import inspect
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 
-from ..config import non_negative
-from ..exceptions import BrokerError, BrokerUnavailableError, ConfigError, NotAvailableError
+from ..exceptions import BrokerError, BrokerUnavailableError, NotAvailableError
 from ..presence.base import PresenceManager
 from ..presence.memory import MemoryPresenceManager
 from . import envelope
@@ -119,8 +81,9 @@ from .base import (
     PublishOptions,
     StreamGap,
     StreamPosition,
-    new_epoch,
 )
+from .nats_config import NatsBrokerConfig
+from .nats_jetstream import JetStreamHistory
 
 logger = logging.getLogger("herald.brokers.nats")
 
@@ -132,126 +95,6 @@ _NO_HISTORY = (
     "history and recovery are not available; use nats://host:port?jetstream=1 (a server "
     "started with -js) or the Redis broker for history and recovery"
 )
-
-# JetStream headers and API error codes used below.
-_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
-_ROLLUP = "Nats-Rollup"
-_KEEP = "Herald-Keep"
-_EXPIRES = "Herald-Expires"
-_PREV = "Herald-Prev"
-_ERR_WRONG_LAST_SEQUENCE = 10071
-_ERR_STREAM_NOT_FOUND = 10059
-_ERR_NO_MESSAGE = 10037
-_ERR_STREAM_NAME_IN_USE = 10058
-#: Give up a publish after this many lost optimistic-concurrency races in a row.
-_MAX_CONFLICTS = 200
-_BAD_NAME_CHARS = " .*>/\\\t\r\n"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _flag(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"NATS broker URL: expected a boolean, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class NatsBrokerConfig:
-    """How to reach NATS and what to keep.
-
-    ``url``: ``nats://host:port`` (a comma-separated list for a cluster).
-    ``prefix`` starts every subject (a single subject token).
-    ``jetstream``: keep history and shared offsets in a JetStream stream (the
-    server must run with JetStream, ``nats-server -js``).  The JetStream options:
-    ``stream`` (name; default ``HERALD_<prefix>``), ``storage`` (``file`` or
-    ``memory``), ``replicas``, ``max_age`` (seconds any message is kept at most,
-    0: no cap), ``gap_wait`` (seconds a node waits for a missing offset before
-    reading it from the stream), ``trim_every`` (publications between trims of a
-    channel to its history size), ``request_timeout`` (seconds per JetStream request).
-
-    :meth:`from_url` reads the same options from the broker URL's query string.
-    """
-
-    url: str = "nats://localhost:4222"
-    prefix: str = "herald"
-    connect_timeout: float = 2.0
-    reconnect_wait: float = 0.5
-    jetstream: bool = False
-    stream: str = ""
-    storage: str = "file"
-    replicas: int = 1
-    max_age: float = 0.0
-    gap_wait: float = 0.25
-    trim_every: int = 16
-    request_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.prefix or any(c in self.prefix for c in _BAD_NAME_CHARS):
-            raise ConfigError("NATS prefix must be a single subject token (no '.', '*', '>')")
-        if self.stream and any(c in self.stream for c in _BAD_NAME_CHARS):
-            raise ConfigError(f"invalid JetStream stream name {self.stream!r}")
-        if self.storage not in ("file", "memory"):
-            raise ConfigError("NATS storage must be 'file' or 'memory'")
-        if self.replicas < 1 or self.max_age < 0 or self.gap_wait <= 0 or self.trim_every < 1:
-            raise ConfigError("NATS broker: replicas and trim_every must be >= 1, max_age >= 0, gap_wait > 0")
-
-    @property
-    def stream_name(self) -> str:
-        return self.stream or f"HERALD_{self.prefix}"
-
-    @classmethod
-    def from_url(cls, url: str) -> NatsBrokerConfig:
-        """``nats://host:4222?jetstream=1&prefix=app&max_age=86400`` -> config.
-
-        Query options: ``jetstream``, ``prefix``, ``stream``, ``storage``,
-        ``replicas``, ``max_age``, ``gap_wait``, ``trim_every``, ``connect_timeout``,
-        ``reconnect_wait``, ``request_timeout``.  An unknown or malformed option
-        raises :class:`ConfigError`.
-        """
-        base, _, query = url.partition("?")
-        values: dict[str, Any] = {}
-        converters: dict[str, Callable[[str], Any]] = {
-            "jetstream": _flag,
-            "prefix": str,
-            "stream": str,
-            "storage": str,
-            "replicas": int,
-            "max_age": float,
-            "gap_wait": float,
-            "trim_every": int,
-            "connect_timeout": non_negative,
-            "reconnect_wait": non_negative,
-            "request_timeout": non_negative,
-        }
-        for key, value in parse_qsl(query, keep_blank_values=True):
-            convert = converters.get(key)
-            if convert is None:
-                raise ConfigError(f"unknown NATS broker URL option {key!r} (known: {', '.join(converters)})")
-            try:
-                values[key] = convert(value)
-            except ValueError as exc:
-                raise ConfigError(f"NATS broker URL option {key}={value!r}: {exc}") from exc
-        return cls(url=base, **values)
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One stored message of a channel's subject (offset 0: an epoch marker)."""
-
-    seq: int
-    publication: Publication
-    keep: int
-    expires: int  # ms since the Unix epoch; 0: never
-    prev: int  # stream sequence of the subject's previous message (0: none)
-
-    def expired(self, now_ms: int) -> bool:
-        return 0 < self.expires <= now_ms
 
 
 @dataclass(slots=True)
@@ -266,16 +109,7 @@ class _Order:
     filler: asyncio.Task[None] | None = None
 
 
-def _parse_headers(raw: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in raw.decode("latin-1").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip()] = value.strip()
-    return headers
-
-
-class NatsBroker(Broker):
+class NatsBroker(JetStreamHistory, Broker):
     """Broker on NATS, with history through JetStream when configured.
 
     See the module docstring for what each mode can and cannot do.
@@ -351,7 +185,7 @@ class NatsBroker(Broker):
                 # Core NATS kept nothing of what was published meanwhile: say so.
                 for channel in list(self._subscriptions):
                     self.gaps_lost += 1
-                    await self._deliver(StreamGap(channel, NO_STREAM, NO_STREAM))
+                    self._deliver(StreamGap(channel, NO_STREAM, NO_STREAM))
 
         async def on_error(exc: Exception) -> None:
             logger.debug("NATS error: %r", exc)
@@ -467,6 +301,13 @@ class NatsBroker(Broker):
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
+    def counters(self) -> dict[str, int]:
+        return {
+            **super().counters(),
+            "gaps_filled": self.gaps_filled,
+            "gaps_lost": self.gaps_lost,
+        }
+
     def channels(self) -> set[str]:
         return set(self._subscriptions)
 
@@ -483,21 +324,10 @@ class NatsBroker(Broker):
             return
         order = self._orders.get(channel)
         if order is None or not isinstance(message, Publication):
-            await self._deliver(message)
+            self._deliver(message)
             return
         async with order.lock:
             await self._accept(channel, order, message)
-
-    async def _deliver(self, message: Publication | PresenceEvent | StreamGap) -> None:
-        handler = self._handler
-        if handler is None:
-            return
-        try:
-            result = handler(message)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("broker handler failed for %s", message.channel)
 
     # ------------------------------------------------------------ in-order delivery (JetStream)
 
@@ -519,15 +349,15 @@ class NatsBroker(Broker):
         if publication.offset < order.next:
             return  # already delivered (or read from the stream)
         order.pending[publication.offset] = publication
-        await self._drain(order)
+        self._drain(order)
         if order.pending and (order.filler is None or order.filler.done()):
             order.filler = self._tasks.spawn(self._fill_later(channel, order))
 
-    async def _drain(self, order: _Order) -> None:
+    def _drain(self, order: _Order) -> None:
         while order.next in order.pending:
             publication = order.pending.pop(order.next)
             order.next += 1
-            await self._deliver(publication)
+            self._deliver(publication)
 
     async def _fill_later(self, channel: str, order: _Order) -> None:
         await asyncio.sleep(self.config.gap_wait)
@@ -584,13 +414,13 @@ class NatsBroker(Broker):
                     order.next = history.position.offset + 1
                     order.pending.clear()
                     self.gaps_lost += 1
-                    await self._deliver(StreamGap(channel, last, history.position, epoch_changed=True))
+                    self._deliver(StreamGap(channel, last, history.position, epoch_changed=True))
                     return
                 for publication in history.publications:
                     if publication.offset >= order.next and publication.offset not in order.pending:
                         order.pending[publication.offset] = publication
                         self.gaps_filled += 1
-            await self._drain(order)
+            self._drain(order)
             if history is not None and (order.pending or history.position.offset >= order.next):
                 # The stream no longer has the missing offsets (not kept, expired): report
                 # them lost before anything after them, then go on after them.
@@ -599,235 +429,10 @@ class NatsBroker(Broker):
                 last = StreamPosition(order.next - 1, order.epoch)
                 self.gaps_lost += 1
                 order.next = first
-                await self._deliver(StreamGap(channel, last, StreamPosition(first - 1, order.epoch)))
-                await self._drain(order)
+                self._deliver(StreamGap(channel, last, StreamPosition(first - 1, order.epoch)))
+                self._drain(order)
             if order.pending and (order.filler is None or order.filler.done()):
                 order.filler = self._tasks.spawn(self._fill_later(channel, order))
-
-    # ------------------------------------------------------------ JetStream requests
-
-    async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
-        import nats.errors
-
-        nc = self._connection()
-        try:
-            return await nc.request(subject, payload, timeout=self.config.request_timeout, headers=headers)
-        except nats.errors.NoRespondersError:
-            raise
-        except Exception as exc:
-            raise BrokerUnavailableError(f"NATS request failed: {exc!r}") from exc
-
-    async def _api(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Call ``$JS.API.<operation>``; re-creates the stream once when it is missing."""
-        import nats.errors
-
-        for attempt in range(2):
-            try:
-                msg = await self._request(f"$JS.API.{operation}", orjson.dumps(body))
-            except nats.errors.NoRespondersError as exc:
-                raise BrokerError("JetStream is not enabled on the NATS server (start it with -js)") from exc
-            reply: dict[str, Any] = orjson.loads(msg.data)
-            error = reply.get("error")
-            if error and error.get("err_code") == _ERR_STREAM_NOT_FOUND and attempt == 0:
-                self._stream_ready = False
-                await self._ensure_stream()
-                continue
-            return reply
-        raise BrokerError(f"JetStream stream {self.stream_name} could not be created")
-
-    async def _ensure_stream(self) -> None:
-        import nats.errors
-
-        cfg = self.config
-        body = {
-            "name": self.stream_name,
-            "subjects": [f"{cfg.prefix}.h.>"],
-            "retention": "limits",
-            "storage": cfg.storage,
-            "num_replicas": cfg.replicas,
-            "max_age": int(cfg.max_age * 1e9),
-            "max_msgs_per_subject": -1,
-            "discard": "old",
-            "allow_rollup_hdrs": True,
-            "deny_delete": False,
-            "deny_purge": False,
-        }
-        for operation in ("CREATE", "UPDATE"):
-            try:
-                msg = await self._request(
-                    f"$JS.API.STREAM.{operation}.{self.stream_name}", orjson.dumps(body)
-                )
-            except nats.errors.NoRespondersError as exc:
-                raise BrokerError("JetStream is not enabled on the NATS server (start it with -js)") from exc
-            error = orjson.loads(msg.data).get("error")
-            if error is None:
-                self._stream_ready = True
-                return
-            if error.get("err_code") != _ERR_STREAM_NAME_IN_USE:
-                raise BrokerError(f"JetStream stream {self.stream_name}: {error.get('description')}")
-        raise BrokerError(f"JetStream stream {self.stream_name} could not be updated")
-
-    async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        """Append to the stream; returns the ack or the error reply."""
-        import nats.errors
-
-        for attempt in range(2):
-            try:
-                msg = await self._request(subject, payload, headers)
-            except nats.errors.NoRespondersError as exc:
-                if attempt:
-                    raise BrokerError(f"no JetStream stream captures {subject}") from exc
-                self._stream_ready = False
-                await self._ensure_stream()
-                continue
-            reply: dict[str, Any] = orjson.loads(msg.data)
-            return reply
-        raise AssertionError("unreachable")
-
-    def _entry(self, channel: str, message: dict[str, Any]) -> _Entry:
-        headers = _parse_headers(base64.b64decode(message.get("hdrs") or b""))
-        data = base64.b64decode(message.get("data") or b"")
-        publication = envelope.decode(channel, data)
-        if not isinstance(publication, Publication):
-            raise BrokerError(f"unexpected message in the history of {channel}")
-        return _Entry(
-            seq=int(message["seq"]),
-            publication=publication,
-            keep=int(headers.get(_KEEP, "0")),
-            expires=int(headers.get(_EXPIRES, "0")),
-            prev=int(headers.get(_PREV, "0")),
-        )
-
-    async def _get(self, channel: str, request: dict[str, Any]) -> _Entry | None:
-        reply = await self._api(f"STREAM.MSG.GET.{self.stream_name}", request)
-        error = reply.get("error")
-        if error is not None:
-            if error.get("err_code") == _ERR_NO_MESSAGE:
-                return None
-            raise BrokerError(f"JetStream read failed: {error.get('description')}")
-        return self._entry(channel, reply["message"])
-
-    async def _last(self, channel: str) -> _Entry | None:
-        return await self._get(channel, {"last_by_subj": self.history_subject(channel)})
-
-    async def _mark(self, channel: str, last: _Entry | None) -> _Entry | None:
-        """Replace everything of the channel with an epoch marker (offset 0, a random epoch);
-        None if another node appended first."""
-        epoch = new_epoch()
-        headers = {
-            _EXPECTED: str(last.seq if last is not None else 0),
-            _ROLLUP: "sub",
-            _KEEP: "0",
-            _EXPIRES: "0",
-            _PREV: "0",
-        }
-        reply = await self._store(
-            self.history_subject(channel), envelope.encode_publication(0, epoch, None, b""), headers
-        )
-        error = reply.get("error")
-        if error is None:
-            return _Entry(int(reply["seq"]), Publication(channel, 0, epoch, b""), 0, 0, 0)
-        if error.get("err_code") == _ERR_WRONG_LAST_SEQUENCE:
-            return None
-        raise BrokerError(f"JetStream append failed: {error.get('description')}")
-
-    async def _empty_epoch(self, channel: str, last: _Entry | None) -> str:
-        """The epoch ``channel`` reads as while it has no live stream (``last`` is None or
-        expired), and its next stream starts in: computed, never stored (module docstring)."""
-        if last is not None:
-            seed = f"expired:{last.publication.epoch}:{last.seq}"
-        else:
-            reply = await self._api(f"STREAM.INFO.{self.stream_name}", {})
-            error = reply.get("error")
-            if error is not None:
-                raise BrokerError(f"JetStream stream info failed: {error.get('description')}")
-            seed = f"new:{reply.get('created', '')}:{channel}"
-        return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()[:8]
-
-    async def _js_publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
-        subject = self.history_subject(channel)
-        keep = max(options.history_size, 0)
-        ttl_ms = int(options.history_ttl * 1000) if options.history_ttl > 0 else 0
-        conflicts = 0
-        while True:
-            last = await self._last(channel)
-            now = _now_ms()
-            if last is None or last.expired(now):
-                # First publication of a new stream, in the epoch readers were told: the old
-                # messages go (rollup).
-                offset, epoch, prev, rollup = 1, await self._empty_epoch(channel, last), 0, True
-            else:
-                offset, epoch = last.publication.offset + 1, last.publication.epoch
-                prev, rollup = last.seq, keep == 0
-            payload = envelope.encode_publication(offset, epoch, options.info, data)
-            headers = {
-                _EXPECTED: str(last.seq if last is not None else 0),
-                _KEEP: str(keep),
-                _EXPIRES: str(now + ttl_ms if ttl_ms else 0),
-                _PREV: str(prev),
-            }
-            if rollup:
-                headers[_ROLLUP] = "sub"
-            reply = await self._store(subject, payload, headers)
-            error = reply.get("error")
-            if error is None:
-                break
-            if error.get("err_code") != _ERR_WRONG_LAST_SEQUENCE:
-                raise BrokerError(f"JetStream append failed: {error.get('description')}")
-            # Another node appended first: retry on top of its publication.
-            conflicts += 1
-            if conflicts >= _MAX_CONFLICTS:
-                raise BrokerUnavailableError(f"JetStream publish to {channel}: too much contention")
-            if conflicts > 2:
-                await asyncio.sleep(random.uniform(0, 0.001 * conflicts))
-        if keep and offset > keep and offset % self.config.trim_every == 0:
-            with contextlib.suppress(BrokerError):
-                await self._api(f"STREAM.PURGE.{self.stream_name}", {"filter": subject, "keep": keep})
-        try:
-            await self._publish(self.subject(channel), payload)
-        except BrokerError as exc:
-            # Stored but not fanned out: nodes fill the gap from the stream.
-            logger.warning("fan-out of %s offset %d failed: %s", channel, offset, exc)
-        return StreamPosition(offset, epoch)
-
-    async def _js_history(
-        self,
-        channel: str,
-        *,
-        since: StreamPosition | None = None,
-        limit: int | None = None,
-        reverse: bool = False,
-    ) -> HistoryResult:
-        last = await self._last(channel)
-        if last is None or last.expired(_now_ms()):
-            # No live stream: nothing is written for a read (module docstring).
-            return HistoryResult([], StreamPosition(0, await self._empty_epoch(channel, last)))
-        now = _now_ms()
-        top = last.publication
-        position = StreamPosition(top.offset, top.epoch)
-        if limit == 0 or top.offset == 0:
-            return HistoryResult([], position)
-        lowest = max(top.offset - last.keep, 0)
-        if since is not None and since.epoch == top.epoch:
-            lowest = max(lowest, since.offset)
-        enough = limit if reverse and limit is not None else None
-        items: list[Publication] = []
-        entry: _Entry | None = last
-        while (
-            entry is not None
-            and entry.publication.offset > lowest
-            and entry.publication.epoch == top.epoch
-            and not entry.expired(now)
-        ):
-            items.append(entry.publication)
-            if entry.prev == 0 or (enough is not None and len(items) >= enough):
-                break
-            entry = await self._get(channel, {"seq": entry.prev})
-        if not reverse:
-            items.reverse()
-        if limit is not None:
-            items = items[:limit]
-        return HistoryResult(items, position)
 
     # ------------------------------------------------------------ publishing
 
@@ -872,10 +477,7 @@ class NatsBroker(Broker):
         starts in a new epoch that no earlier stream had."""
         if not self.config.jetstream:
             return None  # nothing is stored
-        for _ in range(_MAX_CONFLICTS):
-            if await self._mark(channel, await self._last(channel)) is not None:
-                return None
-        raise BrokerUnavailableError(f"JetStream remove_history of {channel}: too much contention")
+        await self._js_remove_history(channel)
 
     # ------------------------------------------------------------ presence replication
 

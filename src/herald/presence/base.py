@@ -12,15 +12,9 @@ Contract (checked by the broker conformance suite):
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
-from ..brokers.base import ClientInfo
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceStats:
-    num_clients: int
-    num_users: int
+from ..protocol.values import ClientInfo
+from ..protocol.values import PresenceStats as PresenceStats
 
 
 class PresenceManager(abc.ABC):

@@ -3,7 +3,7 @@
 ``PREFIX:presence:CHANNEL`` maps client id -> ClientInfo JSON and
 ``PREFIX:presence-exp:CHANNEL`` maps client id -> expiry time (milliseconds, by
 Redis's clock so that nodes' clocks do not matter).  The owning node refreshes
-its clients' entries every ``presence_ttl / 3`` seconds (``Node._presence_loop``);
+its clients' entries every ``presence_ttl / 3`` seconds (``PresenceUpkeep.refresh_forever``);
 when a node dies its entries stop being refreshed and disappear from
 :meth:`RedisPresenceManager.presence` within ``presence_ttl``.  Both keys expire
 as a whole when nobody refreshes any entry, so an abandoned channel leaves nothing.

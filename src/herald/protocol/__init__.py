@@ -8,7 +8,9 @@ session may do next.  See ``docs/protocol.md``.
 from __future__ import annotations
 
 from .channels import ChannelRules, namespace_of, validate_channel
-from .codec import decode_command, encode_frame, encode_publication
+from .codec import decode_command
+from .encoders import encode_publication
+from .gate import CommandGate, Phase
 from .messages import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -17,20 +19,22 @@ from .messages import (
     Push,
     StreamPositionModel,
 )
-from .session import Session, SessionState
+from .values import ClientInfo, PresenceStats, StreamPosition
 
 __all__ = [
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
     "ChannelRules",
+    "ClientInfo",
     "ClientInfoModel",
     "Command",
+    "CommandGate",
+    "Phase",
+    "PresenceStats",
     "Push",
-    "Session",
-    "SessionState",
+    "StreamPosition",
     "StreamPositionModel",
     "decode_command",
-    "encode_frame",
     "encode_publication",
     "namespace_of",
     "validate_channel",

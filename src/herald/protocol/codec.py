@@ -1,22 +1,18 @@
-"""Text frames <-> protocol models.
+"""Client frames -> command models, and the JSON rules every frame obeys.
 
 Decoding is strict and total: any input either becomes a :data:`Command` or
 raises :class:`~herald.exceptions.ProtocolError` with a documented code.
 
-Encoding of hot frames (publications) is done with orjson on plain dicts:
-a publication's ``data`` is kept as the JSON bytes the publisher sent
-(:class:`orjson.Fragment`), so a publication is never decoded and re-encoded on
-its way through the server, and the resulting frame is built once per channel
-however many subscribers receive it.
+The server's frames are written by :mod:`herald.protocol.encoders`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..codes import ErrorCode
 from ..exceptions import ProtocolError
@@ -63,17 +59,6 @@ def json_key_count_exceeds(value: Any, max_keys: int) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_keys: int | None = None) -> Any:
-    """Parse JSON, mapping every failure to a :class:`ProtocolError`.
-
-    ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``; ``TOO_LARGE`` (117)
-    for more than ``max_keys`` object keys (None: no key limit).
-    """
-    value = _parse(text)
-    _check_limits(value, max_depth, max_keys, None)
-    return value
 
 
 def _parse(text: str | bytes) -> Any:
@@ -140,83 +125,3 @@ def decode_command(
         return _COMMAND_ADAPTER.validate_python(frame)
     except ValidationError as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, _describe(exc), command_id) from None
-
-
-def dumps(value: Any) -> str:
-    """Encode a JSON value (dicts, lists, pydantic models, ``orjson.Fragment``) to text."""
-    return orjson.dumps(value, default=_default).decode()
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-def encode_frame(frame: BaseModel | Mapping[str, Any]) -> str:
-    """Encode any frame (model or dict) to a text frame."""
-    if isinstance(frame, BaseModel):
-        return dumps(frame.model_dump(mode="json"))
-    return dumps(frame)
-
-
-def encode_reply(command_id: int, kind: str, result: BaseModel | Mapping[str, Any]) -> str:
-    """Encode a successful reply."""
-    body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-    return dumps({"id": command_id, "type": kind, "result": body})
-
-
-def encode_error(command_id: int | None, kind: str | None, code: int, message: str) -> str:
-    """Encode an error reply."""
-    return dumps({"id": command_id, "type": kind, "error": {"code": code, "message": message}})
-
-
-def encode_publication(
-    channel: str,
-    offset: int,
-    epoch: str,
-    data_json: bytes,
-    info: Mapping[str, Any] | None,
-) -> str:
-    """Encode a publication push; ``data_json`` is embedded without re-encoding."""
-    frame: dict[str, Any] = {
-        "type": "publication",
-        "channel": channel,
-        "offset": offset,
-        "epoch": epoch,
-        "data": orjson.Fragment(data_json),
-    }
-    if info is not None:
-        frame["info"] = info
-    return orjson.dumps(frame).decode()
-
-
-def publication_dicts(
-    publications: Iterable[tuple[int, bytes, Mapping[str, Any] | None]],
-) -> list[dict[str, Any]]:
-    """Publications as reply items ``{"offset", "data", "info"}`` with data kept as raw JSON."""
-    return [
-        {"offset": offset, "data": orjson.Fragment(data), "info": info} for offset, data, info in publications
-    ]
-
-
-def encode_presence_event(kind: str, channel: str, info: Mapping[str, Any]) -> str:
-    """Encode a join or leave push."""
-    return dumps({"type": kind, "channel": channel, "info": info})
-
-
-def encode_disconnect(code: int, reason: str, reconnect: bool) -> str:
-    return dumps({"type": "disconnect", "code": code, "reason": reason, "reconnect": reconnect})
-
-
-def encode_sub_refresh(channel: str, grace: float) -> str:
-    """The push asking for a new subscription token for ``channel`` within ``grace`` seconds."""
-    return dumps({"type": "sub_refresh", "channel": channel, "grace": grace})
-
-
-def encode_unsubscribe(channel: str, code: int, reason: str) -> str:
-    """The push saying the server ended the subscription to ``channel`` (an error ``code``)."""
-    return dumps({"type": "unsubscribe", "channel": channel, "code": code, "reason": reason})
-
-
-PING_FRAME = '{"type":"ping"}'

@@ -162,7 +162,8 @@ class PongCommand(_Model):
     type: Literal["pong"]
 
 
-Command = Annotated[
+#: The commands that carry an id and get exactly one reply (every command but ``pong``).
+Request = (
     ConnectRequest
     | SubscribeRequest
     | UnsubscribeRequest
@@ -174,9 +175,9 @@ Command = Annotated[
     | PingRequest
     | RefreshRequest
     | SubRefreshRequest
-    | PongCommand,
-    Field(discriminator="type"),
-]
+)
+
+Command = Annotated[Request | PongCommand, Field(discriminator="type")]
 
 COMMAND_TYPES: frozenset[str] = frozenset(
     {

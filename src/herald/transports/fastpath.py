@@ -8,13 +8,14 @@ switch or an await (:class:`BatchedWrites`).  Two kinds of connection can:
 
 * natively served routes (:mod:`herald.transports.native`, Herald's own protocol
   under ``herald serve``), where the protocol object is the connection's transport;
-* ASGI routes served by :class:`AsgiWebSocketProtocol`, uvicorn's own
-  ``websockets-sansio`` protocol with one addition: it puts itself in the
-  connection's ASGI scope under ``"herald.fastpath"``, where
-  :func:`transport_for` finds it (:class:`FastTransport`).
+* ASGI routes served by :class:`~herald.transports.uvicorn.AsgiWebSocketProtocol`,
+  uvicorn's own ``websockets-sansio`` protocol with one addition: it puts itself in
+  the connection's ASGI scope, where Herald's ASGI driver finds it
+  (:class:`~herald.transports.uvicorn.FastAsgiSocket`).
 
 Under any other ASGI server (or plain uvicorn) the scope key is absent and
-Herald uses the ASGI ``send`` path.
+Herald uses the ASGI ``send`` path.  This module is the part without I/O
+decisions of its own: the frame cache and :class:`BatchedWrites`.
 
 Frames are batched per connection for the rest of the event loop's current turn
 and written with one ``write()`` (see :class:`_Flusher`): a publisher's burst of
@@ -43,21 +44,13 @@ unset for an uncompressed message).
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import socket
+import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
-from starlette.websockets import WebSocket
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-
-from ..codes import TOO_MANY_FRAGMENTS
-from .fastapi import StarletteTransport
 from .wsframes import frame_text
-from .wsreader import DEFAULT_MAX_FRAGMENTS
-
-#: The scope key under which :class:`AsgiWebSocketProtocol` exposes itself.
-SCOPE_KEY = "herald.fastpath"
-
 
 # Fan-out hands the *same* str object to every subscriber in a row, so a one-entry
 # cache keyed by identity frames each publication once per node, not once per copy.
@@ -74,85 +67,6 @@ def framed(text: str) -> bytes:
     frame = frame_text(text.encode())
     _cache = (text, frame)
     return frame
-
-
-#: The environment variable the ASGI WebSocket protocols read their fragment bound from
-#: (``herald serve`` exports the effective ``max_message_fragments`` there).
-FRAGMENTS_ENV = "HERALD_MAX_MESSAGE_FRAGMENTS"
-
-
-def fragment_limit() -> int:
-    """The most frames one inbound message may arrive in, for a connection opening now.
-
-    Read from :data:`FRAGMENTS_ENV` (a uvicorn protocol class knows the server's
-    options, not Herald's settings; like ``ws_max_size``, the bound is the server's).
-    """
-    try:
-        limit = int(os.environ.get(FRAGMENTS_ENV, DEFAULT_MAX_FRAGMENTS))
-    except ValueError:
-        return DEFAULT_MAX_FRAGMENTS
-    return limit if limit >= 1 else DEFAULT_MAX_FRAGMENTS
-
-
-class BoundedSansIOProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with a bound on the frames of one message.
-
-    websockets' sans-I/O parser bounds a message's bytes (``ws_max_size``) but leaves
-    assembling fragments to uvicorn, which keeps every fragment in a list: a text frame
-    with FIN=0 followed by millions of empty continuation frames grew that list without
-    limit.  Here the frame after the :func:`fragment_limit`-th of a message fails the
-    connection with 1009 (:data:`~herald.codes.TOO_MANY_FRAGMENTS`), so the list holds
-    at most that many entries.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_fragments = fragment_limit()
-        self.fragments = 0  # frames of the message being received
-
-    def handle_text(self, event: Any) -> None:
-        self.fragments = 1
-        super().handle_text(event)
-
-    def handle_bytes(self, event: Any) -> None:
-        self.fragments = 1
-        super().handle_bytes(event)
-
-    def handle_cont(self, event: Any) -> None:
-        if self.close_sent:
-            # Closing (or failed, with more frames of this batch still to dispatch): a
-            # message completed now would be dropped anyway, so its fragments are not kept.
-            self.frames = []
-            return
-        self.fragments += 1
-        if self.fragments > self.max_fragments:
-            self.frames = []
-            self.conn.fail(1009, TOO_MANY_FRAGMENTS.format(limit=self.max_fragments))
-            self.handle_parser_exception()
-            return
-        super().handle_cont(event)
-
-
-class AsgiWebSocketProtocol(BoundedSansIOProtocol):
-    """uvicorn's websockets-sansio protocol (with Herald's fragment bound, see
-    :class:`BoundedSansIOProtocol`), plus a direct-write entry for Herald.
-
-    :class:`~herald.transports.native.HeraldWebSocketProtocol` hands it every
-    upgrade request that is not for a natively served route.
-    """
-
-    def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
-        # The parsed request is only read above (the scope now carries its headers);
-        # dropping it saves about 2 KiB per open connection.
-        self.request = None  # type: ignore[assignment]
-        scope: Any = getattr(self, "scope", None)
-        if scope is not None and not self.close_sent:
-            # The ASGI task was created but has not run yet: it sees these keys.
-            scope[SCOPE_KEY] = self
-            # StarletteTransport.abort() finds the socket through this (slow peers that
-            # do not even read the close frame are dropped).
-            scope["herald.send"] = self.send
 
 
 class _Flusher:
@@ -266,92 +180,24 @@ class BatchedWrites:
             self._backlog = 0
 
 
-class FastTransport(BatchedWrites, StarletteTransport):
-    """A :class:`StarletteTransport` that can also write pre-framed frames synchronously
-    (see :class:`BatchedWrites`)."""
-
-    __slots__ = ("_backlog", "_buffered", "_flusher", "_pending", "_pending_bytes", "_protocol")
-
-    def __init__(self, websocket: WebSocket, protocol: AsgiWebSocketProtocol) -> None:
-        super().__init__(websocket)
-        self._protocol = protocol
-        self._flusher = batch_flusher(protocol.loop)
-        self._pending = []
-        self._pending_bytes = 0
-        self._buffered = 0
-        self._backlog = 0
-
-    def _open_transport(self) -> asyncio.Transport | None:
-        protocol = self._protocol
-        if protocol.close_sent or protocol.disconnected or not protocol.handshake_complete:
-            return None
-        transport = protocol.transport
-        return None if transport.is_closing() else transport
-
-    async def send(self, frame: str) -> None:
-        self.flush()
-        await super().send(frame)
-
-    async def close(self, code: int, reason: str) -> None:
-        self.flush()
-        await super().close(code, reason)
-
-    def abort(self) -> None:
-        self._pending = []
-        self._pending_bytes = 0
-        super().abort()
-
-
-def fast_protocol_of(websocket: WebSocket) -> AsgiWebSocketProtocol | None:
-    protocol = websocket.scope.get(SCOPE_KEY)
-    return protocol if isinstance(protocol, AsgiWebSocketProtocol) else None
-
-
-def transport_for(websocket: WebSocket, *, fast_path: bool = True) -> StarletteTransport:
-    """The best transport for ``websocket``: direct writes when the server allows them."""
-    protocol = fast_protocol_of(websocket) if fast_path else None
-    if protocol is not None:
-        if protocol.handshake_complete:
-            # The 101 response was sent at accept and is not read again: free its headers.
-            protocol.response = None  # type: ignore[assignment]
-        return FastTransport(websocket, protocol)
-    return StarletteTransport(websocket)
-
-
-def uvicorn_ws_protocol(ws_impl: str, fast_path: bool) -> type[asyncio.Protocol] | str:
-    """The ``ws=`` argument for uvicorn.
-
-    Herald's protocol class when the fast path is on and the chosen implementation is
-    websockets' sans-I/O one it extends (``auto`` picks it too); without the fast path,
-    uvicorn's implementation with Herald's bounds: :class:`BoundedSansIOProtocol`, or for
-    ``wsproto`` :class:`~herald.transports.uvicorn_ws.BoundedWSProtocol` (no
-    permessage-deflate).  The legacy ``websockets`` protocol is uvicorn's own: websockets
-    bounds its fragments itself (4096 per message, close 1009 "too many fragments").
-    """
-    if ws_impl in ("websockets-sansio", "auto"):
-        if fast_path:
-            from .native import HeraldWebSocketProtocol
-
-            return HeraldWebSocketProtocol
-        return BoundedSansIOProtocol
-    if ws_impl == "wsproto":
-        from .uvicorn_ws import BoundedWSProtocol
-
-        return BoundedWSProtocol
-    return ws_impl
+def abort_transport(transport: Any) -> None:
+    """Drop ``transport``'s TCP connection at once.  Linger 0: the kernel resets the
+    connection and discards the unsent bytes, instead of holding them (and the socket)
+    until a peer that stopped reading reads them."""
+    abort = getattr(transport, "abort", None)
+    if transport is None or not callable(abort):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    abort()
 
 
 __all__ = [
-    "FRAGMENTS_ENV",
-    "SCOPE_KEY",
-    "AsgiWebSocketProtocol",
     "BatchedWrites",
-    "BoundedSansIOProtocol",
-    "FastTransport",
+    "abort_transport",
     "batch_flusher",
-    "fragment_limit",
     "frame_text",
     "framed",
-    "transport_for",
-    "uvicorn_ws_protocol",
 ]

@@ -1,21 +1,25 @@
-"""Herald's own WebSocket server protocol: Herald's routes served without ASGI.
+"""The native driver: Herald's routes served without ASGI, as an asyncio protocol.
 
 Under ASGI every open WebSocket keeps a task alive, suspended inside the app's
 middleware, Starlette's route and the endpoint, plus uvicorn's receive queue,
 events and websockets' parser: about 25 KiB per idle connection, most of it not
-Herald's.  ``herald serve`` gives uvicorn :class:`HeraldWebSocketProtocol`
-instead.  On each upgrade request it looks at the path:
+Herald's.  ``herald serve`` gives uvicorn
+:class:`~herald.transports.uvicorn.HeraldWebSocketProtocol`, a :class:`NativeProtocol`
+(its constructor takes uvicorn's protocol arguments).  On each upgrade request it
+looks at the path:
 
-* a route Herald registered (``/connect``, ``/ws``, ``/ws_json``, ``/ws_broadcast``
-  when the app's lifespan is Herald's) is served here: the handshake, RFC 6455
-  framing (its rules live in :mod:`.wsreader`, sans I/O), pings and the closing
-  handshake, with a :class:`NativeSession` receiving each message.  There is no
+* a route the app declared native (``create_app`` declares ``/connect``, ``/ws``,
+  ``/ws_json`` and ``/ws_broadcast``; see :func:`register_routes`) is served here:
+  the handshake, RFC 6455 framing (its rules live in :mod:`.wsreader`, sans I/O),
+  pings and the closing handshake, with the route's
+  :class:`~herald.transports.base.Session` receiving each message (this object is
+  its :class:`~herald.transports.base.Socket`).  There is no
   task per connection: a task exists only while a message whose handling is a
   coroutine is being handled (on Python 3.12+ it runs eagerly, so one that never
   suspends costs no loop turn).
-* any other path goes to :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`
-  (uvicorn's own protocol with Herald's direct-write path), so every ordinary ASGI
-  WebSocket route keeps working.
+* any other path goes to :meth:`NativeProtocol.asgi_protocol`
+  (:class:`~herald.transports.uvicorn.AsgiWebSocketProtocol`, uvicorn's own protocol
+  with Herald's direct-write path), so every ordinary ASGI WebSocket route keeps working.
 
 What natively served routes do not get: ASGI middleware (the app's own
 middleware does not see these four routes; uvicorn's proxy-header handling is
@@ -35,30 +39,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 import sys
 import threading
-import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
-from urllib.parse import unquote
+from collections.abc import Awaitable
+from typing import Any
 
-from .fastpath import AsgiWebSocketProtocol, BatchedWrites, batch_flusher
+from .base import Route, Session
+from .fastpath import BatchedWrites, abort_transport, batch_flusher
 from .wsframes import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     FrameError,
-    accept_key,
     close_payload,
     encode_frame,
     frame_text,
-    valid_key,
 )
-from .wsreader import DEFAULT_MAX_FRAGMENTS, FrameReader
+from .wshandshake import (
+    accept_response,
+    header,
+    header_values,
+    http_response,
+    offered_subprotocols,
+    parse_request,
+    request_headers,
+    upgrade_refusal,
+)
+from .wsreader import FrameReader
 
 logger = logging.getLogger("herald.transport")
 access_logger = logging.getLogger("uvicorn.error")
@@ -72,115 +81,6 @@ CLOSE_TIMEOUT = 10.0
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED, _DELEGATED = range(5)
 _READ_INBOX, _READ_WRITES = 1, 2
-
-
-class NativeSession(Protocol):
-    """What a natively served route does with one connection.
-
-    ``subprotocol`` is sent in the handshake response (None: none).  The methods
-    are called from the event loop.  ``started``, ``message`` and ``lost`` may return
-    an awaitable, which runs (in a task) to completion before the next message is
-    handed over: messages of one connection are handled in order, one at a time, and
-    ``lost`` comes after the last of them.
-    """
-
-    subprotocol: str | None
-
-    def started(self) -> Awaitable[None] | None:
-        """The 101 response was written."""
-
-    def message(self, data: str | bytes) -> Awaitable[None] | None:
-        """A complete text (str) or binary (bytes) message arrived."""
-
-    def fail(self, code: int, reason: str) -> None:
-        """The client broke one of the route's rules (message too big): close it with ``code``."""
-
-    def lost(self, code: int, reason: str, by_peer: bool) -> Awaitable[None] | None:
-        """The connection is gone: after the closing handshake (``code`` from whoever
-        closed first), or 1006 when the socket broke."""
-
-
-#: Decides on an upgrade request: a session to accept it with, or the reason to refuse
-#: it (HTTP 403).
-SessionFactory = Callable[["HeraldWebSocketProtocol"], "NativeSession | str"]
-
-
-class NativeRoute:
-    """A path served natively: how to open a session, and its message bounds (bytes,
-    and frames per message)."""
-
-    __slots__ = ("max_fragments", "max_size", "open")
-
-    def __init__(
-        self, open: SessionFactory, max_size: int, max_fragments: int = DEFAULT_MAX_FRAGMENTS
-    ) -> None:
-        self.open = open
-        self.max_size = max_size
-        self.max_fragments = max_fragments
-
-
-# ---------------------------------------------------------------- route registry
-
-# ASGI app object -> its natively served routes.  Registered by Herald's lifespan with
-# the application it runs in; found again from uvicorn's config (its loaded_app wraps
-# the application in middleware that keep it as ``.app``).
-_registry: weakref.WeakKeyDictionary[Any, dict[str, NativeRoute]] = weakref.WeakKeyDictionary()
-_registry_lock = threading.Lock()
-
-
-def register_routes(app: Any, routes: dict[str, NativeRoute]) -> None:
-    """Serve ``routes`` (path -> route) natively for the ASGI application ``app``."""
-    with _registry_lock:
-        _registry[app] = {**_registry.get(app, {}), **routes}
-
-
-def is_registered(app: Any, path: str) -> bool:
-    routes = _registry.get(app)
-    return routes is not None and path in routes
-
-
-def unregister_routes(app: Any) -> None:
-    with _registry_lock:
-        _registry.pop(app, None)
-
-
-# uvicorn config -> its loaded app and the middleware around it, outermost first.  Built
-# once per server (the chain does not change after loading), read on every handshake.
-_chains: weakref.WeakKeyDictionary[Any, tuple[list[Any], Any]] = weakref.WeakKeyDictionary()
-
-
-def _app_chain(config: Any) -> tuple[list[Any], Any]:
-    """The app chain of ``config`` and uvicorn's trusted-host set when it applies proxy
-    headers (else None)."""
-    cached = _chains.get(config)
-    if cached is None:
-        chain = []
-        app = getattr(config, "loaded_app", None)
-        for _ in range(16):
-            if app is None:
-                break
-            chain.append(app)
-            app = getattr(app, "app", None)
-        trust = None
-        if getattr(config, "proxy_headers", False):
-            for app in chain:
-                trusted = getattr(app, "trusted_hosts", None)
-                if trusted is not None and hasattr(trusted, "get_trusted_client_address"):
-                    trust = trusted
-                    break
-        cached = _chains[config] = (chain, trust)
-    return cached
-
-
-def routes_for(config: Any) -> dict[str, NativeRoute] | None:
-    for app in _app_chain(config)[0]:
-        try:
-            routes = _registry.get(app)
-        except TypeError:  # not weak-referenceable: cannot be registered
-            continue
-        if routes is not None:
-            return routes
-    return None
 
 
 # ---------------------------------------------------------------- keepalive
@@ -198,15 +98,15 @@ class _Keepalive:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self.loop = loop
         self.interval = interval
-        self.members: set[HeraldWebSocketProtocol] = set()
+        self.members: set[NativeProtocol] = set()
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, ws: HeraldWebSocketProtocol) -> None:
+    def add(self, ws: NativeProtocol) -> None:
         self.members.add(ws)
         if self.timer is None:
             self.timer = self.loop.call_later(self.interval, self.sweep)
 
-    def discard(self, ws: HeraldWebSocketProtocol) -> None:
+    def discard(self, ws: NativeProtocol) -> None:
         self.members.discard(ws)
 
     def sweep(self) -> None:
@@ -230,13 +130,11 @@ def _keepalive(loop: asyncio.AbstractEventLoop, interval: float) -> _Keepalive:
 # ---------------------------------------------------------------- the protocol
 
 
-class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
-    """uvicorn's ``ws=`` protocol class for ``herald serve``.
+class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
+    """The native driver's protocol (see the module docstring).
 
-    Use as ``uvicorn.run(app, ws=HeraldWebSocketProtocol)``.  Herald's routes are
-    served natively when the app's lifespan registered them (see
-    :func:`register_routes`); every other path is handed to
-    :class:`~herald.transports.fastpath.AsgiWebSocketProtocol`.
+    Routes registered for the app (:func:`register_routes`) are served natively;
+    every other path is handed to :meth:`asgi_protocol`.
 
     For a native session this object is also the connection's transport
     (:class:`~herald.transports.base.Transport`), with the request's details
@@ -300,7 +198,7 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self._state = _HANDSHAKE
         self._delegate: asyncio.Protocol | None = None
-        self.session: NativeSession | None = None
+        self.session: Session | None = None
         self.busy = False
         self._task: asyncio.Task[None] | None = None
         self._inbox: deque[str | bytes] | None = None
@@ -426,41 +324,21 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
     # ------------------------------------------------------------ handshake
 
     def _handshake(self, data: bytes) -> None:
-        head = data.split(b"\r\n\r\n", 1)[0]
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        target = parts[1] if len(parts) >= 3 else b"/"
-        raw_path, _, query = target.partition(b"?")
-        path = unquote(raw_path.decode("latin-1"))
-        routes = routes_for(self.config)
-        route = routes.get(path) if routes else None
+        request = parse_request(data)
+        path = request.path
+        route = self.find_route(path)
         if route is None:
             self._hand_over(data)
             return
-        headers: list[tuple[bytes, bytes]] = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
         self.path = path
-        self.query_string = query
-        self.headers = headers
+        self.query_string = request.query
+        self.headers = request_headers(request.lines)
         self.reset_reader(route.max_size, route.max_fragments)
         self._apply_proxy_headers()
-        for offered in self.header_values(b"sec-websocket-protocol"):
-            self.subprotocols.extend(token.strip() for token in offered.split(",") if token.strip())
-
-        if parts[0] != b"GET":
-            self._respond(405, "WebSocket handshakes use GET")
-            return
-        if "upgrade" not in (self.header("connection") or "").lower():
-            self._respond(400, "missing Connection: Upgrade")
-            return
-        if self.header("sec-websocket-version") != "13":
-            self._respond(426, "only WebSocket version 13 is supported", [(b"sec-websocket-version", b"13")])
-            return
-        key = self.header("sec-websocket-key")
-        if key is None or not valid_key(key):
-            self._respond(400, "missing or invalid Sec-WebSocket-Key")
+        self.subprotocols = offered_subprotocols(self.headers)
+        key = upgrade_refusal(request.method, self.headers)
+        if not isinstance(key, str):
+            self._respond(key.status, key.reason, key.headers)
             return
         if self.transport.is_closing():
             return  # the client left during the handshake
@@ -477,11 +355,28 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
             return
         self._accept(opened, key)
 
+    def find_route(self, path: str) -> Route | None:
+        """The route natively served at ``path`` (None: hand the request over).
+        :class:`~herald.transports.uvicorn.HeraldWebSocketProtocol` looks in the routes
+        registered for the app uvicorn serves."""
+        return None
+
+    def trusted_proxies(self) -> Any:
+        """The proxies whose ``X-Forwarded-*`` headers are applied (an object with
+        ``__contains__`` and ``get_trusted_client_address``, as uvicorn's), or None."""
+        return None
+
+    def asgi_protocol(self) -> asyncio.Protocol | None:
+        """The protocol that serves a path which is not natively served (None: 404).
+        :class:`~herald.transports.uvicorn.HeraldWebSocketProtocol` gives uvicorn's."""
+        return None
+
     def _hand_over(self, data: bytes) -> None:
-        """Not one of Herald's routes: uvicorn's protocol (with the fast path) serves it."""
-        delegate = AsgiWebSocketProtocol(
-            config=self.config, server_state=self.server_state, app_state=self.app_state, _loop=self.loop
-        )
+        """Not one of Herald's routes: the ASGI protocol serves it."""
+        delegate = self.asgi_protocol()
+        if delegate is None:
+            self._respond(404, "Not Found")
+            return
         self._delegate = delegate
         self._state = _DELEGATED
         delegate.connection_made(self.transport)
@@ -492,33 +387,14 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
 
     def _respond(self, status: int, body: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         """Answer the upgrade request with a plain HTTP response and close."""
-        from http import HTTPStatus
-
-        payload = body.encode()
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
-        for name, value in [*self.server_state.default_headers, *(extra or ())]:
-            lines.append(name + b": " + value)
-        lines += [
-            b"content-type: text/plain; charset=utf-8",
-            b"content-length: " + str(len(payload)).encode(),
-            b"connection: close",
-        ]
         self._state = _CLOSED
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + payload)
+        self.transport.write(
+            http_response(status, body, [*self.server_state.default_headers, *(extra or ())])
+        )
         self.transport.close()
 
-    def _accept(self, session: NativeSession, key: str) -> None:
-        lines = [
-            b"HTTP/1.1 101 Switching Protocols",
-            b"upgrade: websocket",
-            b"connection: Upgrade",
-            b"sec-websocket-accept: " + accept_key(key).encode(),
-        ]
-        if session.subprotocol:
-            lines.append(b"sec-websocket-protocol: " + session.subprotocol.encode())
-        for name, value in self.server_state.default_headers:
-            lines.append(name + b": " + value)
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+    def _accept(self, session: Session, key: str) -> None:
+        self.transport.write(accept_response(key, session.subprotocol, self.server_state.default_headers))
         self._state = _OPEN
         self.session = session
         self.server_state.connections.add(self)
@@ -536,7 +412,7 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
 
     def _apply_proxy_headers(self) -> None:
         # What uvicorn's ProxyHeadersMiddleware does to the ASGI scope, for the same peers.
-        trusted = _app_chain(self.config)[1]
+        trusted = self.trusted_proxies()
         if trusted is None or self.client is None or self.client[0] not in trusted:
             return
         proto = self.header("x-forwarded-proto")
@@ -556,18 +432,23 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), decoded as Latin-1."""
-        key = name.encode()
-        for header, value in self.headers:
-            if header == key:
-                return value.decode("latin-1")
-        return None
+        return header(self.headers, name.encode())
 
     def header_values(self, key: bytes) -> list[str]:
-        return [value.decode("latin-1") for header, value in self.headers if header == key]
+        return header_values(self.headers, key)
 
     @property
     def client_ip(self) -> str:
         return self.client[0] if self.client else "unknown"
+
+    @property
+    def local_address(self) -> str | None:
+        """The server side of the connection: its IP, or a Unix socket's path (as ASGI's
+        ``scope["server"]`` has it)."""
+        if self.server is not None:
+            return self.server[0]
+        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return sockname if isinstance(sockname, str) else None
 
     @property
     def remote(self) -> str:
@@ -652,7 +533,13 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
             return
         session = self.session
         assert session is not None
-        self._run(session.message(data))
+        try:
+            result = session.message(data)
+        except Exception:
+            logger.exception("WebSocket session on %s failed", self.path)
+            self.close_now(1011, "internal error")
+            return
+        self._run(result)
 
     def _run(self, awaitable: Awaitable[None] | None) -> None:
         if awaitable is None:
@@ -789,14 +676,7 @@ class HeraldWebSocketProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
     def abort(self) -> None:
         """Drop the TCP connection at once (linger 0: unsent bytes are discarded)."""
         self._pending = []
-        transport = self.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+        abort_transport(self.transport)
 
     def keepalive_tick(self) -> None:
         """One keepalive sweep (see :class:`_Keepalive`)."""
@@ -829,10 +709,5 @@ def _start(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[None]:
 
 __all__ = [
     "INBOX_LIMIT",
-    "HeraldWebSocketProtocol",
-    "NativeRoute",
-    "NativeSession",
-    "register_routes",
-    "routes_for",
-    "unregister_routes",
+    "NativeProtocol",
 ]

@@ -1,10 +1,12 @@
-"""Herald's four WebSocket routes as native sessions (see :mod:`herald.transports.native`).
+"""Herald's four WebSocket routes, each one session class, for both drivers.
 
-``herald serve`` serves ``/connect``, ``/ws``, ``/ws_json`` and ``/ws_broadcast``
-with these sessions, without ASGI; :mod:`herald.app` has the same routes as ASGI
-endpoints for every other server.  Both share the per-message logic kept here
-(:class:`BroadcastInput`, :func:`json_answer`, :func:`log_disconnect`), so the two
-paths answer alike: same replies, same close codes, same limits.
+``/connect`` (:class:`ProtocolSession`), ``/ws`` (:class:`EchoSession`), ``/ws_json``
+(:class:`JsonSession`) and ``/ws_broadcast`` (:class:`BroadcastSession`) are written
+against :class:`~herald.transports.base.Socket`; the native driver
+(:mod:`herald.transports.native`) and the ASGI driver (:mod:`herald.transports.asgi`)
+feed them alike, so both paths answer alike: same replies, same close codes, same
+limits.  :func:`route` makes the :class:`~herald.transports.base.Route` of one of them,
+admission included (:mod:`herald.admission`).
 """
 
 from __future__ import annotations
@@ -12,29 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .admission import HandshakeTimeout, choose_subprotocol, opener
 from .brokers.base import ClientInfo
 from .codes import BINARY_REFUSED, CloseCode
-from .commands import ProtocolHandler, render_publication
+from .commands import CommandHandler, render_publication
+from .config import Settings
 from .connection import Connection, Renderer, new_client_id
 from .exceptions import DisconnectError
-from .hosts import handshake_refusal
 from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
+from .protocol.gate import Phase
 from .protocol.messages import SUBPROTOCOL
-from .protocol.session import SessionState
-from .transports.native import HeraldWebSocketProtocol, NativeRoute, NativeSession
+from .transports.base import Route, Socket
 from .tutorial import BROADCAST_CHANNEL, echo_reply, json_reply, render_broadcast
 
-if TYPE_CHECKING:
-    from .app import Herald
-
 logger = logging.getLogger("herald")
-
-# ---------------------------------------------------------------- shared by both paths
 
 
 def json_answer(text: str) -> tuple[str, bool]:
@@ -76,7 +73,7 @@ class BroadcastInput:
 
     async def on_text(self, text: str) -> None:
         node, connection = self.node, self.connection
-        node.stats["messages_in"] += 1
+        node.stats.frames_in += 1
         verdict = self.rate.check()
         if verdict is RateVerdict.ABUSE:
             node.record_rejected_command("rate_limit_disconnect")
@@ -108,24 +105,30 @@ def log_disconnect(connection: Connection) -> None:
 
 
 def new_connection(
-    herald: Herald, transport: Any, remote: str, renderer: Renderer, protocol: bool
+    settings: Settings,
+    socket: Socket,
+    renderer: Renderer,
+    *,
+    protocol: bool,
+    max_queue_messages: int | None = None,
 ) -> Connection:
-    """A connection for one of Herald's routes (``protocol``: ``/connect``, else ``/ws_broadcast``)."""
-    settings = herald.settings
+    """A connection over ``socket`` (``protocol``: ``/connect``'s kind, with its own
+    publications echoed and join/leave events; else ``/ws_broadcast``'s and the admin page's)."""
     return Connection(
-        transport,
+        socket,
         new_client_id(),
         renderer=renderer,
         echo_own=protocol,
         events=protocol,
-        max_queue_messages=settings.max_queue_messages,
+        max_queue_messages=max_queue_messages or settings.max_queue_messages,
         max_queue_bytes=settings.max_queue_bytes,
-        remote=remote,
+        remote=socket.remote,
     )
 
 
-def _ended(connection: Connection, code: int, reason: str, by_peer: bool) -> None:
-    """Record on ``connection`` how its socket ended, unless Herald already closed it."""
+def record_end(connection: Connection, code: int, reason: str, by_peer: bool) -> None:
+    """Record on ``connection`` how its socket ended, unless Herald already closed it
+    (the one place for this bookkeeping, whichever driver reports the end)."""
     if by_peer:
         connection.peer_closed(code)
     elif connection.close_code is None:
@@ -134,28 +137,27 @@ def _ended(connection: Connection, code: int, reason: str, by_peer: bool) -> Non
         connection.peer_closed(code)
 
 
-# ---------------------------------------------------------------- native sessions
+# ---------------------------------------------------------------- sessions
 
 
-class _Session:
-    """The part every native session shares: the socket and the per-IP slot."""
+class RouteSession:
+    """The part every route's session shares: the socket and the per-IP slot."""
 
-    __slots__ = ("herald", "ip", "subprotocol", "ws")
+    __slots__ = ("node", "socket", "subprotocol")
 
-    def __init__(self, herald: Herald, ws: HeraldWebSocketProtocol, ip: str) -> None:
-        self.herald = herald
-        self.ws = ws
-        self.ip = ip
+    def __init__(self, node: Node, socket: Socket) -> None:
+        self.node = node
+        self.socket = socket
         self.subprotocol: str | None = None
 
     def release(self) -> None:
-        self.herald.node.ip_connections.release(self.ip)
+        self.node.ip_connections.release(self.socket.client_ip)
 
     def started(self) -> Awaitable[None] | None:
         return None
 
     def message(self, data: str | bytes) -> Awaitable[None] | None:
-        # All four routes are text-only: a binary frame closes with 1003, as on ASGI.
+        # Every route is text-only: a binary frame closes with 1003.
         if isinstance(data, bytes):
             self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
             return None
@@ -165,40 +167,34 @@ class _Session:
         raise NotImplementedError
 
     def fail(self, code: int, reason: str) -> None:
-        self.ws.close_now(code, reason)
+        self.socket.close_now(code, reason)
 
     def lost(self, code: int, reason: str, by_peer: bool) -> Awaitable[None] | None:
         self.release()
         return None
 
 
-class ProtocolSession(_Session):
+class ProtocolSession(HandshakeTimeout, RouteSession):
     """``/connect``: protocol v1."""
 
     __slots__ = ("connection", "handler", "timer")
 
-    def __init__(self, herald: Herald, ws: HeraldWebSocketProtocol, ip: str) -> None:
-        super().__init__(herald, ws, ip)
-        if SUBPROTOCOL in ws.subprotocols:
-            self.subprotocol = SUBPROTOCOL
-        self.connection = new_connection(herald, ws, ws.remote, render_publication, True)
-        self.handler = ProtocolHandler(herald.node, self.connection, ws.scope)
+    timeout_code = CloseCode.HANDSHAKE_TIMEOUT
+    timeout_reason = "handshake timeout"
+
+    def __init__(self, node: Node, socket: Socket) -> None:
+        super().__init__(node, socket)
+        self.subprotocol = choose_subprotocol(socket.subprotocols, SUBPROTOCOL)
+        self.connection = new_connection(node.settings, socket, render_publication, protocol=True)
+        self.handler = CommandHandler(node, self.connection, socket)
         self.timer: asyncio.TimerHandle | None = None
 
     def started(self) -> None:
         self.connection.start()
-        self._arm(self.herald.settings.handshake_timeout)
+        self.arm_handshake_timeout(self.node.settings.handshake_timeout)
 
-    def _arm(self, delay: float) -> None:
-        self.timer = asyncio.get_running_loop().call_later(delay, self._handshake_timeout)
-
-    def _handshake_timeout(self) -> None:
-        self.timer = None
-        if self.handler.session.state is SessionState.CONNECTING:
-            if self.ws.busy:  # a connect command is being handled: give it its time
-                self._arm(0.25)
-            else:
-                self.fail(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout")
+    def handshake_pending(self) -> bool:
+        return self.handler.gate.phase is Phase.CONNECTING
 
     def on_text(self, text: str) -> Awaitable[None] | None:
         return self.handler.receive(text)
@@ -207,11 +203,9 @@ class ProtocolSession(_Session):
         self.connection.close(code, reason)
 
     async def lost(self, code: int, reason: str, by_peer: bool) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.cancel_handshake_timeout()
         connection = self.connection
-        _ended(connection, code, reason, by_peer)
+        record_end(connection, code, reason, by_peer)
         try:
             await self.handler.close()
         finally:
@@ -220,15 +214,15 @@ class ProtocolSession(_Session):
         log_disconnect(connection)
 
 
-class BroadcastSession(_Session):
+class BroadcastSession(RouteSession):
     """``/ws_broadcast``: ``New message: {data}`` to every other client."""
 
     __slots__ = ("connection", "input")
 
-    def __init__(self, herald: Herald, ws: HeraldWebSocketProtocol, ip: str) -> None:
-        super().__init__(herald, ws, ip)
-        self.connection = new_connection(herald, ws, ws.remote, render_broadcast, False)
-        self.input = BroadcastInput(herald.node, self.connection)
+    def __init__(self, node: Node, socket: Socket) -> None:
+        super().__init__(node, socket)
+        self.connection = new_connection(node.settings, socket, render_broadcast, protocol=False)
+        self.input = BroadcastInput(node, self.connection)
 
     def started(self) -> Awaitable[None] | None:
         self.connection.start()
@@ -246,79 +240,39 @@ class BroadcastSession(_Session):
 
     async def lost(self, code: int, reason: str, by_peer: bool) -> None:
         connection = self.connection
-        _ended(connection, code, reason, by_peer)
+        record_end(connection, code, reason, by_peer)
         try:
-            await self.herald.node.unregister(connection, protocol_channels=False)
+            await self.node.unregister(connection, protocol_channels=False)
         finally:
             await connection.stop()
             self.release()
 
 
-class EchoSession(_Session):
+class EchoSession(RouteSession):
     """``/ws``: ``Message text was: {data}``, answered without a task."""
 
     __slots__ = ()
 
     def on_text(self, text: str) -> None:
-        self.ws.send_now(echo_reply(text))
+        self.socket.send_now(echo_reply(text))
 
 
-class JsonSession(_Session):
-    """``/ws_json``: ``{"message": "Received JSON data", "data": ...}``; malformed JSON: close 1007."""
+class JsonSession(RouteSession):
+    """``/ws_json``: ``{"message": "Received JSON data", "data": ...}``; malformed JSON:
+    an error frame, then close 1007."""
 
     __slots__ = ()
 
     def on_text(self, text: str) -> None:
         answer, malformed = json_answer(text)
-        self.ws.send_now(answer)
+        self.socket.send_now(answer)
         if malformed:
             self.fail(CloseCode.INVALID_PAYLOAD, "malformed JSON")
 
 
-SessionClass = Callable[["Herald", HeraldWebSocketProtocol, str], NativeSession]
+SessionClass = Callable[[Node, Socket], RouteSession]
 
-
-def _opener(
-    herald: Herald, session_class: SessionClass
-) -> Callable[[HeraldWebSocketProtocol], NativeSession | str]:
-    """The checks every route gets before accept (Host and Origin allow-lists: the same
-    function as on the ASGI path; per-IP limit), then a session."""
-    node, settings = herald.node, herald.settings
-
-    def open_session(ws: HeraldWebSocketProtocol) -> NativeSession | str:
-        refusal = handshake_refusal(
-            settings,
-            host=ws.header("host"),
-            origin=ws.header("origin"),
-            local_address=_local_address(ws),
-            scheme=ws.scheme,
-        )
-        if refusal is not None:
-            node.record_rejection(refusal.kind)
-            return refusal.reason
-        ip = ws.client_ip
-        if not node.ip_connections.acquire(ip):
-            node.record_rejection("ip_limit")
-            return "too many connections from this address"
-        try:
-            return session_class(herald, ws, ip)
-        except BaseException:
-            node.ip_connections.release(ip)
-            raise
-
-    return open_session
-
-
-def _local_address(ws: HeraldWebSocketProtocol) -> str | None:
-    """The server side of the connection: its IP, or a Unix socket's path (as ASGI's
-    ``scope["server"]`` has it)."""
-    if ws.server is not None:
-        return ws.server[0]
-    sockname = ws.transport.get_extra_info("sockname") if ws.transport is not None else None
-    return sockname if isinstance(sockname, str) else None
-
-
-#: Route name -> native session class (the names of the routes in ``Herald.router``).
+#: Route name -> session class (the names of the routes in ``Herald.router``).
 SESSIONS: dict[str, SessionClass] = {
     "herald_connect": ProtocolSession,
     "tutorial_echo": EchoSession,
@@ -327,21 +281,28 @@ SESSIONS: dict[str, SessionClass] = {
 }
 
 
-def native_route(herald: Herald, name: str) -> NativeRoute:
-    settings = herald.settings
-    return NativeRoute(
-        _opener(herald, SESSIONS[name]), settings.max_message_size, settings.max_message_fragments
-    )
+def route(node: Node, name: str) -> Route:
+    """The route ``name`` (a key of :data:`SESSIONS`), for either driver."""
+    session_class = SESSIONS[name]
+    settings = node.settings
+
+    def make(socket: Socket) -> RouteSession:
+        return session_class(node, socket)
+
+    return Route(opener(node, make), settings.max_message_size, settings.max_message_fragments)
 
 
 __all__ = [
+    "SESSIONS",
     "BroadcastInput",
     "BroadcastSession",
     "EchoSession",
     "JsonSession",
     "ProtocolSession",
+    "RouteSession",
     "json_answer",
     "log_disconnect",
-    "native_route",
     "new_connection",
+    "record_end",
+    "route",
 ]

@@ -1,42 +1,49 @@
-"""Per-client protocol state: which command is legal when.  No I/O, no awaits."""
+"""The command gate of one protocol v1 client: which command is legal when.  No I/O, no awaits."""
 
 from __future__ import annotations
 
+from collections.abc import Set
 from enum import Enum
 
 from ..codes import ErrorCode
 from ..exceptions import ProtocolError
 
 
-class SessionState(Enum):
+class Phase(Enum):
+    """Where a client is in the protocol."""
+
     CONNECTING = "connecting"  # waiting for the connect command
     CONNECTED = "connected"
     CLOSED = "closed"
 
 
-class Session:
-    """Tracks one client's state, subscriptions and in-flight command ids.
+class CommandGate:
+    """Tracks one client's phase and in-flight command ids, and checks its subscriptions.
 
     The transport calls :meth:`begin` before handling a command and
     :meth:`finish` after its reply is queued.
+
+    ``subscriptions`` is read, never written: the server passes the connection's own
+    set of channels (``Connection.channels``, kept by the hub), so there is one
+    owner of what a connection is subscribed to.
     """
 
-    __slots__ = ("in_flight", "max_subscriptions", "state", "subscriptions")
+    __slots__ = ("in_flight", "max_subscriptions", "phase", "subscriptions")
 
-    def __init__(self, *, max_subscriptions: int = 128) -> None:
-        self.state = SessionState.CONNECTING
-        self.subscriptions: set[str] = set()
+    def __init__(self, subscriptions: Set[str] = frozenset(), *, max_subscriptions: int = 128) -> None:
+        self.phase = Phase.CONNECTING
+        self.subscriptions = subscriptions
         self.in_flight: set[int] = set()
         self.max_subscriptions = max_subscriptions
 
     def begin(self, command_id: int | None, kind: str) -> None:
         """Check that command ``kind`` is legal now and reserve its id."""
-        if self.state is SessionState.CLOSED:
+        if self.phase is Phase.CLOSED:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "session is closed", command_id)
         if kind == "connect":
-            if self.state is SessionState.CONNECTED:
+            if self.phase is Phase.CONNECTED:
                 raise ProtocolError(ErrorCode.ALREADY_CONNECTED, None, command_id)
-        elif self.state is SessionState.CONNECTING:
+        elif self.phase is Phase.CONNECTING:
             raise ProtocolError(ErrorCode.NOT_CONNECTED, None, command_id)
         if command_id is not None:
             if command_id in self.in_flight:
@@ -48,7 +55,7 @@ class Session:
             self.in_flight.discard(command_id)
 
     def connected(self) -> None:
-        self.state = SessionState.CONNECTED
+        self.phase = Phase.CONNECTED
 
     def check_subscribe(self, channel: str) -> None:
         if channel in self.subscriptions:
@@ -59,14 +66,6 @@ class Session:
                 f"at most {self.max_subscriptions} subscriptions per connection",
             )
 
-    def subscribed(self, channel: str) -> None:
-        self.subscriptions.add(channel)
-
-    def unsubscribed(self, channel: str) -> None:
-        if channel not in self.subscriptions:
-            raise ProtocolError(ErrorCode.NOT_SUBSCRIBED)
-        self.subscriptions.discard(channel)
-
     def close(self) -> None:
-        self.state = SessionState.CLOSED
+        self.phase = Phase.CLOSED
         self.in_flight.clear()

@@ -1,0 +1,35 @@
+"""Check a broker URL's options without building a broker (``Settings`` does at load time).
+
+The settings import this module, so it imports the brokers' config classes lazily:
+``herald.config`` must not load redis-py or nats-py, and nothing here imports the settings.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..urls import non_negative, split_url_options
+
+#: The memory broker's URL options (``memory?stream_meta_ttl=600``).
+MEMORY_OPTIONS = {"stream_meta_ttl": non_negative}
+
+
+def broker_scheme(url: str) -> str:
+    """``redis`` for ``redis://host``; a bare name (``memory?x=1``) is its own scheme."""
+    return urlsplit(url).scheme if "://" in url else url.partition("?")[0]
+
+
+def check_broker_options(url: str) -> None:
+    """Parse the broker settings in ``url``'s query string without building anything;
+    raises :class:`~herald.exceptions.ConfigError` naming a bad one."""
+    scheme = broker_scheme(url)
+    if scheme == "memory":
+        split_url_options(url, MEMORY_OPTIONS, what="memory")
+    elif scheme in ("redis", "rediss", "unix"):
+        from .redis_config import RedisBrokerConfig
+
+        RedisBrokerConfig.from_url(url)
+    elif scheme in ("nats", "tls"):
+        from .nats_config import NatsBrokerConfig
+
+        NatsBrokerConfig.from_url(url)

@@ -1,0 +1,88 @@
+"""Presence upkeep: this node's entries in the presence manager, and join/leave events.
+
+A client subscribed to a channel whose namespace has ``presence`` gets an entry
+(written on subscribe, removed on unsubscribe or disconnect) that expires after
+``presence_ttl`` unless refreshed; :meth:`PresenceUpkeep.refresh_forever` rewrites
+this node's entries every ``presence_ttl / 3`` seconds, so they outlive the TTL only
+while the node lives.  Presence failures are logged, never raised: the subscribe
+they follow already succeeded, and the next refresh repairs the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .brokers.base import ClientInfo, PresenceEvent
+from .exceptions import CommandError
+
+if TYPE_CHECKING:
+    from .config import NamespaceOptions
+    from .connection import Connection
+    from .node import Node
+
+logger = logging.getLogger("herald.node")
+
+
+class PresenceUpkeep:
+    """Writes, refreshes and removes the presence entries of ``node``'s clients."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def join(self, channel: str, options: NamespaceOptions, connection: Connection) -> None:
+        if not options.presence:
+            return
+        node = self._node
+        info = ClientInfo(connection.client_id, connection.user, connection.info)
+        try:
+            await node.presence.add(channel, info, node.settings.presence_ttl)
+            if options.join_leave:
+                await node.broker.publish_event(PresenceEvent(channel, "join", info))
+        except Exception as exc:
+            # The subscribe already succeeded (and was answered); the refresh loop retries.
+            logger.warning("presence join %s failed: %r", channel, exc)
+
+    async def leave(self, channel: str, connection: Connection) -> None:
+        node = self._node
+        try:
+            options = node.namespace(channel)
+        except CommandError:
+            return
+        if not options.presence:
+            return
+        try:
+            await node.presence.remove(channel, connection.client_id)
+            if options.join_leave:
+                info = ClientInfo(connection.client_id, connection.user, connection.info)
+                await node.broker.publish_event(PresenceEvent(channel, "leave", info))
+        except Exception as exc:
+            logger.warning("presence leave %s failed: %r", channel, exc)
+
+    async def refresh_forever(self) -> None:
+        """Refresh this node's presence entries so that they outlive the TTL only while we live."""
+        node = self._node
+        period = max(node.settings.presence_ttl / 3, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            for connection in node.hub.connections():
+                for channel in list(connection.channels):
+                    if channel.startswith("$"):
+                        continue
+                    try:
+                        if not node.namespace(channel).presence:
+                            continue
+                        info = ClientInfo(connection.client_id, connection.user, connection.info)
+                        await node.presence.add(channel, info, node.settings.presence_ttl)
+                        # The client may have left while we awaited: its leave already removed
+                        # the entry, so remove the one we just wrote instead of leaving a ghost.
+                        if (
+                            channel not in connection.channels
+                            or node.hub.get(connection.client_id) is not connection
+                        ):
+                            await node.presence.remove(channel, connection.client_id)
+                    except Exception as exc:
+                        logger.debug("presence refresh failed: %r", exc)

@@ -1,0 +1,91 @@
+"""The opening handshake's rules (transports/wshandshake.py), byte for byte.
+
+The native driver's refusals on a real socket are in tests/test_native.py; these
+check each rule of the pure functions alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from herald.transports.wshandshake import (
+    Refusal,
+    accept_response,
+    header,
+    http_response,
+    offered_subprotocols,
+    parse_request,
+    request_headers,
+    upgrade_refusal,
+)
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+GOOD = [
+    (b"host", b"example.com"),
+    (b"upgrade", b"websocket"),
+    (b"connection", b"keep-alive, Upgrade"),
+    (b"sec-websocket-key", KEY.encode()),
+    (b"sec-websocket-version", b"13"),
+]
+
+
+def test_the_request_line_and_headers_are_read() -> None:
+    request = parse_request(
+        b"GET /a%20b?token=x&y=1 HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Protocol:  v1 , v2\r\n"
+        b"sec-websocket-protocol: v3\r\n\r\nleftover"
+    )
+    assert (request.method, request.path, request.query) == (b"GET", "/a b", b"token=x&y=1")
+    headers = request_headers(request.lines)
+    assert headers[0] == (b"host", b"h")
+    assert header(headers, b"host") == "h" and header(headers, b"origin") is None
+    assert offered_subprotocols(headers) == ["v1", "v2", "v3"]
+
+
+def test_a_malformed_request_line_gives_the_root_path() -> None:
+    assert parse_request(b"GARBAGE\r\n\r\n").path == "/"
+
+
+def test_a_valid_upgrade_gives_the_key() -> None:
+    assert upgrade_refusal(b"GET", GOOD) == KEY
+
+
+@pytest.mark.parametrize(
+    ("method", "change", "status"),
+    [
+        (b"POST", {}, 405),
+        (b"GET", {b"connection": b"keep-alive"}, 400),
+        (b"GET", {b"sec-websocket-version": b"8"}, 426),
+        (b"GET", {b"sec-websocket-key": b"short"}, 400),
+        (b"GET", {b"sec-websocket-key": None}, 400),
+    ],
+)
+def test_each_broken_rule_has_its_status(
+    method: bytes, change: dict[bytes, bytes | None], status: int
+) -> None:
+    headers = [(k, change.get(k, v)) for k, v in GOOD if change.get(k, v) is not None]
+    refusal = upgrade_refusal(method, headers)  # type: ignore[arg-type]
+    assert isinstance(refusal, Refusal) and refusal.status == status
+    if status == 426:
+        assert refusal.headers == [(b"sec-websocket-version", b"13")]
+
+
+def test_the_accept_response_carries_the_rfc_digest_and_the_chosen_subprotocol() -> None:
+    digest = base64.b64encode(hashlib.sha1((KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    response = accept_response(KEY, "herald.v1", [(b"server", b"x")])
+    lines = response.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert b"sec-websocket-accept: " + digest in lines
+    assert b"sec-websocket-protocol: herald.v1" in lines and b"server: x" in lines
+    assert response.endswith(b"\r\n\r\n")
+    assert b"sec-websocket-protocol" not in accept_response(KEY, None)
+
+
+def test_an_http_response_closes_and_counts_its_body() -> None:
+    response = http_response(403, "nö", [(b"x-a", b"1")])
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden"
+    assert body == "nö".encode()
+    assert b"content-length: 3" in head and b"connection: close" in head and b"x-a: 1" in head
