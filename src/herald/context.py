@@ -71,7 +71,7 @@ class AsgiHandshake:
     @property
     def client(self) -> tuple[str, int] | None:
         client = self.scope.get("client")
-        return (str(client[0]), int(client[1])) if client else None
+        return (str(client[0]), int(client[1] or 0)) if client else None
 
     @property
     def subprotocols(self) -> Sequence[str]:

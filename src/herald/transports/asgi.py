@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..context import header_value
+from ..context import AsgiHandshake, header_value
 from .base import Route, Session
 
 logger = logging.getLogger("herald.transport")
@@ -44,13 +44,14 @@ CLOSE_SEND_TIMEOUT = 2.0
 _OPEN, _CLOSING, _CLOSED = range(3)
 
 
-class AsgiSocket:
-    """A :class:`~herald.transports.base.Socket` over one ASGI WebSocket connection."""
+class AsgiSocket(AsgiHandshake):
+    """A :class:`~herald.transports.base.Socket` over one ASGI WebSocket connection
+    (its handshake attributes are the scope's, read by :class:`AsgiHandshake`)."""
 
-    __slots__ = ("_abort", "_outbox", "_receiving", "_send", "_state", "_task", "busy", "close_args", "scope")
+    __slots__ = ("_abort", "_outbox", "_receiving", "_send", "_state", "_task", "busy", "close_args")
 
     def __init__(self, scope: Scope, send: Send, abort: Callable[[], None] | None = None) -> None:
-        self.scope = scope
+        super().__init__(scope)
         self._send = send
         self._abort = abort
         self._state = _OPEN
@@ -62,30 +63,6 @@ class AsgiSocket:
         self.close_args: tuple[int, str] | None = None
 
     # ------------------------------------------------------------ handshake
-
-    @property
-    def path(self) -> str:
-        return str(self.scope.get("path", ""))
-
-    @property
-    def query_string(self) -> bytes:
-        raw = self.scope.get("query_string", b"")
-        return bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw).encode("latin-1")
-
-    @property
-    def headers(self) -> Sequence[tuple[bytes, bytes]]:
-        headers: Sequence[tuple[bytes, bytes]] = self.scope.get("headers", ())
-        return headers
-
-    @property
-    def client(self) -> tuple[str, int] | None:
-        client = self.scope.get("client")
-        return (str(client[0]), int(client[1] or 0)) if client else None
-
-    @property
-    def subprotocols(self) -> Sequence[str]:
-        offered: Sequence[str] = self.scope.get("subprotocols") or ()
-        return offered
 
     @property
     def scheme(self) -> str:
