@@ -332,3 +332,20 @@ def test_handshake_refusal_checks_host_then_origin() -> None:
     assert handshake_refusal(strict, host="chat.example", origin=None, **ok) == Refusal(
         "origin", "missing Origin header"
     )
+
+
+def test_remembered_verdicts_are_the_same_and_bounded() -> None:
+    """refusal() remembers its verdicts per (Host, local address), never more than a bound,
+    and a remembered verdict is the one a fresh policy gives."""
+    from herald.hosts import _VERDICTS_KEPT, HostPolicy
+
+    policy = HostPolicy(["chat.example.com"])
+    asks = [("chat.example.com", "10.0.0.1"), ("evil.example", "10.0.0.1"), ("bad host", None)]
+    first = [policy.refusal(host, local) for host, local in asks]
+    assert first[0] is None and first[1] is not None and first[2] == "malformed Host header"
+    assert [policy.refusal(host, local) for host, local in asks] == first
+    for n in range(3 * _VERDICTS_KEPT):
+        assert policy.refusal(f"n{n}.scan.example", "10.0.0.1") is not None
+        assert len(policy._verdicts) <= _VERDICTS_KEPT
+    assert [policy.refusal(host, local) for host, local in asks] == first
+    assert [HostPolicy(["chat.example.com"]).refusal(h, lo) for h, lo in asks] == first

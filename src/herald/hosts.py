@@ -217,7 +217,7 @@ def _origin_host(origin: str) -> str | None:
 class HostPolicy:
     """The ``Host`` allow-list of one server (built once from its settings)."""
 
-    __slots__ = ("any_name", "explicit", "names", "suffixes")
+    __slots__ = ("_verdicts", "any_name", "explicit", "names", "suffixes")
 
     def __init__(
         self, allowed_hosts: Sequence[str], *, bind_host: str = "", allowed_origins: Sequence[str] = ()
@@ -232,6 +232,9 @@ class HostPolicy:
         self.any_name = "*" in names
         self.suffixes = tuple(sorted(name[1:] for name in names if name.startswith("*.")))
         self.names = frozenset(name for name in names if not name.startswith("*"))
+        # refusal() per (Host, local address): a handshake asks again for the same few
+        # pairs, and parsing costs about as much as the rest of the handshake's checks.
+        self._verdicts: dict[tuple[str, str | None], str | None] = {}
 
     @classmethod
     def for_settings(cls, settings: Settings) -> HostPolicy:
@@ -257,6 +260,18 @@ class HostPolicy:
         server side of the connection), may proceed; else the reason (safe to log)."""
         if host_header is None or host_header == "":
             return None  # not a browser: DNS rebinding needs one
+        key = (host_header, local_address)
+        try:
+            return self._verdicts[key]
+        except KeyError:
+            pass
+        verdict = self._decide(host_header, local_address)
+        if len(self._verdicts) >= _VERDICTS_KEPT:
+            self._verdicts.clear()  # many distinct names (a scan): bounded, never grows
+        self._verdicts[key] = verdict
+        return verdict
+
+    def _decide(self, host_header: str, local_address: str | None) -> str | None:
         name = host_name(host_header)
         if name is None:
             return "malformed Host header"
@@ -270,6 +285,9 @@ class HostPolicy:
 
 
 _policies: dict[tuple[tuple[str, ...], str, tuple[str, ...]], HostPolicy] = {}
+
+#: Host verdicts a policy remembers (see :meth:`HostPolicy.refusal`).
+_VERDICTS_KEPT = 1024
 
 
 class Refusal(NamedTuple):
