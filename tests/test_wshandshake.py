@@ -89,3 +89,59 @@ def test_an_http_response_closes_and_counts_its_body() -> None:
     assert head.split(b"\r\n")[0] == b"HTTP/1.1 403 Forbidden"
     assert body == "nö".encode()
     assert b"content-length: 3" in head and b"connection: close" in head and b"x-a: 1" in head
+
+
+# ---------------------------------------------------------------- exact bytes (mutation guards)
+# What a client reads from a refused or accepted handshake is part of the contract: the
+# tests below pin it byte for byte, so that a changed reason or header is noticed.
+
+
+def test_refusals_say_exactly_why() -> None:
+    from herald.transports.wshandshake import Refusal
+
+    good = [
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+    ]
+    assert upgrade_refusal(b"POST", good) == Refusal(405, "WebSocket handshakes use GET", [])
+    assert upgrade_refusal(b"GET", good[1:]) == Refusal(400, "missing Connection: Upgrade", [])
+    assert upgrade_refusal(b"GET", [good[0], good[2]]) == Refusal(
+        426, "only WebSocket version 13 is supported", [(b"sec-websocket-version", b"13")]
+    )
+    assert upgrade_refusal(b"GET", good[:2]) == Refusal(400, "missing or invalid Sec-WebSocket-Key", [])
+    # "keep-alive, Upgrade" (Firefox) is an upgrade; the comparison ignores case.
+    assert upgrade_refusal(b"GET", [(b"connection", b"keep-alive, UPGRADE"), *good[1:]]) == (
+        "dGhlIHNhbXBsZSBub25jZQ=="
+    )
+
+
+def test_the_answers_byte_for_byte() -> None:
+    assert accept_response("dGhlIHNhbXBsZSBub25jZQ==", "herald.v1", [(b"server", b"h")]) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-protocol: herald.v1\r\n"
+        b"server: h\r\n\r\n"
+    )
+    assert http_response(403, "no", [(b"server", b"h")]) == (
+        b"HTTP/1.1 403 Forbidden\r\nserver: h\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: 2\r\nconnection: close\r\n\r\nno"
+    )
+
+
+def test_only_the_head_is_read_and_values_keep_their_colons() -> None:
+    from herald.transports.wshandshake import header_values
+
+    # Bytes after the head (a client that sent its first frame at once) are not headers.
+    data = b"GET /a%20b?x=1 HTTP/1.1\r\nHost: h:80\r\nOrigin: http://o:1\r\n\r\nGARBAGE\r\n\r\nMORE"
+    request = parse_request(data)
+    assert request.method == b"GET" and request.path == "/a b" and request.query == b"x=1"
+    assert request.lines == [b"Host: h:80", b"Origin: http://o:1"]
+    headers = request_headers(request.lines)
+    assert headers == [(b"host", b"h:80"), (b"origin", b"http://o:1")]
+    assert header(headers, b"origin") == "http://o:1"
+    assert header_values([(b"x", b"\xe9")], b"x") == ["\xe9"]  # Latin-1, as HTTP says
+    assert header([(b"x", b"\xe9")], b"x") == "\xe9"
+    assert parse_request(b"GET /\xe9 HTTP/1.1\r\n\r\n").path == "/\xe9"
+    # Two spaces in the request line: the target is empty, so no route matches it (it is
+    # not read leniently as "/x").
+    assert parse_request(b"GET  /x HTTP/1.1\r\n\r\n").path == ""
