@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +265,33 @@ class ProtocolClient:
         await self.ws.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._reader, 2)
+
+
+@contextlib.asynccontextmanager
+async def numbered_stream(http_url: str, api_key: str, interval: float = 0.01) -> AsyncIterator[list[int]]:
+    """Publish {"n": 0, "t": ...}, {"n": 1, ...} (``t``: time.monotonic() at publish) to
+    ``feed:stream`` through the HTTP API every ``interval`` seconds until exit.  Yields the
+    numbers published so far."""
+    import httpx
+
+    sent: list[int] = []
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        async with httpx.AsyncClient(base_url=http_url, headers={"X-API-Key": api_key}) as http:
+            n = 0
+            while not stop.is_set():
+                body = {"channel": "feed:stream", "data": {"n": n, "t": time.monotonic()}}
+                response = await http.post("/api/publish", json=body)
+                assert response.status_code == 200, response.text
+                sent.append(n)
+                n += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+
+    task = asyncio.create_task(publisher())
+    try:
+        yield sent
+    finally:
+        stop.set()
+        await task

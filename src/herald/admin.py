@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from .brokers.memory import MemoryBroker
 from .codes import CloseCode
 from .commands import render_publication
 from .connection import Connection
+from .periodic import every
 from .sessions import RouteSession, new_connection, record_end
 from .transports.asgi import AsgiRoute
 from .transports.base import Route, Socket
@@ -149,25 +150,9 @@ class Admin:
         await self.node.publish_internal(ADMIN_CHANNEL, orjson.dumps(body), None)
         return True
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Publish snapshots while the application runs."""
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(SNAPSHOT_INTERVAL)
-                try:
-                    await self.publish_snapshot()
-                except Exception as exc:  # the broker is down: try again next tick
-                    logger.debug("admin snapshot failed: %r", exc)
-
-        task = asyncio.get_running_loop().create_task(loop(), name="herald-admin")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Publish snapshots while the application runs (a failed one is retried next tick)."""
+        return every(SNAPSHOT_INTERVAL, self.publish_snapshot, name="herald-admin")
 
     # ------------------------------------------------------------ routes
 
@@ -200,7 +185,7 @@ class Admin:
         def make(socket: Socket) -> AdminSession:
             return AdminSession(self, socket)
 
-        return Route(opener(self.node, make), MAX_FRAME)
+        return Route(opener(self.node, make), MAX_FRAME, self.settings.max_message_fragments)
 
 
 class AdminSession(HandshakeTimeout, RouteSession):

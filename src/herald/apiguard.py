@@ -227,14 +227,13 @@ class HostGuardMiddleware:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.settings = settings
+        self.gate = HttpGate(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        hosts = HostPolicy.for_settings(self.settings)
-        refusal = hosts.refusal(header(scope, b"host"), local_address(scope))
+        refusal = self.gate.host_refusal(scope)
         if refusal is not None:
             await respond(send, 400, refusal)
             return

@@ -495,7 +495,9 @@ class CommandHandler:
         except NotAvailableError:
             # The broker keeps no history (core NATS): say so instead of failing.
             return False, [], (await node.history(channel, limit=0)).position, 0
-        if read.cut or not _covers(since, read.publications, read.position):
+        # read_history lets a first publication overrun the budget (history must progress);
+        # recovery shares one budget across the reply, so it must fit what is left.
+        if read.cut or read.size > budget or not _covers(since, read.publications, read.position):
             return False, [], read.position, 0
         return True, read.publications, read.position, read.size
 

@@ -119,9 +119,8 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names clients may use, e.g. chat.example.com, *.example.com, or * for "
-        "any; loopback names always pass. Empty: the bind host, the hosts of allowed_origins, and "
-        "any name on a connection that reached a non-loopback interface (DNS-rebinding defence, "
-        "see docs/security.md).",
+        "any; loopback names always pass. Empty: the bind host, the hosts of allowed_origins and "
+        "IP address literals (DNS-rebinding defence, see docs/security.md).",
     )
     api_key: SecretStr | None = Field(default=None, description="Key for the HTTP API.")
     token_secret: SecretStr | None = Field(default=None, description="HS256 secret for connection JWTs.")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+
+from .hooks import maybe_await
 
 logger = logging.getLogger("herald")
 
@@ -25,9 +26,7 @@ async def every(
         while True:
             await asyncio.sleep(interval)
             try:
-                result = tick()
-                if inspect.isawaitable(result):
-                    await result
+                await maybe_await(tick())
             except Exception as exc:
                 logger.debug("%s failed: %r", name, exc)
 

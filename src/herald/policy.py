@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -215,6 +215,33 @@ HistoryFunction = Callable[..., Awaitable[HistoryResult]]
 _FIRST_PAGE = 32
 
 
+@dataclass(slots=True)
+class _Taken:
+    """The publications of one paged read so far, within ``budget`` bytes."""
+
+    budget: int
+    publications: list[Publication] = field(default_factory=list)
+    used: int = 0
+    biggest: int = 1  # the largest publication seen, to size the next page
+
+    def take(self, publication: Publication) -> bool:
+        """Add ``publication`` unless it overflows the budget (the first always fits)."""
+        size = publication_size(publication)
+        if self.publications and self.used + size > self.budget:
+            return False
+        self.publications.append(publication)
+        self.used += size
+        self.biggest = max(self.biggest, size)
+        return True
+
+    def fitting(self) -> int:
+        """Publications the rest of the budget may hold, at the largest size seen."""
+        return (self.budget - self.used) // self.biggest + 1
+
+    def read(self, position: StreamPosition, cut: bool = False) -> HistoryRead:
+        return HistoryRead(self.publications, position, cut=cut, size=self.used)
+
+
 async def read_history(
     history: HistoryFunction,
     channel: str,
@@ -253,9 +280,7 @@ async def read_history(
         return HistoryRead(result.publications, result.position)
     if reverse:
         return await _read_newest_first(history, channel, since, limit, byte_budget)
-    taken: list[Publication] = []
-    used = 0
-    biggest = 1
+    taken = _Taken(byte_budget)
     cursor = since
     following: int | None = None  # the offset the next page must start at
     page = min(limit, _FIRST_PAGE)
@@ -269,23 +294,16 @@ async def read_history(
                 return HistoryRead([], result.position, cut=True)
         elif result.position.epoch != position.epoch:
             # The stream was reset between two pages: what was read is all this reply has.
-            return HistoryRead(taken, position, cut=True, size=used)
+            return taken.read(position, cut=True)
         position = result.position
         for publication in result.publications:
-            if following is not None and publication.offset != following:
-                return HistoryRead(taken, position, cut=True, size=used)
-            size = publication_size(publication)
-            if taken and used + size > byte_budget:
-                return HistoryRead(taken, position, cut=True, size=used)
-            taken.append(publication)
-            used += size
-            biggest = max(biggest, size)
+            if (following is not None and publication.offset != following) or not taken.take(publication):
+                return taken.read(position, cut=True)
             cursor = StreamPosition(publication.offset, position.epoch)
             following = publication.offset + 1
-        if len(result.publications) < page or len(taken) >= limit:
-            return HistoryRead(taken, position, size=used)
-        # Size the next page by what is left of the budget, at the largest size seen.
-        page = max(1, min(limit - len(taken), (byte_budget - used) // biggest + 1))
+        if len(result.publications) < page or len(taken.publications) >= limit:
+            return taken.read(position)
+        page = max(1, min(limit - len(taken.publications), taken.fitting()))
         await asyncio.sleep(0)  # a long read must not hold the loop
 
 
@@ -299,34 +317,26 @@ async def _read_newest_first(
     if since is not None and since.epoch != position.epoch:
         return HistoryRead([], position)
     floor = since.offset if since is not None else 0
-    taken: list[Publication] = []
-    used = 0
-    biggest = 1
+    taken = _Taken(byte_budget)
     upper = position.offset  # the next publication to take, going down
     page = min(limit, _FIRST_PAGE)
-    while len(taken) < limit and upper > floor:
-        count = min(page, limit - len(taken), upper - floor)
+    while len(taken.publications) < limit and upper > floor:
+        count = min(page, limit - len(taken.publications), upper - floor)
         result = await history(channel, since=StreamPosition(upper - count, position.epoch), limit=count)
         if result.position.epoch != position.epoch:
-            return HistoryRead(taken, position, cut=True, size=used)
+            return taken.read(position, cut=True)
         chunk = [p for p in result.publications if p.offset <= upper]
         if not chunk:
             break  # nothing older is kept
         for publication in reversed(chunk):
-            if publication.offset != upper:
-                return HistoryRead(taken, position, cut=True, size=used)
-            size = publication_size(publication)
-            if taken and used + size > byte_budget:
-                return HistoryRead(taken, position, cut=True, size=used)
-            taken.append(publication)
-            used += size
-            biggest = max(biggest, size)
+            if publication.offset != upper or not taken.take(publication):
+                return taken.read(position, cut=True)
             upper -= 1
         if len(chunk) < count:
             break  # the stream starts here (older publications expired or trimmed)
-        page = max(1, (byte_budget - used) // biggest + 1)
+        page = max(1, taken.fitting())
         await asyncio.sleep(0)
-    return HistoryRead(taken, position, size=used)
+    return taken.read(position)
 
 
 __all__ = [

@@ -16,11 +16,10 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 import websockets
@@ -34,7 +33,7 @@ from herald.server import create_app
 from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from ..helpers import ProtocolClient, ThreadServer, http_get
+from ..helpers import ProtocolClient, ThreadServer, http_get, numbered_stream
 
 SECRET = "hostile-test-secret-0123456789abcdef-0123456789abcdef-0123456789"
 API_KEY = "hostile-api-key"
@@ -628,31 +627,6 @@ async def _per_ip(env: Env) -> None:
 # ---------------------------------------------------------------- the test
 
 
-@contextlib.asynccontextmanager
-async def numbered_stream(env: Env) -> AsyncIterator[list[int]]:
-    """Publish {"n": 0}, {"n": 1}, ... to feed:stream through the HTTP API until exit."""
-    sent: list[int] = []
-    stop = asyncio.Event()
-
-    async def publisher() -> None:
-        async with httpx.AsyncClient(base_url=env.server.http, headers={"X-API-Key": API_KEY}) as http:
-            n = 0
-            while not stop.is_set():
-                response = await http.post("/api/publish", json={"channel": "feed:stream", "data": {"n": n}})
-                assert response.status_code == 200, response.text
-                sent.append(n)
-                n += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.01)
-
-    task = asyncio.create_task(publisher())
-    try:
-        yield sent
-    finally:
-        stop.set()
-        await task
-
-
 def test_there_are_at_least_40_cases() -> None:
     assert len(CASES) >= 40
     assert len({name for name, _ in CASES}) == len(CASES)
@@ -663,7 +637,7 @@ async def test_hostile_inputs_do_no_harm(env: Env) -> None:
     reply = await bystander.call("subscribe", channels=[{"channel": "feed:stream"}])
     assert "error" not in reply["result"]["channels"][0], reply
     failures: list[str] = []
-    async with numbered_stream(env) as sent:
+    async with numbered_stream(env.server.http, API_KEY) as sent:
         for name, run in CASES:
             try:
                 await asyncio.wait_for(run(env), 15)

@@ -43,6 +43,8 @@ MAX_RSS_GROWTH = 30 * 1024 * 1024
 MAX_BYSTANDER_LATENCY = 0.5
 #: How soon the attacker must be closed.
 MAX_CLOSE_DELAY = 2.0
+#: Echo round trips the bystander makes once the attack is over.
+ROUNDS_AFTER = 10
 
 OP_CONT, OP_TEXT = 0x0, 0x1
 
@@ -115,17 +117,21 @@ def close_frame(sock: socket.socket) -> tuple[int, str]:
             return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
 
 
-async def bystander(url: str, stop: threading.Event, latencies: list[float]) -> None:
-    """Echo round trips on ``/ws`` until ``stop``, each one timed."""
+async def bystander(url: str, answered: asyncio.Event, stop: threading.Event, latencies: list[float]) -> None:
+    """Echo round trips on ``/ws``, each one timed: ``answered`` is set after the first,
+    and once ``stop`` is set, :data:`ROUNDS_AFTER` more are made."""
     async with websockets.connect(url, open_timeout=DEFAULT_TIMEOUT) as ws:
-        count = 0
-        while not stop.is_set() or count < 5:
+        count = after = 0
+        while after < ROUNDS_AFTER:
+            stopping = stop.is_set()
             started = time.perf_counter()
             await ws.send(f"still here {count}")
             reply = await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT)
             latencies.append(time.perf_counter() - started)
             assert reply == f"Message text was: still here {count}"
+            answered.set()
             count += 1
+            after += stopping
             await asyncio.sleep(0.01)
 
 
@@ -143,9 +149,9 @@ async def test_a_million_empty_continuation_frames_close_1009_and_spare_the_byst
         assert server.proc is not None
         latencies: list[float] = []
         stop = threading.Event()
-        watching = asyncio.create_task(bystander(server.ws("/ws"), stop, latencies))
-        await asyncio.sleep(0.2)  # the bystander is connected and answered
-        assert latencies, "the bystander got no answer before the attack"
+        answered = asyncio.Event()
+        watching = asyncio.create_task(bystander(server.ws("/ws"), answered, stop, latencies))
+        await asyncio.wait_for(answered.wait(), DEFAULT_TIMEOUT)  # answered before the attack
         head, sock = await asyncio.to_thread(raw_handshake, server.port, "/ws")
         with sock, RssWatch(server.proc.pid) as watch:
             assert head.startswith(b"HTTP/1.1 101"), head
@@ -157,9 +163,8 @@ async def test_a_million_empty_continuation_frames_close_1009_and_spare_the_byst
             code, reason = await asyncio.to_thread(close_frame, sock)
             closed_after = time.perf_counter() - started
             await asyncio.wait_for(flooder, DEFAULT_TIMEOUT)
-            await asyncio.sleep(0.3)  # the bystander goes on after the attack
-        stop.set()
-        await asyncio.wait_for(watching, DEFAULT_TIMEOUT)
+            stop.set()  # the bystander goes on after the attack, watched
+            await asyncio.wait_for(watching, DEFAULT_TIMEOUT)
 
     print(
         f"closed after {closed_after * 1000:.0f} ms, server RSS +{watch.growth / 2**20:.1f} MiB, "

@@ -29,14 +29,13 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
 import pytest
 import websockets
 
-from ..helpers import ProtocolClient, ServerProcess, async_wait_for, wait_for
+from ..helpers import ProtocolClient, ServerProcess, async_until, async_wait_for, wait_for
 
 API_KEY = "hostile-http-key"
 SECRET = "hostile-http-secret-0123456789abcdef-0123456789abcdef-01234567"
@@ -363,14 +362,7 @@ async def test_admin_ws_counts_against_the_per_ip_limit(keyed: ServerProcess) ->
             await ws.close()
             return True
 
-        await async_wait_for_coroutine(admitted)
-
-
-async def async_wait_for_coroutine(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
+        await async_until(admitted, timeout=5.0, what="the admin websocket admitted")
 
 
 # ---------------------------------------------------------------- item 10: logs

@@ -26,11 +26,10 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 import websockets
@@ -42,7 +41,7 @@ from herald.server import create_app
 from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from ..helpers import ProtocolClient, ThreadServer, async_until
+from ..helpers import ProtocolClient, ThreadServer, async_wait_for, numbered_stream
 from ..servers import RedisServer, redis_server_fixture
 
 pytestmark = pytest.mark.slow
@@ -78,32 +77,6 @@ class Bystander:
             push = await self.client.push("publication", timeout=60)
             data = push["data"]
             self.received.append((data["n"], data["t"], time.monotonic()))
-
-
-@contextlib.asynccontextmanager
-async def numbered_stream(server: ThreadServer) -> AsyncIterator[list[int]]:
-    """Publish {"n": 0, "t": ...}, {"n": 1, ...} to feed:stream through the HTTP API."""
-    sent: list[int] = []
-    stop = asyncio.Event()
-
-    async def publisher() -> None:
-        async with httpx.AsyncClient(base_url=server.http, headers={"X-API-Key": API_KEY}) as http:
-            n = 0
-            while not stop.is_set():
-                body = {"channel": "feed:stream", "data": {"n": n, "t": time.monotonic()}}
-                response = await http.post("/api/publish", json=body)
-                assert response.status_code == 200, response.text
-                sent.append(n)
-                n += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.02)
-
-    task = asyncio.create_task(publisher())
-    try:
-        yield sent
-    finally:
-        stop.set()
-        await task
 
 
 def _settings(broker: str, *, native_routes: bool = True) -> Settings:
@@ -192,28 +165,25 @@ async def _play(
     # Warm up (first connections, first subscriptions) before taking the baseline.
     await _name_channels(server, "warm" + run, 0, reads, subscribes)
     rss_before = _rss()
-    async with numbered_stream(server) as sent:
+    async with numbered_stream(server.http, API_KEY, interval=0.02) as sent:
         await asyncio.wait_for(_attack(server, run, reads, subscribes), 60)
-        await asyncio.sleep(0.2)  # a few more publications after the attack
+        after = len(sent)  # a few more publications after the attack
+        await async_wait_for(lambda: len(sent) >= after + 5, 10, what="publications after the attack")
     growth = _rss() - rss_before
-    await async_until(lambda: _true(len(bystander.received) >= len(sent)), 10, what="the bystander's stream")
+    await async_wait_for(lambda: len(bystander.received) >= len(sent), 10, what="the bystander's stream")
     bystander.task.cancel()
     assert not client.closed.is_set()
     await client.close()
     # Every connection of the attack is gone from the node, and with it every subscription.
     node = herald.node
-    await async_until(lambda: _true(node.hub.connection_count == 0), 10, what="connections to close")
+    await async_wait_for(lambda: node.hub.connection_count == 0, 10, what="connections to close")
     assert node.hub.channels() == {}
-    await async_until(
-        lambda: _true({c for c in node.broker.channels() if not c.startswith("$herald:")} == set()),
+    await async_wait_for(
+        lambda: {c for c in node.broker.channels() if not c.startswith("$herald:")} == set(),
         10,
         what="the node's broker subscriptions to be released",
     )
     return sent, bystander, growth
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def _check_bystander(sent: list[int], bystander: Bystander, growth: int) -> None:

@@ -32,7 +32,7 @@ from herald.server import create_app
 from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer
+from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -477,10 +477,8 @@ async def test_python_client_refreshes_subscription_tokens(env: Env) -> None:
 
     async with Client(env.server.ws("/connect"), token=token("alice")) as client:
         subscription = await client.subscribe(channel, token=fresh)
-        deadline = time.monotonic() + 10
-        while len(issued) < 3:  # the first token, then two refreshes
-            assert time.monotonic() < deadline, issued
-            await asyncio.sleep(0.05)
+        # The first token, then two refreshes.
+        await async_wait_for(lambda: len(issued) >= 3, timeout=10, what="two token refreshes")
         await asyncio.to_thread(
             api, env.server, "POST", "/api/publish", {"channel": channel, "data": "still"}
         )

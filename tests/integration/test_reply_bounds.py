@@ -194,6 +194,30 @@ async def test_multi_channel_subscribe_stays_under_the_bound(big: ServerProcess)
         await reader.close()
 
 
+async def test_single_publication_channels_do_not_overrun_a_spent_budget(big: ServerProcess) -> None:
+    """A channel whose one missed publication does not fit what is left of the budget
+    is answered recovered: false: "at least one publication" is for history paging,
+    not for recovery (all or nothing, under one budget for the whole reply)."""
+    channels = [f"chat:one{n}" for n in range(15)]  # 15 x 60 kB after chat:multi1's 1.5 MB
+    for channel in channels:
+        status, _ = await asyncio.to_thread(
+            api, big, "POST", "/api/publish", {"channel": channel, "data": {"p": PAYLOAD}}
+        )
+        assert status == 200
+    reader = await ProtocolClient.open(big.ws("/connect"), max_size=None)
+    try:
+        items = []
+        for channel in ["chat:multi1", *channels]:
+            _, epoch = await top_of(big, channel)
+            items.append({"channel": channel, "since": {"offset": 0, "epoch": epoch}})
+        reply = await reader.call("subscribe", channels=items, timeout=15)
+        recovered = [r["recovered"] for r in reply["result"]["channels"]]
+        assert recovered[0] is True and recovered[1] is True and recovered[-1] is False, recovered
+        assert frame_size(reply) <= BUDGET + 4096
+    finally:
+        await reader.close()
+
+
 async def test_bundled_client_does_not_loop_and_memory_stays_bounded(big: ServerProcess) -> None:
     """Eight concurrent clients recover from offset 0 and read 100 of history: none is
     disconnected (the bundled client connects once), the bystander keeps receiving, and

@@ -23,6 +23,7 @@ from herald.codes import CloseCode
 
 from ..helpers import ProtocolClient, ServerProcess, async_until, async_wait_for
 from ..servers import NatsServer, RedisServer, nats_server_fixture, redis_server_fixture
+from .test_multinode import subscribe
 
 API_KEY = "stream-restart-key"
 TTL = 1.0
@@ -105,18 +106,6 @@ async def node_on(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     yield start
     for node in nodes:
         await node.close()
-
-
-async def subscribe(
-    client: ProtocolClient, channel: str, since: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    item: dict[str, Any] = {"channel": channel}
-    if since is not None:
-        item["since"] = since
-    reply = await client.call("subscribe", channels=[item])
-    result: dict[str, Any] = reply["result"]["channels"][0]
-    assert "error" not in result, result
-    return result
 
 
 async def whole_or_told(client: ProtocolClient, channel: str, new: list[dict[str, Any]]) -> str:

@@ -11,7 +11,15 @@ import orjson
 from herald.exceptions import ReplyError
 from herald.protocol import decoders as d
 from herald.protocol import encoders as e
-from herald.protocol.values import ClientInfo, ClientPublication, HistoryPage, PresenceStats, StreamPosition
+from herald.protocol.values import (
+    ClientInfo,
+    ClientPublication,
+    HistoryPage,
+    JoinEvent,
+    LeaveEvent,
+    PresenceStats,
+    StreamPosition,
+)
 
 ALICE = ClientInfo("c1", "alice", {"role": "admin"})
 
@@ -42,12 +50,8 @@ def test_pushes_round_trip() -> None:
     assert d.decode_push(_frame(e.encode_publication("a", 4, "ep", b"1", None))) == ClientPublication(
         "a", 4, "ep", 1, None
     )
-    assert d.decode_push(_frame(e.encode_presence_event("join", "a", ALICE))) == d.PresenceChange(
-        "a", ALICE, True
-    )
-    assert d.decode_push(_frame(e.encode_presence_event("leave", "a", ALICE))) == d.PresenceChange(
-        "a", ALICE, False
-    )
+    assert d.decode_push(_frame(e.encode_presence_event("join", "a", ALICE))) == JoinEvent("a", ALICE)
+    assert d.decode_push(_frame(e.encode_presence_event("leave", "a", ALICE))) == LeaveEvent("a", ALICE)
     assert d.decode_push(_frame(e.encode_disconnect(4503, "bye", False))) == d.DisconnectNotice(4503, "bye")
     assert d.decode_push(_frame(e.encode_refresh(2.0))) == d.RefreshRequest(2.0)
     assert d.decode_push(_frame(e.encode_sub_refresh("a", 3.0))) == d.SubRefreshRequest("a", 3.0)

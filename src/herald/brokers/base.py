@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,16 @@ from ..protocol.values import StreamPosition as StreamPosition
 def new_epoch() -> str:
     """A fresh random epoch for a stream that starts (again) at offset 1."""
     return secrets.token_hex(4)
+
+
+#: Generation counters a broker keeps for the empty epochs of its channels (memory,
+#: Redis): every stream creation in a channel's bucket increments that bucket's.
+EPOCH_BUCKETS = 16384
+
+
+def epoch_bucket(channel: str) -> int:
+    """The generation counter ``channel``'s streams share (``crc32(channel) % EPOCH_BUCKETS``)."""
+    return zlib.crc32(channel.encode()) % EPOCH_BUCKETS
 
 
 class BackgroundTasks:

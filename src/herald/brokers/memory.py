@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from .base import (
     PublishOptions,
     StreamGap,
     StreamPosition,
+    epoch_bucket,
 )
 
 #: Streams an operation removes at most; the rest go on the next operations.
@@ -66,8 +66,6 @@ class MemoryBroker(Broker):
     number of streams that expired, at most :data:`SWEEP_BATCH` per operation.
     ``clock`` is injectable for tests.
     """
-
-    EPOCH_BUCKETS = 16384
 
     def __init__(
         self,
@@ -112,13 +110,13 @@ class MemoryBroker(Broker):
 
     def empty_epoch(self, channel: str) -> str:
         """The epoch ``channel`` reads as while it has no stream (and its next stream's)."""
-        bucket = zlib.crc32(channel.encode()) % self.EPOCH_BUCKETS
-        return f"{self._token}.{self._generations.get(bucket, 0):x}"
+        return f"{self._token}.{self._generations.get(epoch_bucket(channel), 0):x}"
 
     def _create(self, channel: str) -> _Stream:
-        stream = _Stream(self.empty_epoch(channel))
-        bucket = zlib.crc32(channel.encode()) % self.EPOCH_BUCKETS
-        self._generations[bucket] = self._generations.get(bucket, 0) + 1
+        bucket = epoch_bucket(channel)
+        generation = self._generations.get(bucket, 0)
+        stream = _Stream(f"{self._token}.{generation:x}")
+        self._generations[bucket] = generation + 1
         self._streams[channel] = stream
         return stream
 

@@ -43,7 +43,7 @@ the stream starts again in a new epoch whichever node touches it first.
 
 from __future__ import annotations
 
-import zlib
+from .base import EPOCH_BUCKETS, epoch_bucket
 
 # Lua scripts run atomically: nothing else touches a channel's keys between the
 # epoch check, the offset increment, the append and the PUBLISH.
@@ -70,12 +70,10 @@ if redis.call('hget', KEYS[2], 'r') ~= run and redis.call('hexists', KEYS[2], 'e
 end
 """
 
-#: Number of generation counters in ``PREFIX:epochs`` (see the module docstring).
-EPOCH_BUCKETS = 16384
-
 # The epoch a channel without a stream reads as, and its next stream starts in (module
 # docstring).  ``epochs`` is KEYS[3] (PREFIX:epochs), ``bucket`` the channel's bucket,
-# ``fresh`` a random token (the incarnation when the hash is new).
+# ``fresh`` a random token (the incarnation when the hash is new).  Always composed after
+# :data:`RUN_CHECK`, whose ``run`` (the current run id) it reuses: one INFO per script run.
 EMPTY_EPOCH = """
 local function empty_epoch(epochs, bucket, fresh)
   local incarnation = redis.call('hget', epochs, 'i')
@@ -83,9 +81,8 @@ local function empty_epoch(epochs, bucket, fresh)
     incarnation = fresh
     redis.call('hset', epochs, 'i', incarnation)
   end
-  local server_run = string.match(redis.call('info', 'server'), 'run_id:(%x+)') or ''
   local generation = redis.call('hget', epochs, bucket) or '0'
-  return string.sub(redis.sha1hex(server_run .. incarnation), 1, 8) .. '.' .. generation
+  return string.sub(redis.sha1hex(run .. incarnation), 1, 8) .. '.' .. generation
 end
 """
 
@@ -203,11 +200,6 @@ return {
   string.match(replication, 'second_repl_offset:(%-?%d+)') or '',
 }
 """
-
-
-def epoch_bucket(channel: str) -> int:
-    """The generation counter of ``PREFIX:epochs`` that ``channel``'s streams share."""
-    return zlib.crc32(channel.encode()) % EPOCH_BUCKETS
 
 
 __all__ = [

@@ -47,7 +47,15 @@ from __future__ import annotations
 # link (one WebSocket), core (lifecycle, events), connection (the connection loop:
 # reconnect, resubscribe), client (the commands).  Values and frames come from
 # herald.protocol; nothing here imports the server.
-from ..protocol.values import ClientInfo, ClientPublication, HistoryPage, PresenceStats, StreamPosition
+from ..protocol.values import (
+    ClientInfo,
+    ClientPublication,
+    HistoryPage,
+    JoinEvent,
+    LeaveEvent,
+    PresenceStats,
+    StreamPosition,
+)
 from .client import Client
 from .events import (
     ClientState,
@@ -55,8 +63,6 @@ from .events import (
     DisconnectedEvent,
     Event,
     EventName,
-    JoinEvent,
-    LeaveEvent,
     RecoveredEvent,
     RecoveryFailedEvent,
     SubscribeErrorEvent,

@@ -25,7 +25,6 @@ from ..exceptions import (
 )
 from ..protocol.decoders import (
     DisconnectNotice,
-    PresenceChange,
     RefreshRequest,
     SubRefreshRequest,
     SubscribedChannel,
@@ -37,14 +36,12 @@ from ..protocol.decoders import (
     reply_result,
 )
 from ..protocol.messages import SUBPROTOCOL
-from ..protocol.values import ClientPublication, StreamPosition
+from ..protocol.values import ClientPublication, JoinEvent, LeaveEvent, StreamPosition
 from .core import ClientCore
 from .events import (
     ClientState,
     ConnectedEvent,
     DisconnectedEvent,
-    JoinEvent,
-    LeaveEvent,
     RecoveredEvent,
     RecoveryFailedEvent,
     SubscribeErrorEvent,
@@ -282,9 +279,9 @@ class ReconnectingClient(ClientCore):
                     return
                 if sub._deliver(publication):
                     self._emit(publication)
-            case PresenceChange(channel=channel, info=info, joined=joined):
-                if channel in self._subs:
-                    self._emit(JoinEvent(channel, info) if joined else LeaveEvent(channel, info))
+            case JoinEvent() | LeaveEvent() as presence:
+                if presence.channel in self._subs:
+                    self._emit(presence)
             case DisconnectNotice(code=code, reason=reason):
                 link.closed_by = (code, reason)
             case RefreshRequest() if callable(self.token):

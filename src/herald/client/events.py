@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from ..exceptions import ReplyError
-from ..protocol.values import ClientInfo, ClientPublication, StreamPosition
+from ..protocol.values import ClientPublication, JoinEvent, LeaveEvent, StreamPosition
 
 
 class ClientState(enum.Enum):
@@ -63,22 +63,6 @@ class RecoveryFailedEvent:
     @property
     def epoch_changed(self) -> bool:
         return self.previous.epoch != self.position.epoch
-
-
-@dataclass(frozen=True, slots=True)
-class JoinEvent:
-    """``join``: someone subscribed to ``channel``."""
-
-    channel: str
-    info: ClientInfo
-
-
-@dataclass(frozen=True, slots=True)
-class LeaveEvent:
-    """``leave``: someone left ``channel``."""
-
-    channel: str
-    info: ClientInfo
 
 
 @dataclass(frozen=True, slots=True)

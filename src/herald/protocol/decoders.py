@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from ..exceptions import ReplyError
-from .values import ClientInfo, ClientPublication, HistoryPage, PresenceStats, StreamPosition
+from .values import (
+    ClientInfo,
+    ClientPublication,
+    HistoryPage,
+    JoinEvent,
+    LeaveEvent,
+    PresenceStats,
+    StreamPosition,
+)
 
 Frame: TypeAlias = dict[str, Any]
 
@@ -38,15 +46,6 @@ class SubscribedChannel:
     recoverable: bool
     recovered: bool | None  # None unless ``since`` was sent
     publications: list[ClientPublication]
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceChange:
-    """A ``join`` or ``leave`` push (``joined`` tells which)."""
-
-    channel: str
-    info: ClientInfo
-    joined: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +81,13 @@ class Unsubscribed:
 
 #: What :func:`decode_push` returns; ``None`` for a push this client does not know.
 ServerPush: TypeAlias = (
-    ClientPublication | PresenceChange | DisconnectNotice | RefreshRequest | SubRefreshRequest | Unsubscribed
+    ClientPublication
+    | JoinEvent
+    | LeaveEvent
+    | DisconnectNotice
+    | RefreshRequest
+    | SubRefreshRequest
+    | Unsubscribed
 )
 
 
@@ -194,7 +199,7 @@ def decode_push(frame: Frame) -> ServerPush | None:
         info = decode_info(frame.get("info"))
         if info is None:
             return None
-        return PresenceChange(str(frame.get("channel")), info, kind == "join")
+        return (JoinEvent if kind == "join" else LeaveEvent)(str(frame.get("channel")), info)
     if kind == "disconnect":
         return DisconnectNotice(int(frame.get("code", 1006)), str(frame.get("reason", "")))
     if kind == "refresh":

@@ -58,6 +58,22 @@ class ClientPublication:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinEvent:
+    """``join``: someone subscribed to ``channel`` (a push, and a client event)."""
+
+    channel: str
+    info: ClientInfo
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveEvent:
+    """``leave``: someone left ``channel`` (a push, and a client event)."""
+
+    channel: str
+    info: ClientInfo
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     """Result of :meth:`Client.history`: publications and the stream's top position."""
 

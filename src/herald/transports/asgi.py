@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..context import AsgiHandshake, header_value
+from ..context import AsgiHandshake
 from .base import Route, Session
 
 logger = logging.getLogger("herald.transport")
@@ -82,9 +82,6 @@ class AsgiSocket(AsgiHandshake):
     def remote(self) -> str:
         client = self.scope.get("client")
         return f"{client[0]}:{client[1]}" if client else "unknown"
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
 
     # ------------------------------------------------------------ writing
 

@@ -200,16 +200,6 @@ def register_routes(app: Any, routes: dict[str, Route]) -> None:
         _registry[app] = {**_registry.get(app, {}), **routes}
 
 
-def is_registered(app: Any, path: str) -> bool:
-    routes = _registry.get(app)
-    return routes is not None and path in routes
-
-
-def unregister_routes(app: Any) -> None:
-    with _registry_lock:
-        _registry.pop(app, None)
-
-
 # uvicorn config -> its loaded app and the middleware around it, outermost first.  Built
 # once per server (the chain does not change after loading), read on every handshake.
 _chains: weakref.WeakKeyDictionary[Any, tuple[list[Any], Any]] = weakref.WeakKeyDictionary()
@@ -438,10 +428,8 @@ __all__ = [
     "abort_for",
     "fragment_limit",
     "install_log_filters",
-    "is_registered",
     "register_routes",
     "routes_for",
     "stop_listening",
-    "unregister_routes",
     "uvicorn_ws_protocol",
 ]
