@@ -181,7 +181,7 @@ def test_tutorial_endpoints_are_channels() -> None:
 def test_namespaces_with_their_semantics() -> None:
     settings = Settings(
         namespaces={
-            "chat": NamespaceOptions(history_size=50, history_ttl=3600),
+            "chat": NamespaceOptions(history_size=50, history_ttl=3600, join_leave=True),
             "feed": NamespaceOptions(
                 history_size=0, presence=False, allow_publish=False, allow_anonymous=False
             ),

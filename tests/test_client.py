@@ -160,6 +160,49 @@ async def test_client_events_for_publications_joins_and_leaves(
     assert [type(e) for e in events] == [ClientPublication, LeaveEvent]
 
 
+async def test_subscription_join_and_leave_callbacks(pair: tuple[Client, Client]) -> None:
+    a, b = pair
+    first, second = channel(), channel()
+    seen: list[tuple[str, str, str]] = []  # (who, event, channel) in the order they ran
+    own_joins: list[JoinEvent] = []
+
+    async def first_join(event: JoinEvent) -> None:
+        await asyncio.sleep(0)  # an async callback is awaited before the next event
+        seen.append(("first", "join", event.channel))
+        if event.info.client == a.client_id:
+            own_joins.append(event)
+
+    sub = await a.subscribe(
+        first, on_join=first_join, on_leave=lambda e: seen.append(("first", "leave", e.channel))
+    )
+    assert sub.on_join is first_join
+    # The second subscription listens to leaves only; no client-wide handler yet.
+    await a.subscribe(second, on_leave=lambda e: seen.append(("second", "leave", e.channel)))
+    await async_wait_for(lambda: own_joins, what="a's own join on the first channel")
+    assert own_joins[0].channel == first
+
+    a.on("join", lambda e: seen.append(("client", "join", e.channel)))
+    a.on("leave", lambda e: seen.append(("client", "leave", e.channel)))
+    seen.clear()
+    await b.subscribe(first)
+    await b.subscribe(second)
+    await b.unsubscribe(first)
+    await b.unsubscribe(second)
+    await async_wait_for(lambda: len(seen) >= 7, what="every callback ran")
+    # Per channel: its own callbacks only, each before the client-wide handler.
+    assert [(who, kind) for who, kind, name in seen if name == first] == [
+        ("first", "join"),
+        ("client", "join"),
+        ("first", "leave"),
+        ("client", "leave"),
+    ]
+    assert [(who, kind) for who, kind, name in seen if name == second] == [
+        ("client", "join"),
+        ("second", "leave"),
+        ("client", "leave"),
+    ]
+
+
 async def test_history(pair: tuple[Client, Client]) -> None:
     a, _ = pair
     name = channel()

@@ -149,7 +149,12 @@ async def test_json_logs_have_context_but_no_payloads_or_tokens() -> None:
 
     secret = "log-test-secret-" + "z" * 32
     secret_token = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
-    env = {"HERALD_LOG_FORMAT": "json", "HERALD_DEMOS": "false", "HERALD_TOKEN_SECRET": secret}
+    env = {
+        "HERALD_LOG_FORMAT": "json",
+        "HERALD_DEMOS": "false",
+        "HERALD_TOKEN_SECRET": secret,
+        "HERALD_ACCESS_LOG": "true",  # the per-connection lines are INFO only with it
+    }
     server = ServerProcess(env=env).start()
     try:
         client = await ProtocolClient.open(server.ws(f"/connect?token={secret_token}"))
@@ -177,6 +182,31 @@ async def test_json_logs_have_context_but_no_payloads_or_tokens() -> None:
     assert secret_token not in log
     for record in _records(log):
         assert {"time", "level", "logger", "message"} <= record.keys()
+
+
+@pytest.mark.asyncio
+async def test_per_connection_log_lines_are_debug_without_the_access_log() -> None:
+    """Issue 19: three INFO lines per connection cost about a third of a connect storm's CPU;
+    by default they are DEBUG (HERALD_ACCESS_LOG turns them back on, test above)."""
+    server = ServerProcess(env={"HERALD_LOG_FORMAT": "json", "HERALD_DEMOS": "false"}).start()
+    try:
+        for path in ("/connect", "/admin/ws"):
+            client = await ProtocolClient.open(server.ws(path), connect=path == "/connect")
+            await client.close()
+        from .helpers import wait_for
+
+        def ended() -> bool:
+            _, body = http_get(server.http + "/metrics")
+            return b'herald_disconnects_total{code="1000"' in body
+
+        wait_for(ended, what="the disconnect counted")
+    finally:
+        server.stop()
+    messages = [str(r.get("message")) for r in _records(server.log())]
+    assert "client connected" not in messages
+    assert "client disconnected" not in messages
+    assert not [m for m in messages if "[accepted]" in m]
+    assert any("Herald" in m or "Application startup" in m for m in messages)
 
 
 def _records(log: str) -> list[dict[str, object]]:

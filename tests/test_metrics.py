@@ -7,6 +7,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import jwt
 import pytest
@@ -90,8 +91,16 @@ async def test_connections_messages_publications(metrics_server: ServerProcess) 
     await asyncio.to_thread(api_post, metrics_server, "/api/publish", {"channel": "game:m", "data": 1})
 
     after = await asyncio.to_thread(scrape, metrics_server)
-    assert value(after, "herald_connections_total") - value(before, "herald_connections_total") == 2
-    assert value(after, "herald_connections_open") == value(before, "herald_connections_open") + 2
+    connect = {"route": "connect"}
+    assert (
+        value(after, "herald_connections_total", **connect)
+        - value(before, "herald_connections_total", **connect)
+        == 2
+    )
+    assert (
+        value(after, "herald_connections_open", **connect)
+        == value(before, "herald_connections_open", **connect) + 2
+    )
     assert value(after, "herald_subscriptions") >= 2
     assert value(after, "herald_channels") >= 1
     published = value(after, "herald_publications_total", namespace="chat") - value(
@@ -100,11 +109,21 @@ async def test_connections_messages_publications(metrics_server: ServerProcess) 
     assert published == 3
     assert value(after, "herald_publications_total", namespace="game") >= 1
     # connect x2, subscribe x2, publish x3 at least (pongs may add more).
-    assert value(after, "herald_messages_in_total") - value(before, "herald_messages_in_total") >= 7
-    assert value(after, "herald_bytes_in_total") > value(before, "herald_bytes_in_total")
+    grew_in = value(after, "herald_messages_in_total", **connect) - value(
+        before, "herald_messages_in_total", **connect
+    )
+    assert grew_in >= 7
+    assert value(after, "herald_bytes_in_total", **connect) > value(
+        before, "herald_bytes_in_total", **connect
+    )
     # Both clients got 3 publications and their replies.
-    assert value(after, "herald_messages_out_total") - value(before, "herald_messages_out_total") >= 13
-    assert value(after, "herald_bytes_out_total") > value(before, "herald_bytes_out_total")
+    grew_out = value(after, "herald_messages_out_total", **connect) - value(
+        before, "herald_messages_out_total", **connect
+    )
+    assert grew_out >= 13
+    assert value(after, "herald_bytes_out_total", **connect) > value(
+        before, "herald_bytes_out_total", **connect
+    )
     assert value(after, "herald_deliveries_total") - value(before, "herald_deliveries_total") == 6
     latency = value(after, "herald_broker_publish_seconds_count") - value(
         before, "herald_broker_publish_seconds_count"
@@ -117,13 +136,15 @@ async def test_connections_messages_publications(metrics_server: ServerProcess) 
     await wait_metric(
         metrics_server,
         "herald_disconnects_total",
-        lambda v: v >= value(before, "herald_disconnects_total", code="1000") + 2,
+        lambda v: v >= value(before, "herald_disconnects_total", route="connect", code="1000") + 2,
+        route="connect",
         code="1000",
     )
     final = await wait_metric(
         metrics_server,
         "herald_connections_open",
-        lambda v: v == value(before, "herald_connections_open"),
+        lambda v: v == value(before, "herald_connections_open", **connect),
+        **connect,
     )
     assert value(final, "herald_node_info", broker="memory", version="0.1.0", node=_node(final)) == 1
 
@@ -172,8 +193,8 @@ async def test_slow_consumer_disconnect_is_counted(metrics_server: ServerProcess
         if value(samples, "herald_slow_consumer_disconnects_total") >= target:
             break
     after = await wait_metric(metrics_server, "herald_slow_consumer_disconnects_total", lambda v: v == target)
-    grew = value(after, "herald_disconnects_total", code="4001") - value(
-        before, "herald_disconnects_total", code="4001"
+    grew = value(after, "herald_disconnects_total", route="connect", code="4001") - value(
+        before, "herald_disconnects_total", route="connect", code="4001"
     )
     assert grew == 1
     # The client, reading again, finds the connection closed.
@@ -239,7 +260,7 @@ async def test_node_stats_feed_the_metrics_named_for_them() -> None:
         broker.drop_hook = lambda publication: True
         await node.publish("chat:gap", 2)  # missed by this node: a gap, subscribers closed
         broker.handler_errors = 2  # as if the node's handler had failed twice
-        node.stats.frames_in, node.stats.bytes_in = 5, 50
+        node.stats.route("connect").frames_in, node.stats.route("ws").bytes_in = 5, 50
 
         samples: Samples = {}
         for family in text_string_to_metric_families(metrics.render().decode()):
@@ -251,8 +272,96 @@ async def test_node_stats_feed_the_metrics_named_for_them() -> None:
         assert value(samples, "herald_stream_gaps_total") == 1
         assert all(c.is_closing for c in subscribers)
         assert value(samples, "herald_broker_events_total", event="handler_errors") == 2
-        assert value(samples, "herald_messages_in_total") == 5
-        assert value(samples, "herald_bytes_in_total") == 50
+        assert value(samples, "herald_messages_in_total", route="connect") == 5
+        assert value(samples, "herald_bytes_in_total", route="ws") == 50
+        assert value(samples, "herald_bytes_in_total", route="connect") == 0
         assert node.stats.as_dict()["stream_gaps"] == 1
     finally:
         await node.close()
+
+
+def test_route_labels_are_a_fixed_set_with_other_for_the_rest() -> None:
+    from herald.stats import ROUTE_LABELS, NodeStats
+
+    stats = NodeStats()
+    assert set(stats.routes) == set(ROUTE_LABELS)
+    assert stats.route("connect") is stats.routes["connect"]
+    assert stats.route("long_poll") is stats.routes["other"]
+    assert stats.route("/connect") is stats.routes["other"]  # names, never paths
+
+
+class _Socket:
+    client_ip = "192.0.2.1"
+
+    def __init__(self) -> None:
+        self.sent: list[str | bytes] = []
+
+    def send_now(self, message: str | bytes) -> None:
+        self.sent.append(message)
+
+
+async def test_route_counters_add_up_per_label_and_in_total() -> None:
+    """In process: a session of a route without a name of its own counts under ``other``;
+    the open connections' output counts until they end, then stays in the totals."""
+    from herald.config import Settings
+    from herald.connection import Connection
+    from herald.metrics import Metrics
+    from herald.node import Node
+    from herald.sessions import EchoSession, RouteSession
+    from herald.stats import ROUTE_LABELS
+
+    class Unnamed(RouteSession):
+        __slots__ = ()
+
+        def on_text(self, text: str) -> None:
+            self.send_now(text.upper())
+
+    node = Node(Settings(ping_interval=0))
+    metrics = Metrics(node)
+
+    def samples() -> Samples:
+        found: Samples = {}
+        for family in text_string_to_metric_families(metrics.render().decode()):
+            for sample in family.samples:
+                found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return found
+
+    fresh = samples()
+    for label in ROUTE_LABELS:  # every route shows at 0 before its first client
+        assert (("herald_connections_open", frozenset({("route", label)}))) in fresh
+        assert value(fresh, "herald_messages_in_total", route=label) == 0
+
+    socket: Any = _Socket()
+    unnamed, echo = Unnamed(node, socket), EchoSession(node, socket)
+    unnamed.message("abc")
+    echo.message("hello")
+    echo.message("again")
+    connection = unnamed.count_output(Connection(_Transport(), "c1", renderer=lambda p: "x"))
+    connection.frames_out, connection.bytes_out = 3, 30
+
+    during = samples()
+    assert value(during, "herald_connections_open", route="other") == 1
+    assert value(during, "herald_connections_open", route="ws") == 1
+    assert value(during, "herald_messages_in_total", route="other") == 1
+    assert value(during, "herald_bytes_in_total", route="other") == 3
+    assert value(during, "herald_messages_in_total", route="ws") == 2
+    assert value(during, "herald_bytes_in_total", route="ws") == len("hello") + len("again")
+    # "ABC" written by the session, and the open connection's 3 frames.
+    assert value(during, "herald_messages_out_total", route="other") == 1 + 3
+    assert value(during, "herald_bytes_out_total", route="other") == 3 + 30
+    assert value(during, "herald_messages_out_total", route="ws") == 2
+    assert socket.sent == ["ABC", "Message text was: hello", "Message text was: again"]
+
+    unnamed.finish(4001, connection)
+    echo.lost(1006, "", True)
+    connection.frames_out += 100  # after its end: no longer read
+    after = samples()
+    assert value(after, "herald_connections_open", route="other") == 0
+    assert value(after, "herald_connections_total", route="other") == 1
+    assert value(after, "herald_disconnects_total", route="other", code="4001") == 1
+    assert value(after, "herald_disconnects_total", route="ws", code="1006") == 1
+    assert value(after, "herald_messages_out_total", route="other") == 4
+    total_in = sum(v for (name, _), v in after.items() if name == "herald_messages_in_total")
+    assert total_in == 3
+    assert node.stats.as_dict()["frames_in"] == 3
+    assert node.stats.as_dict()["connections"] == 2

@@ -44,7 +44,7 @@ from .codes import CloseCode
 from .commands import render_publication
 from .connection import Connection
 from .periodic import every
-from .sessions import RouteSession, new_connection, record_end
+from .sessions import RouteSession, end_code, new_connection, record_end
 from .transports.asgi import AsgiRoute
 from .transports.base import Route, Socket
 from .transports.uvicorn import abort_for
@@ -120,6 +120,8 @@ class Admin:
             "version": __version__,
             "uptime": round(time.time() - node.started_at, 1),
             "num_connections": node.hub.connection_count,
+            # Distinct non-empty user ids, as presence_stats counts them: anonymous clients
+            # are no user (presence.base.presence_stats).
             "num_users": node.hub.user_count,
             "clients": clients,
             "channels": dict(channels),
@@ -195,6 +197,7 @@ class AdminSession(HandshakeTimeout, RouteSession):
 
     __slots__ = ("admin", "connection", "timer")
 
+    route_label = "admin"
     timeout_code = CloseCode.HANDSHAKE_TIMEOUT
     timeout_reason = "send the API key first"
 
@@ -213,6 +216,9 @@ class AdminSession(HandshakeTimeout, RouteSession):
     def message(self, data: str | bytes) -> Awaitable[None] | None:
         if self.connection is not None:
             return super().message(data)  # text is ignored, binary closes with 1003
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(data)
         self.cancel_handshake_timeout()
         supplied: str | None = None
         if isinstance(data, str) and data:
@@ -227,8 +233,10 @@ class AdminSession(HandshakeTimeout, RouteSession):
             self.node.record_rejection("admin_auth")
             self.fail(CloseCode.UNAUTHORIZED, "missing or wrong API key")
             return None
-        self.connection = new_connection(
-            self.admin.settings, socket, render_publication, protocol=False, max_queue_messages=64
+        self.connection = self.count_output(
+            new_connection(
+                self.admin.settings, socket, render_publication, protocol=False, max_queue_messages=64
+            )
         )
         return self._join(self.connection)
 
@@ -264,7 +272,7 @@ class AdminSession(HandshakeTimeout, RouteSession):
                 await self.node.unregister(connection, protocol_channels=False)
                 await connection.stop()
         finally:
-            self.release()
+            self.finish(code if connection is None else end_code(connection, code), connection)
 
 
 def _local_publication(data: bytes) -> Publication:

@@ -22,6 +22,7 @@ from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
 from .exceptions import BrokerError, CommandError, NotAvailableError
 from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history
+from .protocol.idempotency import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 from .protocol.messages import (
     MAX_ID,
     ClientInfoModel,
@@ -42,11 +43,30 @@ if TYPE_CHECKING:
 class PublishBody(BaseModel):
     channel: str = Field(max_length=1024, examples=["chat:lobby"])
     data: Any = Field(examples=[{"text": "hello"}])
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        examples=["order-42"],
+        description="Makes a retry safe: a publish with the same key to the same channel within "
+        "the server's idempotency_window (300 s by default) publishes nothing and answers the "
+        "original offset and epoch.  1 to 128 visible ASCII characters.",
+    )
 
 
 class BroadcastBody(BaseModel):
     channels: list[str] = Field(min_length=1, max_length=1000)
     data: Any
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Applies per channel: a retried broadcast publishes to each channel at "
+        "most once within the server's idempotency_window, and answers each channel's "
+        "original offset and epoch.",
+    )
 
 
 class DisconnectBody(BaseModel):
@@ -122,9 +142,11 @@ def build_api_router(node: Node) -> APIRouter:
     @router.post("/publish", response_model=PublishResult, summary="Publish to a channel")
     async def publish(body: PublishBody) -> PublishResult:
         try:
-            position = await node.publish(body.channel, body.data)
+            position = await node.publish(body.channel, body.data, idempotency_key=body.idempotency_key)
         except CommandError as exc:
             raise _error(exc) from None
+        except NotAvailableError as exc:
+            raise _error(CommandError(ErrorCode.NOT_AVAILABLE, str(exc))) from None
         except BrokerError as exc:
             raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
         return PublishResult(offset=position.offset, epoch=position.epoch)
@@ -134,10 +156,16 @@ def build_api_router(node: Node) -> APIRouter:
         results: list[BroadcastItem] = []
         for channel in body.channels:
             try:
-                position = await node.publish(channel, body.data)
+                position = await node.publish(channel, body.data, idempotency_key=body.idempotency_key)
             except CommandError as exc:
                 results.append(
                     BroadcastItem(channel=channel, error=ErrorInfo(code=int(exc.code), message=exc.message))
+                )
+            except NotAvailableError as exc:
+                results.append(
+                    BroadcastItem(
+                        channel=channel, error=ErrorInfo(code=int(ErrorCode.NOT_AVAILABLE), message=str(exc))
+                    )
                 )
             except BrokerError as exc:
                 results.append(

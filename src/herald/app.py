@@ -23,20 +23,27 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.staticfiles import StaticFiles
+from starlette.routing import Route as HttpRoute
 from starlette.routing import WebSocketRoute
 
 from .apiguard import FRAME_HEADERS_DICT
 from .brokers.base import Broker, ClientInfo, StreamPosition
 from .config import Settings
+from .emulation import add_emulation_routes
 from .node import Node
 from .presence.base import PresenceManager
 from .sessions import route as session_route
+from .sse import STREAM_ROUTES, StreamRoute
 from .transports.asgi import AsgiRoute
 from .transports.base import Route
 from .transports.uvicorn import abort_for, install_log_filters, register_routes
+
+if TYPE_CHECKING:
+    from .outbox.consumer import OutboxConsumer
 
 logger = logging.getLogger("herald")
 
@@ -69,12 +76,25 @@ class Herald:
         self.routes: dict[str, Route] = {}
         self._add_routes(self.router)
         self._api_router: APIRouter | None = None
+        #: Publishes the outbox table's rows while the app runs, when ``settings.outbox`` is set.
+        self._outbox: OutboxConsumer | None = None
 
     # ------------------------------------------------------------ app API
 
-    async def publish(self, channel: str, data: Any, *, info: ClientInfo | None = None) -> StreamPosition:
-        """Publish ``data`` to ``channel`` on every node; returns its position."""
-        return await self.node.publish(channel, data, info=info)
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        info: ClientInfo | None = None,
+        idempotency_key: str | None = None,
+    ) -> StreamPosition:
+        """Publish ``data`` to ``channel`` on every node; returns its position.
+
+        With ``idempotency_key`` a retry within ``idempotency_window`` publishes nothing
+        and returns the original position (docs/backends.md).
+        """
+        return await self.node.publish(channel, data, info=info, idempotency_key=idempotency_key)
 
     def rpc(self, method: str) -> Callable[[F], F]:
         """Register an RPC handler: ``async def handler(params: Model, ctx: ClientContext)``.
@@ -112,8 +132,17 @@ class Herald:
     async def start(self) -> None:
         install_log_filters()
         await self.node.start()
+        if self.settings.outbox is not None and self._outbox is None:
+            from .outbox.consumer import OutboxConsumer
+
+            self._outbox = OutboxConsumer(self.node, self.settings.outbox, table=self.settings.outbox_table)
+            await self._outbox.start()
 
     async def close(self) -> None:
+        if self._outbox is not None:
+            # Before the node: the batch in progress still publishes through the broker.
+            await self._outbox.close()
+            self._outbox = None
         await self.node.close()
 
     @contextlib.asynccontextmanager
@@ -139,6 +168,15 @@ class Herald:
         if not (self.settings.fast_path and self.settings.native_routes):
             return
         register_routes(app, {path: self.routes[name] for path, name in paths.items()})
+
+    def static_files(self) -> StaticFiles:
+        """The browser client's files, for ``app.mount("/static", herald.static_files())``:
+        ``herald.js`` and its TypeScript declarations (``herald.d.ts``, ``herald-protocol.d.ts``,
+        served as ``application/typescript``); any other path answers 404.  See docs/library.md.
+        """
+        from .static_files import CLIENT_FILES, HeraldStaticFiles
+
+        return HeraldStaticFiles(only=CLIENT_FILES)
 
     @property
     def api_router(self) -> APIRouter:
@@ -203,6 +241,12 @@ class Herald:
             # no Starlette WebSocket object kept alive per connection.
             endpoint = AsgiRoute(route, fast_path=fast_path, abort_for=abort_for)
             router.routes.append(WebSocketRoute(path, endpoint, name=name))
+        # /sse and /stream (herald.sse): plain HTTP, the same ASGI app on every serving path.
+        for name, (path, kind, label) in STREAM_ROUTES.items():
+            router.routes.append(HttpRoute(path, StreamRoute(self.node, kind, label), name=name))
+        # /emulation/connect and /emulation (herald.emulation): protocol v1 over HTTP
+        # streaming and POSTs, for clients whose WebSocket is blocked.
+        add_emulation_routes(router, self.node)
 
 
 #: Herald's WebSocket routes in :attr:`Herald.router`: path -> route name.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_format": args.log_format,
         "reload": args.reload or None,
         "broker": args.broker,
+        "outbox": args.outbox,
+        "outbox_table": args.outbox_table,
     }
 
 
@@ -69,6 +72,8 @@ def _config(args: argparse.Namespace) -> int:
     # SecretStr fields dump as "**********" in JSON mode; a broker URL may carry a password.
     effective = settings.model_dump(mode="json")
     effective["broker"] = redact_url(settings.broker)
+    if settings.outbox is not None:
+        effective["outbox"] = redact_url(settings.outbox)
     print(json.dumps(effective, indent=2, sort_keys=True))
     return 0
 
@@ -90,6 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
             "workers). Use --broker redis://localhost:6379/0.",
             file=sys.stderr,
         )
+        return 2
+    if settings.outbox is not None and importlib.util.find_spec("asyncpg") is None:
+        print("herald: --outbox needs asyncpg: pip install 'herald[outbox]'", file=sys.stderr)
         return 2
     # Workers are separate processes that build their settings from the environment.
     for name, value in overrides.items():
@@ -122,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         reload=settings.reload,
         log_level=settings.log_level,
         log_config=log_config(settings.log_format, settings.log_level),
+        access_log=settings.access_log,
         ws=uvicorn_ws_protocol(settings.ws_impl, settings.fast_path),
         # Slow-loris defence: close connections whose request headers do not arrive in time.
         http="herald.transports.uvicorn_protocol:HeaderTimeoutHTTPProtocol",
@@ -141,12 +150,46 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What a server setting without a description in :class:`~herald.config.Settings` means.
+_SETTING_HELP = {
+    "host": "Address to bind.",
+    "port": "Port to listen on.",
+    "workers": "Worker processes; more than 1 needs a shared broker (--broker).",
+    "log_level": "Log level.",
+    "reload": "Reload on code changes (development).",
+}
+
+
+def _setting_help(name: str) -> str:
+    """A flag's help from the setting's description (config.py), its variable and default."""
+    from .config import Settings
+
+    field = Settings.model_fields[name]
+    text = field.description or _SETTING_HELP[name]
+    default = field.default
+    shown = str(default).lower() if isinstance(default, bool) else default
+    # argparse formats help with %: a literal one must be doubled.
+    return f"{text} (HERALD_{name.upper()}, default {shown})".replace("%", "%%")
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags ``serve`` and ``config`` share: each overrides one setting."""
+    parser.add_argument("--host", help=_setting_help("host"))
+    parser.add_argument("--port", type=int, help=_setting_help("port"))
+    parser.add_argument("--workers", type=int, help=_setting_help("workers"))
+    parser.add_argument("--reload", action="store_true", help=_setting_help("reload"))
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help=_setting_help("log_level"))
+    parser.add_argument("--broker", help=_setting_help("broker"))
+    parser.add_argument("--outbox", help=_setting_help("outbox"))
+    parser.add_argument("--outbox-table", help=_setting_help("outbox_table"))
+    _settings_flags(parser)
+
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "text"],
-        help="json lines, text, or auto: text on a terminal (HERALD_LOG_FORMAT)",
-    )
+    parser.add_argument("--log-format", choices=["auto", "json", "text"], help=_setting_help("log_format"))
     parser.add_argument(
         "--config",
         default=os.environ.get("HERALD_CONFIG_FILE") or None,
@@ -177,14 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"herald {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the Herald server")
-    serve.add_argument("--host", help="bind address (HERALD_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (HERALD_PORT, default 8000)")
-    serve.add_argument("--workers", type=int, help="worker processes (HERALD_WORKERS; >1 needs --broker)")
-    serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
-    serve.add_argument("--broker", help="memory (default), redis://host:port/db, nats://host:port")
-    _settings_flags(serve)
+    serve = commands.add_parser(
+        "serve",
+        help="run the Herald server",
+        description="Every setting also has a HERALD_* environment variable and a TOML key "
+        "(docs/configuration.md); flags win.",
+    )
+    _server_flags(serve)
     serve.set_defaults(func=_serve)
 
     config = commands.add_parser(
@@ -193,13 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the settings `herald serve` would use with the same flags, "
         "environment and file, as JSON, with secrets masked.  Exit status 2 when invalid.",
     )
-    config.add_argument("--host")
-    config.add_argument("--port", type=int)
-    config.add_argument("--workers", type=int)
-    config.add_argument("--reload", action="store_true")
-    config.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
-    config.add_argument("--broker")
-    _settings_flags(config)
+    _server_flags(config)
     config.set_defaults(func=_config)
 
     bench = commands.add_parser(

@@ -5,7 +5,8 @@
 * ``herald connect URL --channel chat:lobby`` speaks protocol v1 through
   :class:`herald.client.Client` (reconnect and recovery included): it prints
   publications, joins and leaves, and publishes each typed line to the first
-  channel (as JSON when the line parses, else as a JSON string).
+  channel (as JSON when the line parses, else as a JSON string);
+  ``--transport http_stream`` speaks it over HTTP (bidirectional emulation).
 * ``herald publish`` / ``presence`` / ``history`` call the HTTP API
   (``--url``, default ``$HERALD_URL`` or ``http://127.0.0.1:8000``; the key
   from ``--api-key`` or ``$HERALD_API_KEY``).
@@ -230,6 +231,7 @@ async def _connect_protocol(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         backoff_min=0.5,
         backoff_max=10.0,
+        transport=args.transport,
     )
 
     def on_connected(event: ConnectedEvent) -> None:
@@ -289,13 +291,25 @@ async def _connect_protocol(args: argparse.Namespace) -> int:
         )
 
     def on_recovery_failed(event: RecoveryFailedEvent) -> None:
-        why = "the stream was reset" if event.epoch_changed else "history no longer covers the gap"
+        # The reply carries the stream's current position: compare it with the one asked for.
+        asked, top = event.previous, event.position
+        if event.epoch_changed:
+            reason, why = "epoch_changed", "the stream was reset"
+        elif asked.offset > top.offset:
+            reason = "ahead_of_stream"
+            why = (
+                f"offset {asked.offset} is ahead of the stream, which is at offset {top.offset}: "
+                "nothing was published there yet; check the offset given to --since"
+            )
+        else:
+            reason, why = "history_gap", "history no longer covers the gap"
         show(
             "recovery_failed",
             f"* {event.channel}: could not recover missed publications ({why})",
             channel=event.channel,
-            offset=event.position.offset,
-            epoch=event.position.epoch,
+            offset=top.offset,
+            epoch=top.epoch,
+            reason=reason,
         )
 
     def on_subscribe_error(event: SubscribeErrorEvent) -> None:
@@ -386,6 +400,8 @@ async def _client_closed(client: Any) -> ClientClosedError:
 async def _connect(args: argparse.Namespace) -> int:
     if args.channel:
         return await _connect_protocol(args)
+    if args.transport != "websocket":
+        raise CliError(f"--transport {args.transport} needs protocol mode (--channel)", 2)
     return await _connect_raw(args)
 
 
@@ -419,6 +435,14 @@ def _api(
         raise CliError(f"{base} did not answer within {args.timeout:g}s") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise CliError(f"request to {url} failed: {exc}") from None
+    if response.status_code == 404 and not _is_api_error(response):
+        # Herald's API answers its own 404s with a {message, code} detail; anything else
+        # means no HTTP API is mounted at this URL.
+        raise CliError(
+            f"no Herald HTTP API at {base}/api ({url} answered HTTP 404): the app does not mount "
+            "Herald's api_router there; pass --url (or set HERALD_URL) with the base URL the "
+            "app mounts it under, e.g. --url http://host:8000/prefix for /prefix/api"
+        )
     if response.status_code >= 400:
         detail: Any
         try:
@@ -442,10 +466,23 @@ def _api(
         raise CliError(f"{url} answered with something that is not JSON") from None
 
 
+def _is_api_error(response: Any) -> bool:
+    """Whether an error response comes from Herald's HTTP API (a ``{"detail": {"message",
+    "code"}}`` body), not from an app that has no such route."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(detail, dict) and "code" in detail
+
+
 def _publish(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.data == "-" else args.data
     data = text if args.string else _parse_data(text)
-    result = _api(args, "POST", "/publish", body={"channel": args.channel, "data": data})
+    body: dict[str, Any] = {"channel": args.channel, "data": data}
+    if args.idempotency_key is not None:
+        body["idempotency_key"] = args.idempotency_key
+    result = _api(args, "POST", "/publish", body=body)
     if args.json:
         _emit(_compact({"channel": args.channel, **result}))
     else:
@@ -546,7 +583,9 @@ def add_client_commands(commands: Any) -> None:
         "publishes each typed line to the first channel (JSON if it parses, else a string). "
         "Ctrl-D quits.",
     )
-    connect.add_argument("url", help="ws:// or wss:// URL")
+    connect.add_argument(
+        "url", help="ws:// or wss:// URL (with --transport http_stream also http:// or https://)"
+    )
     connect.add_argument(
         "-c",
         "--channel",
@@ -559,7 +598,11 @@ def add_client_commands(commands: Any) -> None:
         help="protocol mode: resume the first channel after this position (prints what was missed)",
     )
     connect.add_argument("--token", help="protocol mode: connection token (JWT)")
-    connect.add_argument("--name", help="protocol mode: client name shown in server logs")
+    connect.add_argument(
+        "--name",
+        help="protocol mode: client name sent in connect (herald serve shows it in presence "
+        "as info.name; default herald-cli)",
+    )
     connect.add_argument("--json", action="store_true", help="protocol mode: print JSON lines")
     connect.add_argument("--origin", help="Origin header to send")
     connect.add_argument("-H", "--header", action="append", help="extra header 'Name: value' (repeatable)")
@@ -567,6 +610,13 @@ def add_client_commands(commands: Any) -> None:
         "--subprotocol", action="append", help="raw mode: subprotocol to request (repeatable)"
     )
     connect.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    connect.add_argument(
+        "--transport",
+        choices=("websocket", "http_stream"),
+        default="websocket",
+        help="protocol mode: websocket (default), or http_stream: the same protocol over HTTP "
+        "streaming and POST (bidirectional emulation), for networks that block WebSocket",
+    )
     connect.set_defaults(func=_guarded(_connect))
 
     publish = commands.add_parser(
@@ -575,20 +625,26 @@ def add_client_commands(commands: Any) -> None:
         description="DATA is sent as JSON when it parses ('{\"a\": 1}', '42', 'true'), else as "
         "a JSON string; '-' reads it from stdin.",
     )
-    publish.add_argument("channel")
-    publish.add_argument("data")
+    publish.add_argument("channel", help="channel to publish to, e.g. chat:lobby")
+    publish.add_argument("data", help="JSON value or text to publish; '-' reads it from stdin")
     publish.add_argument("--string", action="store_true", help="send DATA as a string, unparsed")
+    publish.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="make the publish safe to retry: the same KEY on the same channel within the "
+        "server's idempotency_window publishes once and answers the original offset",
+    )
     _http_options(publish)
     publish.set_defaults(func=_guarded(_publish))
 
     presence = commands.add_parser("presence", help="who is subscribed to a channel")
-    presence.add_argument("channel")
+    presence.add_argument("channel", help="channel to list, e.g. chat:lobby")
     presence.add_argument("--stats", action="store_true", help="counts only")
     _http_options(presence)
     presence.set_defaults(func=_guarded(_presence))
 
     history = commands.add_parser("history", help="a channel's history")
-    history.add_argument("channel")
+    history.add_argument("channel", help="channel to read, e.g. chat:lobby")
     history.add_argument("--limit", type=int, help="at most N publications")
     history.add_argument("--since-offset", type=int, help="only publications after this offset")
     history.add_argument("--since-epoch", help="the epoch --since-offset belongs to")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any, assert_never
 
 import orjson
@@ -28,6 +28,7 @@ from .exceptions import (
     NotAvailableError,
     ProtocolError,
 )
+from .hooks import earliest_expiry, first_answer
 from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
 from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history, reply_byte_budget
@@ -104,7 +105,7 @@ class CommandHandler:
         self.rate = CommandRateLimiter(
             settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
         )
-        self.expiry = TokenExpiry(node, connection, self._end_subscription)
+        self.expiry = TokenExpiry(node, connection, self._end_subscription, self._renew)
 
     # ------------------------------------------------------------ entry points
 
@@ -124,9 +125,7 @@ class CommandHandler:
         connection = self.connection
         now = time.monotonic()
         connection.last_seen = now
-        stats = self.node.stats
-        stats.frames_in += 1
-        stats.bytes_in += len(text)
+        # Frames in are counted by the route's session (sessions.RouteSession.message).
         if connection.is_closing:
             return None
         settings = self.node.settings
@@ -188,21 +187,72 @@ class CommandHandler:
         self.node.record_rejected_command("rate_limited")
         connection.send(encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded"))
 
-    def _end_subscription(self, channel: str) -> None:
-        """Its subscription token expired unrefreshed: end the subscription, keep the connection."""
+    def _end_subscription(
+        self, channel: str, code: int = ErrorCode.TOKEN_EXPIRED, reason: str = "subscription token expired"
+    ) -> None:
+        """Its subscription expired unrefreshed (or a ``sub_refresh`` hook refused it): end
+        the subscription with an ``unsubscribe`` push of ``code``, keep the connection."""
         # Out of the hub now, so that no publication follows the unsubscribe push.
         emptied = self.node.hub.unsubscribe(channel, self.connection)
-        self.connection.send(
-            encode_unsubscribe(channel, int(ErrorCode.TOKEN_EXPIRED), "subscription token expired")
-        )
-        task = asyncio.get_running_loop().create_task(self._release(channel, emptied))
-        self._rpc_tasks.add(task)  # cancelled with the connection, like RPCs
+        self.connection.send(encode_unsubscribe(channel, int(code), reason))
+        self._spawn(self._release(channel, emptied))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task cancelled with the connection, like RPCs."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._rpc_tasks.add(task)
         task.add_done_callback(self._rpc_tasks.discard)
 
-    def _arm_expiry(self) -> None:
-        """Arm the timer that asks for a refresh when the connection token expires."""
+    def _arm_expiry(self, hook_expiry: float | None = None) -> None:
+        """Arm the timer that asks for a refresh when the connection expires: at the
+        connection token's ``exp`` or the connect hooks' expiry, whichever comes first."""
         claims = self.context.claims
-        self.expiry.arm(claims.expires_at if claims is not None else None)
+        self.expiry.arm(earliest_expiry((), claims.expires_at if claims is not None else None, hook_expiry))
+
+    def _renew(self, channel: str | None) -> bool:
+        """An expiry arrived (the connection's, or ``channel``'s subscription's): when
+        ``refresh`` (``sub_refresh``) hooks are registered, ask them in a task and return
+        True; else the client is asked for a token (:class:`TokenExpiry`)."""
+        if not self.node.hooks.has("refresh" if channel is None else "sub_refresh"):
+            return False
+        self._spawn(self._run_renewal(channel))
+        return True
+
+    async def _run_renewal(self, channel: str | None) -> None:
+        """Ask the refresh (sub_refresh) hooks: an :class:`ExpiresAt` extends, no answer
+        asks the client for a token, a refusal closes with 4004 (ends the subscription
+        with the refusal's code), a ``DisconnectError`` closes with its code."""
+        node, connection, ctx = self.node, self.connection, self.context
+        if connection.is_closing or (channel is not None and channel not in connection.channels):
+            return
+        try:
+            if channel is None:
+                results = await node.run_hooks("refresh", ctx)
+            else:
+                results = await node.run_hooks("sub_refresh", ctx, channel)
+        except DisconnectError as exc:
+            connection.close(exc.code, exc.reason)
+            return
+        except Exception as exc:
+            refusal = exc if isinstance(exc, CommandError) else CommandError(ErrorCode.INTERNAL)
+            if refusal is not exc:
+                logger.exception("%s hook failed", "refresh" if channel is None else "sub_refresh")
+            if channel is None:
+                node.record_rejected_command("token_expired")
+                connection.close(CloseCode.TOKEN_EXPIRED, f"refresh refused: {refusal.message}"[:100])
+            elif channel in connection.channels:
+                node.record_rejected_command("subscription_token_expired")
+                self._end_subscription(channel, refusal.code, refusal.message)
+            return
+        if connection.is_closing or (channel is not None and channel not in connection.channels):
+            return
+        expires_at = earliest_expiry(results)
+        if expires_at is None:
+            self.expiry.ask_client(channel)
+        elif channel is None:
+            self.expiry.arm(expires_at)
+        else:
+            self.expiry.arm_channel(channel, expires_at)
 
     async def _leave(self, channel: str) -> None:
         """Take this connection out of ``channel`` (hub, broker subscription, presence)."""
@@ -332,16 +382,19 @@ class CommandHandler:
         ctx.token = command.token or ctx.query("token")
         ctx.name = command.name
         await node.authenticate(ctx)
-        await node.run_hooks("connect", ctx)
+        connect_results = await node.run_hooks("connect", ctx)
         connection.user = ctx.user
         connection.info = ctx.info
         node.admit(connection)
         self.gate.connected()
-        logger.info(
-            "client connected",
-            extra={"conn": connection.client_id, "user": ctx.user, "remote": connection.remote},
-        )
-        self._arm_expiry()
+        level = logging.INFO if node.settings.access_log else logging.DEBUG
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "client connected",
+                extra={"conn": connection.client_id, "user": ctx.user, "remote": connection.remote},
+            )
+        self._arm_expiry(earliest_expiry(connect_results))
         settings = node.settings
         return encode_connect_reply(
             command.id,
@@ -399,6 +452,8 @@ class CommandHandler:
                         subscribe_error_item(item.channel, ErrorCode.BROKER_UNAVAILABLE, "broker unavailable")
                     )
                     continue
+                except DisconnectError:
+                    raise  # a hook (or the proxy) closes the connection: no reply item
                 except Exception:
                     # A failing hook must not leave the channels before it half-subscribed
                     # under an error reply for the whole command.
@@ -452,8 +507,8 @@ class CommandHandler:
             if node.hub.unsubscribe(channel, connection):
                 await node.release_broker_subscription(channel)
             raise
-        if grant.token is not None:
-            self.expiry.arm_channel(channel, grant.token.expires_at)
+        if grant.expires_at is not None:
+            self.expiry.arm_channel(channel, grant.expires_at)
         top = publications[-1].offset if publications else position.offset
         result = subscribed_item(
             channel,
@@ -523,12 +578,23 @@ class CommandHandler:
         channel = grant.channel
         data = await node.policy.publish_data(self.context, channel, command.data)
         info = ClientInfo(connection.client_id, connection.user, connection.info)
-        position = await node.publish_json(channel, orjson.dumps(data), grant.options, info=info)
+        try:
+            position = await node.publish_json(
+                channel, orjson.dumps(data), grant.options, info=info, idempotency_key=command.idempotency_key
+            )
+        except NotAvailableError as exc:
+            # The broker cannot do this at all (an idempotency key on core NATS): say why.
+            raise CommandError(ErrorCode.NOT_AVAILABLE, str(exc)) from None
         return encode_publish_reply(command.id, position)
 
     async def _cmd_rpc(self, command: m.RpcRequest) -> str:
         # RPC names no channel: who may call a method is the handler's decision (ctx.user).
-        data = await self.node.call_rpc(command.method, command.params, self.context)
+        node = self.node
+        if command.method not in node.rpc_methods and node.hooks.has("rpc"):
+            # No handler: the rpc hooks answer (the proxy's asks the backend).
+            results = await node.run_hooks("rpc", self.context, command.method, command.params)
+            return encode_rpc_reply(command.id, first_answer(results))
+        data = await node.call_rpc(command.method, command.params, self.context)
         return encode_rpc_reply(command.id, data)
 
     async def _cmd_presence(self, command: m.PresenceRequest) -> str:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .brokers.options import check_broker_options
@@ -26,7 +26,17 @@ class NamespaceOptions(BaseModel):
     history_size: int = Field(default=100, ge=0, le=1_000_000, description="Publications kept.")
     history_ttl: float = Field(default=600.0, ge=0, description="Seconds history is kept (0: forever).")
     presence: bool = Field(default=True, description="Track who is subscribed.")
-    join_leave: bool = Field(default=True, description="Push join/leave to subscribers.")
+    join_leave: bool = Field(
+        default=False,
+        description="Push join/leave to subscribers (off by default, as in Centrifugo: every "
+        "join is pushed to every subscriber, so the work grows with the square of a channel's size).",
+    )
+    join_leave_max_subscribers: int = Field(
+        default=100,
+        ge=0,
+        description="With join_leave: no join/leave pushes on a node while the channel has more "
+        "subscribers than this there (0: no bound).",
+    )
     allow_publish: bool = Field(default=True, description="Clients may publish (the API always may).")
     allow_subscribe: bool = True
     allow_history: bool = Field(default=True, description="Clients may read history.")
@@ -37,6 +47,57 @@ class NamespaceOptions(BaseModel):
         description="Subscribing needs a subscription token for the channel, or a connection "
         "token whose `channels` claim grants it.",
     )
+    # Proxy hooks per namespace (docs/backends.md): None follows the node's
+    # proxy_<event>_url; false never asks the backend; true needs that URL; a URL
+    # asks that endpoint for this namespace's channels instead.
+    proxy_subscribe: bool | str | None = Field(
+        default=None,
+        description="Ask the backend before a subscribe (and reads of unsubscribed channels): "
+        "unset follows proxy_subscribe_url, false never, true needs proxy_subscribe_url, a URL "
+        "overrides it for this namespace.",
+    )
+    proxy_publish: bool | str | None = Field(
+        default=None, description="As proxy_subscribe, for client publishes (proxy_publish_url)."
+    )
+    proxy_sub_refresh: bool | str | None = Field(
+        default=None,
+        description="As proxy_subscribe, for subscription expiry (proxy_sub_refresh_url).",
+    )
+
+    @field_validator("proxy_subscribe", "proxy_publish", "proxy_sub_refresh")
+    @classmethod
+    def _proxy_url(cls, value: bool | str | None) -> bool | str | None:
+        return check_proxy_url(value) if isinstance(value, str) else value
+
+
+#: Headers that describe the WebSocket request itself: never forwarded to a proxy backend.
+UNFORWARDABLE_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "te",
+        "trailer",
+        "expect",
+        "cookie",
+    }
+)
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def check_proxy_url(url: str) -> str:
+    """A proxy backend endpoint: an absolute http(s) URL with a host, else ``ValueError``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"proxy URL must be http:// or https:// with a host, got {url!r}")
+    return url
 
 
 #: What can stand before the first ":" of a client's channel name (see protocol/channels.py).
@@ -76,6 +137,12 @@ class Settings(BaseSettings):
         pattern="^(auto|json|text)$",
         description="json (one object per line), text, or auto: text on a terminal, else json.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="One INFO line per HTTP request and per WebSocket connection (accepted, "
+        "connected, disconnected). Off: the per-connection lines are DEBUG (in a connect storm "
+        "they cost about a third of a connect's CPU).",
+    )
     metrics: bool = Field(default=True, description="Serve Prometheus metrics at /metrics.")
     admin: bool = Field(
         default=True, description="Serve the admin page at /admin (needs api_key, or loopback)."
@@ -84,7 +151,8 @@ class Settings(BaseSettings):
     broker: str = Field(
         default="memory",
         description="memory, redis://host:port/db or nats://host:port; broker settings go in the "
-        "URL's query string, e.g. redis://host:6379/0?prefix=app&stream_meta_ttl=600 (see "
+        "URL's query string, e.g. redis://host:6379/0?prefix=app&stream_meta_ttl=600 or "
+        "nats://host:4222?jetstream=1&prefix=app (see "
         "docs/configuration.md).",
     )
     demos: bool = Field(default=True, description="Serve the demo pages at /.")
@@ -216,13 +284,123 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         default=5.0, ge=0, description="Shutdown waits this long for queues to flush."
     )
+    idempotency_window: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Seconds a publish's idempotency_key is remembered: a retry with the same key "
+        "on the same channel within it returns the original position and publishes nothing.",
+    )
+
+    # -- proxy hooks (docs/backends.md): the app's backend decides over HTTP
+    proxy_connect_url: str | None = Field(
+        default=None, description="Backend endpoint asked at each connect (may set user, info, expiry)."
+    )
+    proxy_refresh_url: str | None = Field(
+        default=None, description="Backend endpoint asked when a connection's expiry arrives."
+    )
+    proxy_subscribe_url: str | None = Field(
+        default=None, description="Backend endpoint asked before a subscribe (see proxy_subscribe)."
+    )
+    proxy_sub_refresh_url: str | None = Field(
+        default=None, description="Backend endpoint asked when a subscription's expiry arrives."
+    )
+    proxy_publish_url: str | None = Field(
+        default=None, description="Backend endpoint asked before a client publish (may replace data)."
+    )
+    proxy_rpc_url: str | None = Field(
+        default=None, description="Backend endpoint answering RPC methods no in-process handler has."
+    )
+    proxy_timeout: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds one backend call may take (then: proxy timeout)."
+    )
+    proxy_max_in_flight: int = Field(
+        default=128,
+        ge=1,
+        le=100_000,
+        description="Backend calls in flight per node; one more is refused at once (proxy busy).",
+    )
+    proxy_headers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Headers of the WebSocket handshake forwarded to the backend, e.g. "
+        "authorization,x-request-id (use proxy_cookies for cookies).",
+    )
+    proxy_cookies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Cookies of the WebSocket handshake forwarded to the backend, by name.",
+    )
+
+    # -- transactional outbox (docs/backends.md)
+    outbox: str | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/db: publish the rows committed to the outbox "
+        "table there, exactly once, in commit order per channel (needs herald[outbox]).",
+    )
+    outbox_table: str = Field(default="herald_outbox", description="The outbox table (schema.table allowed).")
 
     namespaces: dict[str, NamespaceOptions] = Field(default_factory=_default_namespaces)
+
+    @field_validator("proxy_headers", "proxy_cookies", mode="before")
+    @classmethod
+    def _parse_proxy_lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator(
+        "proxy_connect_url",
+        "proxy_refresh_url",
+        "proxy_subscribe_url",
+        "proxy_sub_refresh_url",
+        "proxy_publish_url",
+        "proxy_rpc_url",
+    )
+    @classmethod
+    def _proxy_urls(cls, value: str | None) -> str | None:
+        return check_proxy_url(value) if value is not None else None
+
+    @field_validator("proxy_headers")
+    @classmethod
+    def _proxy_header_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        refused = sorted(set(names) & UNFORWARDABLE_HEADERS)
+        if refused:
+            raise ValueError(
+                f"these headers cannot be forwarded to the proxy backend: {', '.join(refused)} "
+                "(they describe the WebSocket request itself; forward cookies with proxy_cookies)"
+            )
+        bad = [name for name in names if not _HEADER_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"invalid header name(s): {', '.join(map(repr, bad))}")
+        return names
+
+    @model_validator(mode="after")
+    def _proxy_namespaces(self) -> Settings:
+        # `proxy_subscribe = true` in a namespace without the node's URL would silently
+        # ask nobody: refuse it at start-up instead.
+        for name, options in self.namespaces.items():
+            for event in ("subscribe", "publish", "sub_refresh"):
+                if getattr(options, f"proxy_{event}") is True and getattr(self, f"proxy_{event}_url") is None:
+                    raise ValueError(
+                        f"namespace {name!r}: proxy_{event} = true needs proxy_{event}_url "
+                        "(or give the namespace its own URL)"
+                    )
+        return self
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _parse_origins(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("outbox", "outbox_table")
+    @classmethod
+    def _outbox(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from .outbox.schema import check_dsn, check_table_name
+
+        if value is None:
+            return None
+        try:
+            return check_dsn(value) if info.field_name == "outbox" else check_table_name(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
 
     @field_validator("broker")
     @classmethod

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .brokers.base import Publication
@@ -53,12 +53,15 @@ class Connection:
         "_closing",
         "_direct",
         "_done",
+        "_drain_waiter",
         "_floors",
         "_max_bytes",
         "_max_messages",
         "_queue",
         "_queued_bytes",
         "_started",
+        "_transport_drained",
+        "_unwritten",
         "_wakeup",
         "_writer",
         "_writing",
@@ -128,6 +131,11 @@ class Connection:
         # Fast path (transports/fastpath.py): a synchronous, bounded write of a pre-framed
         # frame, used while nothing is queued so that order is kept.  None elsewhere.
         self._direct: Callable[[str, int, int], bool | None] | None = getattr(transport, "write_nowait", None)
+        # Backpressure on the client's own commands (see backlogged()): what the fast path
+        # has accepted but not yet written, and how to wait for it to drain.
+        self._unwritten: Callable[[], tuple[int, int]] | None = getattr(transport, "unwritten", None)
+        self._transport_drained: Callable[[], Awaitable[None]] | None = getattr(transport, "drained", None)
+        self._drain_waiter: asyncio.Event | None = None  # set by the writer when the queue empties
         self._writing = False  # the writer task is between popping a frame and writing it
         self._closed: asyncio.Event | None = None
         self._done = False  # the writer finished (or was never needed) after the close
@@ -179,6 +187,41 @@ class Connection:
         self._queued_bytes += size
         self._wake()
         return True
+
+    def backlogged(self) -> bool:
+        """Whether half of either bound (frames or bytes) is waiting to be written.
+
+        A client's commands are not read while it is backlogged (:meth:`drained`): the
+        replies to its own commands can then never take it over its bounds, whatever the
+        server's speed, and the slow-consumer cut (close 4001) stays for clients that do
+        not read what they are sent.
+        """
+        frames = len(self._queue) if self._queue else 0
+        size = self._queued_bytes
+        unwritten = self._unwritten
+        if unwritten is not None:
+            more_frames, more_bytes = unwritten()
+            frames += more_frames
+            size += more_bytes
+        return frames * 2 >= self._max_messages or size * 2 >= self._max_bytes
+
+    async def drained(self) -> None:
+        """Wait until nothing is waiting to be written (or the connection closes)."""
+        while not self._closing:
+            if self._queue or self._writing:
+                waiter = self._drain_waiter
+                if waiter is None:
+                    waiter = self._drain_waiter = asyncio.Event()
+                    if self._started:
+                        self._spawn_writer()
+                await waiter.wait()
+                continue
+            drained = self._transport_drained
+            if drained is None or not self.backlogged():
+                return
+            await drained()
+            if not self.backlogged():
+                return
 
     def deliver(self, channel: str, offset: int | None, frame: str, epoch: str = "") -> None:
         """Hand a channel frame to this client, holding it back while the channel recovers.
@@ -290,6 +333,11 @@ class Connection:
         cancelled; its cleanup closes the transport, which aborts the socket if the close
         frame cannot be written either.
         """
+        if code == CloseCode.SLOW_CONSUMER and self.close_code is None and not self._peer_open():
+            # The client is already gone (a mass disconnect: the others' leave events fill
+            # its queue before its own end is handled): it was not slow; no 4001, no warning.
+            self.peer_closed(1006)
+            return
         writer = self._writer
         if self._closing and not self._queue and self.close_code is not None:
             # Already closing (e.g. a disconnect push is being written): just make sure a
@@ -307,6 +355,10 @@ class Connection:
             writer.cancel()
         if code == CloseCode.SLOW_CONSUMER:
             logger.warning("client %s (%s) disconnected: slow consumer (4001)", self.client_id, self.remote)
+
+    def _peer_open(self) -> bool:
+        is_open = getattr(self.transport, "is_open", None)
+        return is_open is None or bool(is_open())
 
     def peer_closed(self, code: int) -> None:
         """The peer went away; stop writing."""
@@ -348,6 +400,7 @@ class Connection:
                     self._writing = False
                     self.frames_out += 1
                     self.bytes_out += len(frame)
+                self._wake_drain_waiter()
                 if self._closing:
                     break
                 wakeup.clear()
@@ -361,9 +414,16 @@ class Connection:
         finally:
             queue.clear()
             self._queued_bytes = 0
+            self._wake_drain_waiter()
             if self.close_code is not None and self.close_code != 1006:
                 await transport.close(self.close_code, self.close_reason)
             self._finished()
+
+    def _wake_drain_waiter(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            waiter.set()
 
     async def stop(self) -> None:
         """Cancel the writer (after the read loop ended); waits for it to finish."""

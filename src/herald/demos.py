@@ -11,6 +11,12 @@
 * :class:`DashboardPublisher`, a task that publishes this node's live figures to
   ``dashboard:metrics`` once a second (the ``dashboard`` namespace forbids client
   publishing and keeps 60 publications of history, one minute of chart).
+
+When the configuration leaves the server unable to publish there (the channel name is
+over ``max_channel_length``, or the ``dashboard`` namespace was taken out after
+:func:`install_demos`), the dashboard demo is off: one warning at start-up says why,
+and the other demos work.  A publish that fails later (a broker outage) is logged once
+per outage, not once a second.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import NamespaceOptions, Settings
 from .context import ClientContext
+from .exceptions import CommandError
 from .node import Node
 
 if TYPE_CHECKING:
@@ -39,10 +46,11 @@ MAX_NAME_LENGTH = 32
 
 #: The namespaces of the demo pages (chat.html, dashboard.html, game.html).
 DEMO_NAMESPACES: dict[str, NamespaceOptions] = {
-    "chat": NamespaceOptions(),
+    # Small rooms that show who comes and goes (join/leave is off by default).
+    "chat": NamespaceOptions(join_leave=True),
     # Figures published by the server once a second: one minute of chart, no client publishing.
     "dashboard": NamespaceOptions(history_size=60, presence=False, join_leave=False, allow_publish=False),
-    "game": NamespaceOptions(history_size=200),
+    "game": NamespaceOptions(history_size=200, join_leave=True),
 }
 
 
@@ -82,12 +90,32 @@ class DashboardPublisher:
         self.channel = channel
         self.interval = interval
         self.samples = 0
+        #: Samples that could not be published since the last one that was.
+        self.failures = 0
         self._task: asyncio.Task[None] | None = None
         self._last_publish_ms = 0.0
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Start publishing; returns whether it runs.
+
+        A channel the server cannot publish to (invalid name, unknown namespace) is
+        logged once, as a warning, and the publisher stays off: every sample would fail
+        the same way.
+        """
         if self._task is None:
+            try:
+                self.node.check_channel(self.channel)
+            except CommandError as exc:
+                logger.warning(
+                    "dashboard demo off: the server cannot publish its figures to %r (%s); "
+                    "configure the namespace and max_channel_length so that this channel is "
+                    "valid, or turn the demos off (HERALD_DEMOS=false)",
+                    self.channel,
+                    exc.message,
+                )
+                return False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="herald-dashboard")
+        return True
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -114,8 +142,14 @@ class DashboardPublisher:
             try:
                 await node.publish(self.channel, sample)
             except Exception as exc:  # a broker outage must not kill the publisher
-                logger.warning("dashboard publish failed: %r", exc)
+                # Once per outage: a line a second would bury the log it is in.
+                if not self.failures:
+                    logger.warning("dashboard publish failed (logged once until it works again): %r", exc)
+                self.failures += 1
                 continue
+            if self.failures:
+                logger.info("dashboard publishing again after %d failed samples", self.failures)
+                self.failures = 0
             self._last_publish_ms = (time.perf_counter() - started) * 1000
             self.samples += 1
 

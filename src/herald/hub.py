@@ -114,9 +114,12 @@ class Hub:
             delivered += 1
         return delivered
 
-    def fan_out_event(self, event: PresenceEvent) -> int:
+    def fan_out_event(self, event: PresenceEvent, max_subscribers: int = 0) -> int:
+        """Push a join/leave event to the channel's subscribers; none while the channel has
+        more than ``max_subscribers`` here (0: no bound), where the pushes would cost the
+        square of its size."""
         subscribers = self._channels.get(event.channel)
-        if not subscribers:
+        if not subscribers or 0 < max_subscribers < len(subscribers):
             return 0
         frame = encode_presence_event(event.kind, event.channel, event.info)
         count = 0

@@ -1,10 +1,16 @@
 """Prometheus metrics for ``/metrics``.
 
-The hot path never touches prometheus-client: the node, hub and connections keep
-plain ints (:class:`herald.stats.NodeStats`, ``connection.frames_out`` ...) and :class:`Metrics`
+The hot path never touches prometheus-client: the node, the routes' sessions and
+connections keep plain ints (:class:`herald.stats.NodeStats`, its per-route
+:class:`herald.stats.RouteStats`, ``connection.frames_out`` ...) and :class:`Metrics`
 copies them into prometheus-client counters and gauges when ``/metrics`` is
 scraped (:meth:`Metrics.sync`).  Only the broker publish latency histogram is
 observed directly, once per publication (not per subscriber).
+
+What WebSockets do (connections, disconnects, messages and bytes each way) carries a
+``route`` label from a fixed set (:data:`herald.stats.ROUTE_LABELS`: every route
+Herald serves, ``other`` for the rest), so the label stays bounded and a sum over
+it is the node's total.
 
 With several worker processes (``herald serve --workers N``) prometheus-client's
 multiprocess mode is used: ``PROMETHEUS_MULTIPROC_DIR`` names a directory where
@@ -25,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .codes import CloseCode
+from .looplag import LAG_BUCKETS, LoopLagMonitor
+from .outbox.stats import totals as outbox_totals
 from .periodic import every
+from .stats import ROUTE_LABELS
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -94,22 +103,27 @@ class Metrics:
         self.info = gauge(
             "herald_node_info", "This node (value 1).", ("node", "broker", "version"), "liveall"
         )
-        self.connections_open = gauge(
-            "herald_connections_open", "Connections currently registered with the node."
+        route = ("route",)
+        self.connections_open = gauge("herald_connections_open", "WebSockets open now, by route.", route)
+        self.connections = counter(
+            "herald_connections", "WebSockets admitted and accepted since start, by route.", route
         )
-        self.connections = counter("herald_connections", "Connections admitted since start.")
         self.disconnects = counter(
-            "herald_disconnects", "Connections that ended, by WebSocket close code.", ("code",)
+            "herald_disconnects", "WebSockets that ended, by route and close code.", ("route", "code")
         )
         self.subscriptions = gauge("herald_subscriptions", "Channel subscriptions on the node.")
         self.channels = gauge("herald_channels", "Channels with at least one subscriber.")
-        self.messages_in = counter("herald_messages_in", "Frames received from clients.")
+        self.messages_in = counter("herald_messages_in", "Frames received from clients, by route.", route)
         self.bytes_in = counter(
-            "herald_bytes_in", "Length of frames received (characters; bytes for ASCII JSON)."
+            "herald_bytes_in",
+            "Length of frames received, by route (characters; bytes for ASCII JSON).",
+            route,
         )
-        self.messages_out = counter("herald_messages_out", "Frames written to clients.")
+        self.messages_out = counter("herald_messages_out", "Frames written to clients, by route.", route)
         self.bytes_out = counter(
-            "herald_bytes_out", "Length of frames written (characters; bytes for ASCII JSON)."
+            "herald_bytes_out",
+            "Length of frames written, by route (characters; bytes for ASCII JSON).",
+            route,
         )
         self.deliveries = counter("herald_deliveries", "Publications queued to local subscribers (fan-out).")
         self.publications = counter(
@@ -144,6 +158,16 @@ class Metrics:
             "Subscriptions with a `since` position, by whether the missed publications were recovered.",
             ("recovered",),
         )
+        # The outbox consumer's (herald.outbox): 0 without one.  Every consumer of a table
+        # sees the same backlog, so workers report the largest, not the sum.
+        self.outbox_consumed = counter("herald_outbox_rows_consumed", "Outbox rows published and deleted.")
+        self.outbox_failed = counter("herald_outbox_rows_failed", "Outbox rows that can never be published.")
+        self.outbox_pending = gauge(
+            "herald_outbox_pending_rows", "Committed outbox rows not yet published.", (), "livemax"
+        )
+        self.outbox_lag = gauge(
+            "herald_outbox_lag_seconds", "Age of the oldest pending outbox row.", (), "livemax"
+        )
         self.publish_seconds = Histogram(
             "herald_broker_publish_seconds",
             "Time the broker took to accept a publication.",
@@ -151,17 +175,38 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         node.observe_publish_latency = self.publish_seconds.observe
+        # Loop lag: measured by herald.looplag while the app runs (see running()).
+        self.loop_lag = LoopLagMonitor(
+            Histogram(
+                "herald_event_loop_lag_seconds",
+                "How late the event loop ran a timer that was due (measured twice a second).",
+                registry=registry,
+                buckets=LAG_BUCKETS,
+            ).observe
+        )
         self.info.labels(node.id, _broker_kind(node), __version__).set(1)
-        # Last values copied, per (counter, label): counters only ever grow by the difference.
-        self._copied: dict[tuple[int, str], int] = {}
+        # Every route shows from the first scrape, at 0: a dashboard's per-route panels
+        # and rates need the series to exist before the first client comes.
+        for label in ROUTE_LABELS:
+            for per_route in (
+                self.connections_open,
+                self.connections,
+                self.messages_in,
+                self.bytes_in,
+                self.messages_out,
+                self.bytes_out,
+            ):
+                per_route.labels(label)
+        # Last values copied, per (counter, labels): counters only ever grow by the difference.
+        self._copied: dict[tuple[int, tuple[str, ...]], int] = {}
 
     # ------------------------------------------------------------ copying
 
-    def _advance(self, counter: Any, value: int, label: str | None = None) -> None:
-        key = (id(counter), label or "")
+    def _advance(self, counter: Any, value: int, *labels: str) -> None:
+        key = (id(counter), labels)
         last = self._copied.get(key, 0)
         if value > last:
-            (counter.labels(label) if label is not None else counter).inc(value - last)
+            (counter.labels(*labels) if labels else counter).inc(value - last)
             self._copied[key] = value
 
     def sync(self) -> None:
@@ -169,21 +214,24 @@ class Metrics:
         node = self.node
         stats = node.stats
         hub = node.hub
-        frames_out = stats.frames_out_closed
-        bytes_out = stats.bytes_out_closed
-        for connection in hub.connections():
-            frames_out += connection.frames_out
-            bytes_out += connection.bytes_out
         channels = {c: n for c, n in hub.channels().items() if not c.startswith("$")}
-        self.connections_open.set(hub.connection_count)
         self.subscriptions.set(sum(channels.values()))
         self.channels.set(len(channels))
         advance = self._advance
-        advance(self.connections, stats.connections)
-        advance(self.messages_in, stats.frames_in)
-        advance(self.bytes_in, stats.bytes_in)
-        advance(self.messages_out, frames_out)
-        advance(self.bytes_out, bytes_out)
+        for label, route in stats.routes.items():
+            frames_out, bytes_out = route.output()
+            self.connections_open.labels(label).set(route.open)
+            advance(self.connections, route.accepted, label)
+            advance(self.messages_in, route.frames_in, label)
+            advance(self.bytes_in, route.bytes_in, label)
+            advance(self.messages_out, frames_out, label)
+            advance(self.bytes_out, bytes_out, label)
+            codes: dict[str, int] = {}
+            for code, count in list(route.close_codes.items()):
+                code_label = close_code_label(code)
+                codes[code_label] = codes.get(code_label, 0) + count
+            for code_label, count in codes.items():
+                advance(self.disconnects, count, label, code_label)
         advance(self.deliveries, stats.deliveries)
         advance(self.slow_consumers, stats.slow_consumers)
         advance(self.stream_gaps, stats.stream_gaps)
@@ -191,12 +239,6 @@ class Metrics:
         advance(self.recoveries, stats.not_recovered, "false")
         for event, count in node.broker.counters().items():
             advance(self.broker_events, count, event)
-        codes: dict[str, int] = {}
-        for code, count in list(node.close_codes.items()):
-            label = close_code_label(code)
-            codes[label] = codes.get(label, 0) + count
-        for label, count in codes.items():
-            advance(self.disconnects, count, label)
         for namespace, count in list(node.publications_by_namespace.items()):
             advance(self.publications, count, namespace)
         for reason, count in list(node.rejected_handshakes.items()):
@@ -205,6 +247,11 @@ class Metrics:
             advance(self.rejected_commands, count, reason)
         for operation, count in list(node.broker_errors.items()):
             advance(self.broker_errors, count, operation)
+        outbox = outbox_totals(node)
+        advance(self.outbox_consumed, outbox.rows_consumed)
+        advance(self.outbox_failed, outbox.rows_failed)
+        self.outbox_pending.set(outbox.pending_rows)
+        self.outbox_lag.set(outbox.lag_seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this node (or of every worker, in multiprocess mode)."""
@@ -222,13 +269,17 @@ class Metrics:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """In multiprocess mode, copy the counters every second while the app runs, and
-        remove this worker's live gauges when it stops."""
+        """Measure the event loop's lag while the app runs; in multiprocess mode also copy
+        the counters every second, and remove this worker's live gauges when it stops."""
         if not self.multiprocess:
-            yield
+            async with self.loop_lag.running():
+                yield
             return
         try:
-            async with every(MULTIPROCESS_SYNC_INTERVAL, self.sync, name="herald-metrics-sync"):
+            async with (
+                every(MULTIPROCESS_SYNC_INTERVAL, self.sync, name="herald-metrics-sync"),
+                self.loop_lag.running(),
+            ):
                 yield
         finally:
             self.sync()

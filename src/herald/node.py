@@ -52,10 +52,16 @@ from .presence.memory import MemoryPresenceManager
 from .presence_upkeep import PresenceUpkeep
 from .protocol.channels import ChannelRules, namespace_of, validate_channel
 from .protocol.encoders import PING_FRAME
+from .protocol.idempotency import check_idempotency_key
+from .proxy import install_proxy
 from .rpc import RpcMethod, call_rpc, rpc_method
 from .stats import NodeStats
 
 logger = logging.getLogger("herald.node")
+
+
+#: Connections checked by the heartbeat loop before it lets the event loop turn.
+HEARTBEATS_PER_TURN = 1000
 
 
 class Node:
@@ -89,6 +95,8 @@ class Node:
         self.ip_connections = ConnectionCounter(self.settings.max_connections_per_ip)
         self.rpc_methods: dict[str, RpcMethod] = {}
         self.hooks = AppHooks()
+        #: The backend's HTTP hooks the settings name, registered before any app hook.
+        self.proxy = install_proxy(self)
         self.control = ControlChannel(self.id, self.broker, self.hub)
         self.presence_upkeep = PresenceUpkeep(self)
         self._broker_subscriptions: dict[str, asyncio.Future[None]] = {}
@@ -98,7 +106,6 @@ class Node:
         self.started_at = time.time()
         # Plain counters on the hot path; herald.metrics exports them at scrape time.
         self.stats = NodeStats()
-        self.close_codes: dict[int, int] = {}
         self.publications_by_namespace: dict[str, int] = {}
         self.broker_errors: dict[str, int] = {}
         #: Refused handshakes and connects by reason (origin, auth, limits, ...).
@@ -114,12 +121,14 @@ class Node:
         if self.started:
             return
         await self.broker.start(self._on_broker_message)
-        try:
-            await self.broker.subscribe(CONTROL_CHANNEL)
-        except BrokerError as exc:
-            # Brokers keep a channel whose subscribe failed registered and subscribe it on
-            # reconnection, so the control channel comes back with the broker.
-            logger.warning("control channel not subscribed yet: %s", exc)
+        # The shared control channel, and this node's own (cross-node emulation deliveries).
+        for control_channel in (CONTROL_CHANNEL, self.control.node_channel):
+            try:
+                await self.broker.subscribe(control_channel)
+            except BrokerError as exc:
+                # Brokers keep a channel whose subscribe failed registered and subscribe it on
+                # reconnection, so the control channel comes back with the broker.
+                logger.warning("control channel not subscribed yet: %s", exc)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="herald-heartbeat"))
         self._tasks.append(loop.create_task(self.presence_upkeep.refresh_forever(), name="herald-presence"))
@@ -141,6 +150,8 @@ class Node:
         self._tasks.clear()
         await self.broker.close()
         await self.presence.close()
+        if self.proxy is not None:
+            await self.proxy.close()
         self.started = False
 
     async def drain(
@@ -200,14 +211,21 @@ class Node:
         data: Any,
         *,
         info: ClientInfo | None = None,
+        idempotency_key: str | None = None,
     ) -> StreamPosition:
         """Publish ``data`` (any JSON value) to ``channel`` on every node.
 
-        Returns the publication's position.  Raises ``CommandError`` for an invalid
-        channel or unknown namespace, ``BrokerError`` when the broker fails.
+        Returns the publication's position.  With ``idempotency_key`` a retry with
+        the same key on the same channel within ``settings.idempotency_window``
+        seconds publishes nothing and returns the original position, on every node
+        (docs/backends.md).  Raises ``CommandError`` for an invalid
+        channel, unknown namespace or invalid key (``BAD_REQUEST``), ``BrokerError``
+        when the broker fails (``NotAvailableError`` for a key on core NATS).
         """
         name, options = self.check_channel(channel)
-        return await self.publish_json(name, orjson.dumps(data), options, info=info)
+        return await self.publish_json(
+            name, orjson.dumps(data), options, info=info, idempotency_key=idempotency_key
+        )
 
     async def publish_json(
         self,
@@ -216,16 +234,28 @@ class Node:
         options: NamespaceOptions | None = None,
         *,
         info: ClientInfo | None = None,
+        idempotency_key: str | None = None,
     ) -> StreamPosition:
-        """Publish pre-encoded JSON; the channel is assumed valid."""
+        """Publish pre-encoded JSON; the channel is assumed valid.
+
+        ``idempotency_key``: as in :meth:`publish` (the key is checked here).
+        """
         if options is None:
             options = self.namespace(channel)
         publish_options = PublishOptions(
             history_size=options.history_size, history_ttl=options.history_ttl, info=info
         )
+        duplicate = False
+        if idempotency_key is not None:
+            idempotency_key = check_idempotency_key(idempotency_key)
         started = time.perf_counter()
         try:
-            position = await self.broker.publish(channel, data_json, publish_options)
+            if idempotency_key is None:
+                position = await self.broker.publish(channel, data_json, publish_options)
+            else:
+                position, duplicate = await self.broker.publish_idempotent(
+                    channel, data_json, publish_options, idempotency_key, self.settings.idempotency_window
+                )
         except BrokerError:
             self._broker_error("publish")
             raise
@@ -234,15 +264,37 @@ class Node:
             raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
         if self.observe_publish_latency is not None:
             self.observe_publish_latency(time.perf_counter() - started)
-        self.stats.publications += 1
-        namespace = namespace_of(channel)
-        by_namespace = self.publications_by_namespace
-        by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
+        if not duplicate:  # a retry is not a publication
+            self.stats.publications += 1
+            namespace = namespace_of(channel)
+            by_namespace = self.publications_by_namespace
+            by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
         return position
 
-    async def publish_internal(self, channel: str, data_json: bytes, info: ClientInfo | None) -> None:
-        """Publish on a reserved ``$`` channel (no history, no namespace)."""
-        await self.broker.publish(channel, data_json, PublishOptions(info=info))
+    async def publish_internal(
+        self,
+        channel: str,
+        data_json: bytes,
+        info: ClientInfo | None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> StreamPosition:
+        """Publish on a reserved ``$`` channel (no history, no namespace).
+
+        With ``idempotency_key``, once per key within ``settings.idempotency_window``
+        (as :meth:`publish`); returns the (original) position.  For a channel of a
+        namespace use :meth:`publish_json`, which applies the namespace's history.
+        """
+        if idempotency_key is None:
+            return await self.broker.publish(channel, data_json, PublishOptions(info=info))
+        position, _ = await self.broker.publish_idempotent(
+            channel,
+            data_json,
+            PublishOptions(info=info),
+            check_idempotency_key(idempotency_key),
+            self.settings.idempotency_window,
+        )
+        return position
 
     async def history(
         self,
@@ -258,7 +310,7 @@ class Node:
 
     def _on_broker_message(self, message: BrokerMessage) -> None:
         """The broker's handler (synchronous: fan-out queues frames without awaiting)."""
-        if message.channel == CONTROL_CHANNEL:
+        if message.channel == CONTROL_CHANNEL or message.channel == self.control.node_channel:
             if isinstance(message, Publication):
                 self.control.on_message(message.data)
             return
@@ -267,7 +319,11 @@ class Node:
         elif isinstance(message, StreamGap):
             self._on_stream_gap(message)
         else:
-            self.hub.fan_out_event(message)
+            try:
+                bound = self.namespace(message.channel).join_leave_max_subscribers
+            except CommandError:
+                return  # the namespace went away (an event from a node configured otherwise)
+            self.hub.fan_out_event(message, bound)
 
     def _on_stream_gap(self, gap: StreamGap) -> None:
         """The broker lost publications of ``gap.channel``: close its local subscribers
@@ -410,7 +466,6 @@ class Node:
             self.record_rejection("user_limit")
             raise DisconnectError(CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user")
         self.hub.add(connection)
-        self.stats.connections += 1
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> int:
         """Close every connection of ``user`` on every node; returns how many were local
@@ -422,14 +477,11 @@ class Node:
     async def unregister(self, connection: Connection, protocol_channels: bool) -> None:
         """Remove ``connection`` everywhere: hub, broker subscriptions, presence."""
         channels = list(connection.channels)
-        if self.hub.get(connection.client_id) is connection:  # admitted: count how it ended
-            code = connection.close_code or 1005
-            self.close_codes[code] = self.close_codes.get(code, 0) + 1
-            if code == CloseCode.SLOW_CONSUMER:
-                self.stats.slow_consumers += 1
-        stats = self.stats
-        stats.frames_out_closed += connection.frames_out
-        stats.bytes_out_closed += connection.bytes_out
+        # How a connection ended, and what it wrote, is counted per route by its session
+        # (sessions.RouteSession.finish); slow consumers among admitted clients here.
+        admitted = self.hub.get(connection.client_id) is connection
+        if admitted and connection.close_code == CloseCode.SLOW_CONSUMER:
+            self.stats.slow_consumers += 1
         emptied = self.hub.remove(connection)
         if protocol_channels:
             for channel in channels:
@@ -447,11 +499,13 @@ class Node:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            for connection in self.hub.connections():
+            for n, connection in enumerate(list(self.hub.connections()), 1):
                 try:
                     self.check_liveness(connection, now)
                 except Exception:  # one bad connection must not stop the heartbeats of all
                     logger.exception("liveness check failed", extra={"conn": connection.client_id})
+                if n % HEARTBEATS_PER_TURN == 0:
+                    await asyncio.sleep(0)  # 100,000 connections must not hold the loop for one turn
 
     def check_liveness(self, connection: Connection, now: float) -> None:
         settings = self.settings

@@ -15,12 +15,13 @@ The rules, in the order they are checked (the first refusal wins):
    ``allow_publish`` (110), and the feature is on: history kept, presence
    tracked (118);
 3. ``allow_anonymous = false``: clients without a user id are refused (110);
-4. a user-limited channel (``dm:room#alice,bob``) admits only the users it
+4. a user-limited channel (``chat:dm#alice,bob``) admits only the users it
    lists (110);
 5. the right to the channel itself: ``subscribe`` needs a subscription token
    (``typ: "subscription"``) or, in a ``private`` namespace, a connection token
    whose ``channels`` claim grants the channel; then the ``on_subscribe``
-   hooks must accept.  Every other operation is allowed *on a channel the
+   hooks must accept (the proxy's subscribe call is one of them, see
+   :mod:`herald.proxy`).  Every other operation is allowed *on a channel the
    client could subscribe to*: a client subscribed to the channel on this
    connection passed these checks already; otherwise a ``private`` channel
    needs the connection token's ``channels`` grant and the ``on_subscribe``
@@ -50,6 +51,7 @@ from .brokers.base import HistoryResult, Publication, StreamPosition
 from .codes import ErrorCode
 from .config import NamespaceOptions
 from .exceptions import CommandError
+from .hooks import earliest_expiry
 from .protocol.channels import allowed_users
 
 if TYPE_CHECKING:
@@ -81,12 +83,15 @@ _PERMISSIONS: dict[Operation, tuple[str, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """A check that passed: the channel's valid name, its namespace options, and the
-    subscription token's claims when one was given (its ``exp`` ends the subscription)."""
+    """A check that passed: the channel's valid name, its namespace options, the
+    subscription token's claims when one was given, and when the subscription must be
+    refreshed (the earliest of the token's ``exp`` and the ``subscribe`` hooks'
+    :class:`~herald.hooks.ExpiresAt`; None: never)."""
 
     channel: str
     options: NamespaceOptions
     token: TokenClaims | None = None
+    expires_at: float | None = None
 
 
 class ChannelPolicy:
@@ -131,8 +136,9 @@ class ChannelPolicy:
             raise CommandError(ErrorCode.PERMISSION_DENIED, "channel is limited to other users")
         if operation is Operation.SUBSCRIBE:
             claims = await node.authorize_subscribe(ctx, name, token, private=options.private)
-            await node.run_hooks("subscribe", ctx, name)
-            return Grant(name, options, claims)
+            results = await node.run_hooks("subscribe", ctx, name)
+            expires_at = earliest_expiry(results, claims.expires_at if claims is not None else None)
+            return Grant(name, options, claims, expires_at)
         if operation is Operation.RECOVER or name in subscriptions:
             # Recovery is part of a subscribe that just passed; a subscription passed too.
             return Grant(name, options)

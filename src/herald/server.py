@@ -9,17 +9,19 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse
-from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .apidocs import add_offline_docs
 from .apiguard import HostGuardMiddleware
 from .app import ROUTE_PATHS, Herald
 from .config import Settings
+from .static_files import ADMIN_FILES, CLIENT_FILES, HeraldStaticFiles
+from .transports.sse import HEAD_AS_GET
 
 #: The WebSocket routes ``create_app`` mounts at the root: path -> route name.
 ROUTE_NAMES = ROUTE_PATHS
@@ -30,8 +32,11 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
 
     Routes: ``/connect`` (protocol v1), ``/ws``, ``/ws_json``, ``/ws_broadcast``
     (the tutorial's), ``/api/...`` (server API), ``/healthz``, ``/readyz``,
-    ``/static/...`` (JS client, demo pages) and the demo index at ``/``.  Every HTTP
-    request must name an allowed ``Host`` (see :mod:`herald.hosts`).
+    ``/docs`` and ``/redoc`` (with local assets: they work offline),
+    ``/static/...`` (the JS client; the admin page's script with the admin page on; the
+    demo pages only with the demos on) and the demo index at ``/``.  Every HTTP
+    request must name an allowed ``Host`` (see :mod:`herald.hosts`); ``HEAD`` is
+    answered wherever ``GET`` is (:class:`HeadAsGet`).
     """
     herald = herald or Herald(settings)
     settings = herald.settings
@@ -80,11 +85,16 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
         version=__version__,
         summary="Real-time messaging for FastAPI",
         lifespan=lifespan,
+        # FastAPI's pages load their assets from CDNs: add_offline_docs serves local ones.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.herald = herald
+    add_offline_docs(app)
     # Every HTTP request names an allowed Host (DNS-rebinding defence); HTML pages are not
     # framed.  Herald's routes check again themselves, for apps built without create_app.
     app.add_middleware(HostGuardMiddleware, settings=settings)
+    app.add_middleware(HeadAsGet)
     app.include_router(herald.router)
     # Herald's WebSocket routes are at the root of this app: serve them natively (under
     # HeraldWebSocketProtocol; see Herald.serve_natively).
@@ -117,8 +127,10 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
         body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "broker": broker_ok}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    static_dir = resources.files("herald") / "static"
-    app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
+    # With the demos off only the JS client (and the admin page's script) stays: the demo
+    # pages would otherwise still answer, and work, at their /static/ addresses.
+    served = None if settings.demos else CLIENT_FILES | (ADMIN_FILES if settings.admin else frozenset())
+    app.mount("/static", HeraldStaticFiles(only=served), name="static")
 
     if settings.demos:
 
@@ -127,6 +139,36 @@ def create_app(settings: Settings | None = None, *, herald: Herald | None = None
             return RedirectResponse("/static/index.html")
 
     return app
+
+
+class HeadAsGet:
+    """Answer ``HEAD`` wherever ``GET`` is answered: same status and headers, no body.
+
+    FastAPI routes declared with ``@app.get`` answer ``HEAD`` with 405, and load
+    balancers and uptime checkers probe with ``HEAD``.  The application sees a ``GET``;
+    the body it sends is dropped here (the server drops it too, but not every server
+    does).  A path without ``GET`` still answers 405.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            elif message["type"] in ("http.response.pathsend", "http.response.zerocopy"):
+                message = {"type": "http.response.body", "body": b""}  # a file's body, sent by the server
+            await send(message)
+
+        # A copy: the server keeps its own scope, which must still say HEAD.
+        # Stream endpoints (/sse, /stream, /emulation/connect) see the mark and answer
+        # their head without opening a stream or a session.
+        await self.app({**scope, "method": "GET", HEAD_AS_GET: True}, receive, send_without_body)
 
 
 def __getattr__(name: str) -> Any:

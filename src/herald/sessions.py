@@ -7,6 +7,10 @@ against :class:`~herald.transports.base.Socket`; the native driver
 feed them alike, so both paths answer alike: same replies, same close codes, same
 limits.  :func:`route` makes the :class:`~herald.transports.base.Route` of one of them,
 admission included (:mod:`herald.admission`).
+
+Each session counts its route's WebSockets (accepted, ended and how, frames and bytes
+each way) in the route's :class:`~herald.stats.RouteStats`, under its ``route_label``:
+counting lives here, in the route code, so that both drivers count alike.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 import orjson
 
@@ -28,6 +33,7 @@ from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
 from .protocol.gate import Phase
 from .protocol.messages import SUBPROTOCOL
+from .stats import OTHER_ROUTE
 from .transports.base import Route, Socket
 from .tutorial import BROADCAST_CHANNEL, echo_reply, json_reply, render_broadcast
 
@@ -73,7 +79,6 @@ class BroadcastInput:
 
     async def on_text(self, text: str) -> None:
         node, connection = self.node, self.connection
-        node.stats.frames_in += 1
         verdict = self.rate.check()
         if verdict is RateVerdict.ABUSE:
             node.record_rejected_command("rate_limit_disconnect")
@@ -90,9 +95,14 @@ class BroadcastInput:
             connection.send(f"Error: broadcast failed ({type(exc).__name__})")
 
 
-def log_disconnect(connection: Connection) -> None:
+def log_disconnect(connection: Connection, access_log: bool) -> None:
+    """One line per ended connection: INFO with the access log on, else DEBUG."""
+    level = logging.INFO if access_log else logging.DEBUG
+    if not logger.isEnabledFor(level):
+        return
     # Structured fields (see herald.logs); never payloads or tokens.
-    logger.info(
+    logger.log(
+        level,
         "client disconnected",
         extra={
             "conn": connection.client_id,
@@ -126,6 +136,12 @@ def new_connection(
     )
 
 
+def end_code(connection: Connection, code: int) -> int:
+    """The close code a connection's end is counted under: Herald's own when it closed
+    first (``record_end`` keeps it), else the one the driver reported."""
+    return connection.close_code if connection.close_code is not None else code
+
+
 def record_end(connection: Connection, code: int, reason: str, by_peer: bool) -> None:
     """Record on ``connection`` how its socket ended, unless Herald already closed it
     (the one place for this bookkeeping, whichever driver reports the end)."""
@@ -141,22 +157,50 @@ def record_end(connection: Connection, code: int, reason: str, by_peer: bool) ->
 
 
 class RouteSession:
-    """The part every route's session shares: the socket and the per-IP slot."""
+    """The part every route's session shares: the socket, the per-IP slot and the
+    route's counters.
 
-    __slots__ = ("node", "socket", "subprotocol")
+    A session exists once its socket passed admission and is being accepted (both
+    drivers call ``lost`` for every session they made), so it is counted as accepted
+    when made and as ended by :meth:`finish`, which every ``lost`` calls last.
+    """
+
+    __slots__ = ("node", "socket", "stats", "subprotocol")
+
+    #: The route's ``route`` label in the metrics (one of ``stats.ROUTE_LABELS``).
+    route_label: ClassVar[str] = OTHER_ROUTE
 
     def __init__(self, node: Node, socket: Socket) -> None:
         self.node = node
         self.socket = socket
         self.subprotocol: str | None = None
+        self.stats = node.stats.route(self.route_label)
+        self.stats.accepted += 1
 
-    def release(self) -> None:
+    def count_output(self, connection: Connection) -> Connection:
+        """Count what ``connection`` writes as this route's output; returns it."""
+        self.stats.live.add(connection)
+        return connection
+
+    def finish(self, code: int, connection: Connection | None = None) -> None:
+        """The socket ended with ``code``: count it and free its per-IP slot."""
+        self.stats.record_end(code, connection)
         self.node.ip_connections.release(self.socket.client_ip)
 
     def started(self) -> Awaitable[None] | None:
         return None
 
+    def send_now(self, frame: str) -> None:
+        """Write ``frame`` at once, counted (for routes that answer without a connection)."""
+        stats = self.stats
+        stats.frames_out += 1
+        stats.bytes_out += len(frame)
+        self.socket.send_now(frame)
+
     def message(self, data: str | bytes) -> Awaitable[None] | None:
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(data)
         # Every route is text-only: a binary frame closes with 1003.
         if isinstance(data, bytes):
             self.fail(CloseCode.UNSUPPORTED_DATA, BINARY_REFUSED)
@@ -170,24 +214,32 @@ class RouteSession:
         self.socket.close_now(code, reason)
 
     def lost(self, code: int, reason: str, by_peer: bool) -> Awaitable[None] | None:
-        self.release()
+        self.finish(code)
         return None
+
+
+#: Commands of one client handled in a row before the session lets the loop turn.
+COMMANDS_BETWEEN_YIELDS = 32
 
 
 class ProtocolSession(HandshakeTimeout, RouteSession):
     """``/connect``: protocol v1."""
 
-    __slots__ = ("connection", "handler", "timer")
+    __slots__ = ("burst", "connection", "handler", "timer")
 
+    route_label = "connect"
     timeout_code = CloseCode.HANDSHAKE_TIMEOUT
     timeout_reason = "handshake timeout"
 
     def __init__(self, node: Node, socket: Socket) -> None:
         super().__init__(node, socket)
         self.subprotocol = choose_subprotocol(socket.subprotocols, SUBPROTOCOL)
-        self.connection = new_connection(node.settings, socket, render_publication, protocol=True)
+        self.connection = self.count_output(
+            new_connection(node.settings, socket, render_publication, protocol=True)
+        )
         self.handler = CommandHandler(node, self.connection, socket)
         self.timer: asyncio.TimerHandle | None = None
+        self.burst = 0  # commands since the last yield (see on_text)
 
     def started(self) -> None:
         self.connection.start()
@@ -197,7 +249,32 @@ class ProtocolSession(HandshakeTimeout, RouteSession):
         return self.handler.gate.phase is Phase.CONNECTING
 
     def on_text(self, text: str) -> Awaitable[None] | None:
+        self.burst += 1
+        if self.burst >= COMMANDS_BETWEEN_YIELDS or self.connection.backlogged():
+            self.burst = 0
+            return self._handle_later(text)
         return self.handler.receive(text)
+
+    async def _handle_later(self, text: str) -> None:
+        """Handle ``text`` after the loop's turn, and after the client's backlog drained.
+
+        * One client's burst of commands (a socket read can hold a thousand publishes) is
+          not handled in one turn of the event loop: the frames it fans out are written
+          between, so its subscribers are not taken over their bounds by the burst.
+        * Backpressure: while the client's own replies pile up (the server is busy, or
+          the client reads slowly), its next command waits until they are written, and
+          the driver stops reading its socket meanwhile.  Cutting it as a slow consumer
+          would punish it for the server's own slowness (issue 19).
+        """
+        await asyncio.sleep(0)
+        connection = self.connection
+        if connection.backlogged():
+            await connection.drained()
+        if connection.is_closing:
+            return
+        result = self.handler.receive(text)
+        if result is not None:
+            await result
 
     def fail(self, code: int, reason: str) -> None:
         self.connection.close(code, reason)
@@ -210,8 +287,8 @@ class ProtocolSession(HandshakeTimeout, RouteSession):
             await self.handler.close()
         finally:
             await connection.stop()
-            self.release()
-        log_disconnect(connection)
+            self.finish(end_code(connection, code), connection)
+        log_disconnect(connection, self.node.settings.access_log)
 
 
 class BroadcastSession(RouteSession):
@@ -219,9 +296,13 @@ class BroadcastSession(RouteSession):
 
     __slots__ = ("connection", "input")
 
+    route_label = "ws_broadcast"
+
     def __init__(self, node: Node, socket: Socket) -> None:
         super().__init__(node, socket)
-        self.connection = new_connection(node.settings, socket, render_broadcast, protocol=False)
+        self.connection = self.count_output(
+            new_connection(node.settings, socket, render_broadcast, protocol=False)
+        )
         self.input = BroadcastInput(node, self.connection)
 
     def started(self) -> Awaitable[None] | None:
@@ -245,7 +326,7 @@ class BroadcastSession(RouteSession):
             await self.node.unregister(connection, protocol_channels=False)
         finally:
             await connection.stop()
-            self.release()
+            self.finish(end_code(connection, code), connection)
 
 
 class EchoSession(RouteSession):
@@ -253,8 +334,10 @@ class EchoSession(RouteSession):
 
     __slots__ = ()
 
+    route_label = "ws"
+
     def on_text(self, text: str) -> None:
-        self.socket.send_now(echo_reply(text))
+        self.send_now(echo_reply(text))
 
 
 class JsonSession(RouteSession):
@@ -263,9 +346,11 @@ class JsonSession(RouteSession):
 
     __slots__ = ()
 
+    route_label = "ws_json"
+
     def on_text(self, text: str) -> None:
         answer, malformed = json_answer(text)
-        self.socket.send_now(answer)
+        self.send_now(answer)
         if malformed:
             self.fail(CloseCode.INVALID_PAYLOAD, "malformed JSON")
 
@@ -300,6 +385,7 @@ __all__ = [
     "JsonSession",
     "ProtocolSession",
     "RouteSession",
+    "end_code",
     "json_answer",
     "log_disconnect",
     "new_connection",

@@ -8,6 +8,11 @@
   subscription ends (the handler's ``on_subscription_expired``: an ``unsubscribe`` push
   with code 112) and the connection stays.
 
+With ``renew`` (the handler's, when ``refresh``/``sub_refresh`` hooks are registered,
+e.g. the proxy's), an expiry first goes to ``renew(None)`` (the connection) or
+``renew(channel)``: when it returns True the hooks decide, and call :meth:`arm`,
+:meth:`arm_channel` or :meth:`ask_client` afterwards.
+
 Timers are ``loop.call_later`` handles, no task: a connection whose tokens never expire
 holds none.
 """
@@ -30,14 +35,19 @@ if TYPE_CHECKING:
 class TokenExpiry:
     """The expiry timers of one connection's tokens."""
 
-    __slots__ = ("_channels", "_connection", "_node", "_on_subscription_expired", "_timer")
+    __slots__ = ("_channels", "_connection", "_node", "_on_subscription_expired", "_renew", "_timer")
 
     def __init__(
-        self, node: Node, connection: Connection, on_subscription_expired: Callable[[str], None]
+        self,
+        node: Node,
+        connection: Connection,
+        on_subscription_expired: Callable[[str], None],
+        renew: Callable[[str | None], bool] | None = None,
     ) -> None:
         self._node = node
         self._connection = connection
         self._on_subscription_expired = on_subscription_expired
+        self._renew = renew
         self._timer: asyncio.TimerHandle | None = None
         # channel -> timer of its subscription token (created on first use).
         self._channels: dict[str, asyncio.TimerHandle] | None = None
@@ -55,6 +65,17 @@ class TokenExpiry:
         self._timer = asyncio.get_running_loop().call_later(delay, self._token_expired)
 
     def _token_expired(self) -> None:
+        self._timer = None
+        if self._renew is not None and self._renew(None):
+            return
+        self.ask_client()
+
+    def ask_client(self, channel: str | None = None) -> None:
+        """Ask the client for a new token of the connection (or of ``channel``'s
+        subscription) and enforce the grace period."""
+        if channel is not None:
+            self._ask_channel(channel)
+            return
         grace = self._node.settings.token_refresh_grace
         self._connection.send(encode_refresh(grace))
         self._timer = asyncio.get_running_loop().call_later(grace, self._refresh_missed)
@@ -86,9 +107,17 @@ class TokenExpiry:
                 timer.cancel()
 
     def _channel_token_expired(self, channel: str) -> None:
+        if self._renew is not None and self._renew(channel):
+            if self._channels is not None:
+                self._channels.pop(channel, None)
+            return
+        self._ask_channel(channel)
+
+    def _ask_channel(self, channel: str) -> None:
         grace = self._node.settings.token_refresh_grace
         self._connection.send(encode_sub_refresh(channel, grace))
-        assert self._channels is not None
+        if self._channels is None:
+            self._channels = {}
         self._channels[channel] = asyncio.get_running_loop().call_later(
             grace, self._channel_refresh_missed, channel
         )
@@ -117,6 +146,7 @@ class TokenExpiry:
         # The callback is a bound method of the handler that holds this object: drop it so
         # that the pair is freed by reference counting, without waiting for the cycle GC.
         self._on_subscription_expired = _ignore
+        self._renew = None
 
 
 def _ignore(channel: str) -> None:

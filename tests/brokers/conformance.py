@@ -28,6 +28,7 @@ from herald.brokers.base import (
 )
 from herald.config import Settings
 from herald.connection import Connection
+from herald.exceptions import NotAvailableError
 from herald.node import Node
 from herald.presence.base import PresenceManager
 
@@ -141,6 +142,8 @@ class BrokerConformance:
     #: A new subscription may miss other nodes' publications for a moment (core NATS:
     #: the server may route a publisher's messages by a stale interest cache briefly).
     subscriptions_settle = False
+    #: Publishes once per idempotency key across nodes (else refuses the key).
+    idempotent = True
 
     @pytest.fixture
     def engine(self) -> Engine:  # pragma: no cover - overridden
@@ -559,6 +562,20 @@ class BrokerConformance:
         await presence.remove(channel, "client-1")  # idempotent
         assert set(await presence.presence(channel)) == {"client-2"}
 
+    async def test_presence_stats_count_anonymous_clients_as_no_user(self, engine: Engine) -> None:
+        """num_users is the number of distinct non-empty user ids (docs/protocol.md)."""
+        node = await engine.node()
+        channel = channel_name()
+        presence = node.presence
+        for n in range(3):
+            await presence.add(channel, ClientInfo(f"anon-{n}", "", None), 30)
+        stats = await presence.stats(channel)
+        assert (stats.num_clients, stats.num_users) == (3, 0)
+        await presence.add(channel, ClientInfo("alice-1", "alice", None), 30)
+        await presence.add(channel, ClientInfo("alice-2", "alice", None), 30)
+        stats = await presence.stats(channel)
+        assert (stats.num_clients, stats.num_users) == (5, 1)
+
     async def test_presence_entries_expire_unless_refreshed(self, engine: Engine) -> None:
         node = await engine.node()
         channel = channel_name()
@@ -577,6 +594,136 @@ class BrokerConformance:
             return set(await presence.presence(channel)) == {"client-2"}
 
         await async_until(expired, TIMEOUT, what="the entry to expire")
+
+    async def test_presence_refresh_of_many_entries_in_one_call(self, engine: Engine) -> None:
+        """refresh() (one node's periodic refresh of a channel) adds new entries, updates
+        info, keeps refreshed entries alive past their TTL, and leaves the others to expire."""
+        node = await engine.node()
+        channel = channel_name()
+        presence = node.presence
+        await presence.add(channel, info(0), 0.5)  # not refreshed below: must expire
+        many = [ClientInfo(f"client-{n}", f"user-{n % 7}", {"n": n}) for n in range(1, 1201)]
+        await presence.refresh(channel, many, 0.5)
+        entries = await presence.presence(channel)
+        assert len(entries) == 1201
+        assert entries["client-1200"].info == {"n": 1200}
+        for _ in range(4):
+            await asyncio.sleep(0.2)
+            await presence.refresh(channel, many, 0.5)
+
+        async def only_refreshed() -> bool:
+            return set(await presence.presence(channel)) == {i.client for i in many}
+
+        await async_until(only_refreshed, TIMEOUT, what="the unrefreshed entry to expire")
+        stats = await presence.stats(channel)
+        assert (stats.num_clients, stats.num_users) == (1200, 7)
+
+    # ------------------------------------------------------------ idempotent publish
+
+    async def test_same_key_twice_publishes_once_and_answers_the_original_position(
+        self, engine: Engine
+    ) -> None:
+        self.need(self.idempotent, "no idempotent publish")
+        node = await engine.node()
+        channel = channel_name()
+        await node.broker.subscribe(channel)
+        first = await node.broker.publish_idempotent(channel, b"1", HISTORY, "order-42", 60)
+        retry = await node.broker.publish_idempotent(channel, b"1-again", HISTORY, "order-42", 60)
+        assert first == (StreamPosition(1, first[0].epoch), False)
+        assert retry == (first[0], True)
+        # The retry took no offset and reached nobody: the next publication is offset 2.
+        after = await node.broker.publish(channel, b"2", HISTORY)
+        assert after == StreamPosition(2, first[0].epoch)
+        received = await node.wait_publications(channel, 2)
+        assert [(p.offset, p.data) for p in received] == [(1, b"1"), (2, b"2")]
+        history = await node.broker.history(channel)
+        assert [p.data for p in history.publications] == [b"1", b"2"]
+        # A retry after other publications still answers the original position.
+        assert await node.broker.publish_idempotent(channel, b"x", HISTORY, "order-42", 60) == (
+            first[0],
+            True,
+        )
+
+    async def test_the_original_position_outlives_the_original_message(self, engine: Engine) -> None:
+        """Without history each publication replaces the last stored one (JetStream rolls the
+        subject up): the retry still gets the original position, not the stream's top."""
+        self.need(self.idempotent, "no idempotent publish")
+        node = await engine.node()
+        channel = channel_name()
+        no_history = PublishOptions()
+        first, duplicate = await node.broker.publish_idempotent(channel, b"1", no_history, "k", 60)
+        assert not duplicate and first.offset == 1
+        for n in range(3):
+            await node.broker.publish(channel, b"%d" % (n + 2), no_history)
+        assert await node.broker.publish_idempotent(channel, b"1", no_history, "k", 60) == (first, True)
+        assert (await node.broker.history(channel, limit=0)).position.offset == 4
+
+    async def test_a_key_is_per_channel(self, engine: Engine) -> None:
+        self.need(self.idempotent, "no idempotent publish")
+        node = await engine.node()
+        base = channel_name()
+        # base + "x:k" and base:x + "k" would name one key if channel and key were just joined.
+        pairs = [(base, "k"), (f"{base}:other", "k"), (base, "x:k"), (f"{base}:x", "k")]
+        results = [await node.broker.publish_idempotent(c, b"1", HISTORY, k, 60) for c, k in pairs]
+        assert [duplicate for _, duplicate in results] == [False, False, False, False]
+        assert [position.offset for position, _ in results] == [1, 1, 2, 1]
+        assert await node.broker.publish_idempotent(f"{base}:x", b"1", HISTORY, "k", 60) == (
+            results[3][0],
+            True,
+        )
+
+    async def test_a_key_is_forgotten_after_the_window(self, engine: Engine) -> None:
+        self.need(self.idempotent, "no idempotent publish")
+        node = await engine.node()
+        channel = channel_name()
+        window = 0.5
+        first = await node.broker.publish_idempotent(channel, b"1", HISTORY, "k", window)
+        assert first[1] is False
+        assert await node.broker.publish_idempotent(channel, b"1", HISTORY, "k", window) == (first[0], True)
+        # Within the window every retry is a duplicate (and publishes nothing); after it the
+        # same key publishes again, as a new publication.
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while True:
+            position, duplicate = await node.broker.publish_idempotent(channel, b"2", HISTORY, "k", window)
+            if not duplicate:
+                break
+            assert position == first[0]
+            assert asyncio.get_running_loop().time() < deadline, "the key was never forgotten"
+            await asyncio.sleep(0.1)
+        assert position == StreamPosition(2, first[0].epoch)
+        history = await node.broker.history(channel)
+        assert [p.data for p in history.publications] == [b"1", b"2"]
+
+    async def test_same_key_racing_from_several_nodes_publishes_once(self, engine: Engine) -> None:
+        self.need(self.idempotent, "no idempotent publish")
+        nodes = [await engine.node() for _ in range(3)] if self.multi_node else [await engine.node()]
+        listener = nodes[0]
+        channel = channel_name()
+        await listener.broker.subscribe(channel)
+        racers = [node for node in nodes for _ in range(4)]
+        results = await asyncio.gather(
+            *(
+                node.broker.publish_idempotent(channel, b'{"n":%d}' % i, HISTORY, "outbox:17", 60)
+                for i, node in enumerate(racers)
+            )
+        )
+        originals = [position for position, duplicate in results if not duplicate]
+        assert len(originals) == 1, results
+        assert {position for position, _ in results} == {originals[0]}
+        assert originals[0].offset == 1
+        marker = await nodes[-1].broker.publish(channel, b"marker", HISTORY)
+        assert marker.offset == 2
+        received = await listener.wait_publications(channel, 2)
+        assert [p.offset for p in received] == [1, 2]
+        assert received[1].data == b"marker"
+        history = await listener.broker.history(channel)
+        assert [p.offset for p in history.publications] == [1, 2]
+
+    async def test_a_broker_without_idempotency_refuses_the_key(self, engine: Engine) -> None:
+        self.need(not self.idempotent, "publishes idempotently")
+        node = await engine.node()
+        with pytest.raises(NotAvailableError, match="idempotency_key"):
+            await node.broker.publish_idempotent(channel_name(), b"1", HISTORY, "k", 60)
 
     # ------------------------------------------------------------ node-level ref counting
 

@@ -76,6 +76,7 @@ class TestNatsBroker(BrokerConformance):
     has_history = False
     shared_offsets = False
     subscriptions_settle = True
+    idempotent = False
 
     @pytest.fixture
     async def engine(self, nats_server: NatsServer) -> AsyncIterator[Engine]:

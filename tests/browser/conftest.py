@@ -38,6 +38,7 @@ TOKEN_SECRET = "browser-test-secret-0123456789abcdef"
 SCREENSHOTS = Path(os.environ.get("HERALD_SCREENSHOTS") or Path(tempfile.gettempdir()) / "herald-screenshots")
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1180, "height": 760}
+SMALL_DESKTOP = {"width": 1000, "height": 760}
 
 
 # Package scope, not session: the sync Playwright API keeps an event loop running in this
@@ -110,6 +111,12 @@ def api(server: ServerProcess, path: str, body: dict[str, Any] | None = None) ->
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
+
+
+def page_width(page: Any) -> tuple[int, int]:
+    """``(document width, viewport width)``: the page scrolls sideways when the first is larger."""
+    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    return int(widths[0]), int(widths[1])
 
 
 def screenshot(page: Any, name: str, *, full_page: bool = False) -> None:

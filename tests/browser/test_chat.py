@@ -175,3 +175,127 @@ def test_reconnect_after_network_cut_shows_missed_messages_once(
     # Presence is refreshed after the reconnect: only the new connection is listed.
     wait_people(page, ["Ada"])
     assert proxy.accepted >= 2
+
+
+def pill_colours(page: Any, state: str) -> tuple[str, str]:
+    """The computed (text, background) colours of a status pill in `state`, on this page's CSS."""
+    return tuple(
+        page.evaluate(
+            """(state) => {
+              const pill = document.createElement("span");
+              pill.className = "status";
+              pill.dataset.state = state;
+              document.querySelector("header").append(pill);
+              const style = getComputedStyle(pill);
+              const colours = [style.color, style.backgroundColor];
+              pill.remove();
+              return colours;
+            }""",
+            state,
+        )
+    )
+
+
+def test_offline_pill_does_not_look_like_connecting(herald_server: ServerProcess, new_page: Any) -> None:
+    page = new_page(PHONE)
+    page.goto(f"{herald_server.http}/static/chat.html")
+    # Before joining: offline, in its own (grey) colours, not the amber of "connecting".
+    assert page.text_content("#status") == "offline"
+    assert page.get_attribute("#status", "data-state") == "offline"
+    shown = page.eval_on_selector(
+        "#status", "n => [getComputedStyle(n).color, getComputedStyle(n).backgroundColor]"
+    )
+    connecting = pill_colours(page, "connecting")
+    assert tuple(shown) == pill_colours(page, "offline")
+    assert shown[0] != connecting[0] and shown[1] != connecting[1], (shown, connecting)
+    assert tuple(shown) != pill_colours(page, "connected")
+    screenshot(page, "chat-offline-phone.png")
+
+    page.fill("#name", "Ada")
+    page.fill("#room", room())
+    page.click("#join")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.get_attribute("#status", "data-state") == "connected"
+    # Leaving the room is the page's choice: offline again, not the red of a refusal.
+    page.click("#leave")
+    page.wait_for_selector("#status[data-state=offline]")
+    assert page.text_content("#status") == "offline"
+    assert pill_colours(page, "offline") != pill_colours(page, "closed")
+
+
+def shown_times(page: Any) -> dict[str, dict[str, str]]:
+    """Each message's text -> its time element (source, datetime, text)."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll("#messages li[data-offset]")].map((li) => {
+          const time = li.querySelector("time.time");
+          return [li.querySelector(".text").textContent,
+                  {source: time.dataset.source, datetime: time.getAttribute("datetime"), text: time.textContent}];
+        }))"""
+    )
+
+
+def test_chat_shows_the_send_time_a_message_carries_else_when_received(
+    herald_server: ServerProcess, new_page: Any
+) -> None:
+    """The publication push has no timestamp: `data.time` is the send time when present;
+    otherwise the page shows when it received the message, labelled "received"."""
+    name = room()
+    channel = f"chat:{name}"
+    sent_ms = 1614834360000  # 2021-03-04T05:06:00Z: long before this page existed
+    api(
+        herald_server,
+        "/api/publish",
+        {"channel": channel, "data": {"name": "bot", "text": "timed", "time": sent_ms}},
+    )
+    api(herald_server, "/api/publish", {"channel": channel, "data": {"name": "bot", "text": "untimed"}})
+    api(
+        herald_server,
+        "/api/publish",
+        {"channel": channel, "data": {"name": "bot", "text": "iso", "time": "2022-01-02T03:04:05Z"}},
+    )
+    # A `time` no date can hold: shown as received (and no error in the page).
+    api(
+        herald_server,
+        "/api/publish",
+        {"channel": channel, "data": {"name": "bot", "text": "bad", "time": 1e20}},
+    )
+    page = new_page()
+    page.goto(f"{herald_server.http}/static/chat.html")
+    before_join = page.evaluate("Date.now()")
+    page.goto(f"{herald_server.http}/static/chat.html?name=Ada&room={name}&join=1")
+    page.wait_for_selector("body[data-ready=true]")
+    after_join = page.evaluate("Date.now()")
+
+    times = shown_times(page)
+    assert times["timed"]["source"] == "sent"
+    assert times["timed"]["datetime"] == "2021-03-04T05:06:00.000Z"
+    expected_clock = page.evaluate(
+        "ms => new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })", sent_ms
+    )
+    # Another day (another year): the date is shown with the clock.
+    assert times["timed"]["text"].endswith(", " + expected_clock) and "2021" in times["timed"]["text"]
+    assert times["iso"]["source"] == "sent"
+    assert times["iso"]["datetime"] == "2022-01-02T03:04:05.000Z"
+    # No time in the data: the time this browser received it, and it says so.
+    untimed = times["untimed"]
+    assert untimed["source"] == "received"
+    assert untimed["text"].startswith("received ")
+    received_ms = page.evaluate("iso => Date.parse(iso)", untimed["datetime"])
+    assert before_join <= received_ms <= after_join
+    assert times["bad"]["source"] == "received"
+    assert message_texts(page) == ["timed", "untimed", "iso", "bad"]  # offset order, whatever the times
+
+    # Live: an untimed message gets the moment it arrived; the page's own messages carry `time`.
+    before_live = page.evaluate("Date.now()")
+    api(herald_server, "/api/publish", {"channel": channel, "data": {"name": "bot", "text": "live untimed"}})
+    wait_message(page, "live untimed")
+    after_live = page.evaluate("Date.now()")
+    live = shown_times(page)["live untimed"]
+    assert live["source"] == "received"
+    assert before_live <= page.evaluate("iso => Date.parse(iso)", live["datetime"]) <= after_live
+    page.fill("#text", "from the page")
+    page.press("#text", "Enter")
+    wait_message(page, "from the page")
+    assert shown_times(page)["from the page"]["source"] == "sent"
+    assert message_texts(page) == ["timed", "untimed", "iso", "bad", "live untimed", "from the page"]
+    screenshot(page, "chat-times.png")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ..helpers import ServerProcess, http_get
-from .conftest import PHONE, screenshot
+from .conftest import PHONE, page_width, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -136,3 +136,25 @@ def test_tic_tac_toe_keeps_two_browsers_in_sync(herald_server: ServerProcess, ne
     bob.click("#new-game")
     for page in (ada, bob, carol):
         wait_board(page, "-" * 9)
+
+
+@pytest.mark.parametrize(
+    ("width", "per_row"), [(1180, 6), (1000, 6), (800, 3), (390, 2)], ids=["1180", "1000", "800", "390"]
+)
+def test_dashboard_cards_fill_their_rows(
+    herald_server: ServerProcess, new_page: Any, width: int, per_row: int
+) -> None:
+    """Six cards: 6, 3 + 3 or 2 + 2 + 2 per row, never 5 + 1; and nothing scrolls sideways."""
+    page = new_page({"width": width, "height": 800})
+    page.goto(herald_server.http + "/static/dashboard.html")
+    page.wait_for_selector("body[data-ready=true]")
+    tops = page.eval_on_selector_all(
+        ".card", "cards => cards.map(c => Math.round(c.getBoundingClientRect().top))"
+    )
+    rows = [tops.count(top) for top in sorted(set(tops))]
+    assert rows == [per_row] * (6 // per_row), rows
+    # The cards' contents stay inside them.
+    assert page.eval_on_selector_all(".card", "cards => cards.every(c => c.scrollWidth <= c.clientWidth)")
+    document, window = page_width(page)
+    assert document <= window
+    screenshot(page, f"dashboard-{width}.png", full_page=True)

@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 
+from herald import Settings
 from herald.client import Client
 
-from ..helpers import ROOT, ServerProcess, free_port
+from ..helpers import ROOT, ServerProcess, ThreadServer, free_port
 
 # A safety net, not a wait target: `herald` starts in ~1 s, but the test machine may be loaded.
 TIMEOUT = 60.0
@@ -248,7 +249,8 @@ async def test_presence(server: ServerProcess) -> None:
         assert client.client_id in out
         code, out, err = await run("presence", channel, *api, "--stats", "--json")
         assert code == 0, err
-        assert json.loads(out) == {"channel": channel, "num_clients": 1, "num_users": 1}
+        # An anonymous client is a client but no user (docs/http-api.md, issue #17 item 9).
+        assert json.loads(out) == {"channel": channel, "num_clients": 1, "num_users": 0}
 
 
 async def test_http_errors_are_clear(server: ServerProcess) -> None:
@@ -323,3 +325,57 @@ async def test_walkthrough_resume_with_since(server: ServerProcess) -> None:
     finally:
         first.kill()
         second.kill()
+
+
+async def test_publish_to_an_app_without_the_http_api_says_so() -> None:
+    from fastapi import FastAPI
+
+    from herald import Herald
+
+    # An app that mounts the WebSocket routes at the root and the HTTP API under /rt only.
+    herald = Herald(Settings(demos=False))
+    app = FastAPI(lifespan=herald.lifespan)
+    app.include_router(herald.router)
+    app.include_router(herald.api_router, prefix="/rt")
+    server = ThreadServer(app).start()
+    try:
+        missing, prefixed = await asyncio.gather(
+            run("publish", "news", "1", "--url", server.http),
+            run("publish", "news", "1", "--url", server.http + "/rt", "--json"),
+        )
+    finally:
+        server.stop()
+    code, out, err = missing
+    assert code == 1 and out == ""
+    assert err.startswith(f"herald: no Herald HTTP API at {server.http}/api ")
+    assert "answered HTTP 404" in err and "--url" in err and "Not Found (HTTP 404)" not in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    # The suggestion works: the base URL the app mounts the API under.
+    code, out, err = prefixed
+    assert code == 0, err
+    assert json.loads(out)["offset"] == 1
+
+
+async def test_connect_since_an_offset_ahead_of_the_stream_says_so(server: ServerProcess) -> None:
+    channel = f"chat:ahead-{uuid.uuid4().hex[:8]}"
+    async with Client(server.ws("/connect")) as publisher:
+        for n in range(5):
+            top = await publisher.publish(channel, n)
+    assert top.offset == 5
+    ahead, gap = await asyncio.gather(
+        run("connect", server.ws("/connect"), "-c", channel, "--since", f"99:{top.epoch}", stdin=""),
+        run(
+            "connect", server.ws("/connect"), "-c", channel, "--since", f"2:{top.epoch}x", "--json", stdin=""
+        ),
+    )
+    code, out, err = ahead
+    assert code == 0, err
+    assert (
+        f"* {channel}: could not recover missed publications (offset 99 is ahead of the stream, "
+        "which is at offset 5: nothing was published there yet; check the offset given to --since)"
+    ) in out.splitlines()
+    assert "history no longer covers the gap" not in out
+    code, out, err = gap
+    assert code == 0, err
+    [failed] = [json.loads(line) for line in out.splitlines() if '"recovery_failed"' in line]
+    assert (failed["reason"], failed["offset"], failed["epoch"]) == ("epoch_changed", 5, top.epoch)

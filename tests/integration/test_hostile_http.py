@@ -70,6 +70,8 @@ def keyed() -> Iterator[ServerProcess]:
             "HERALD_MAX_CONNECTIONS_PER_IP": str(PER_IP),
             "HERALD_LOG_FORMAT": "text",
             "HERALD_LOG_LEVEL": "info",
+            # The per-connection lines (with the handshake URL) are INFO only with it.
+            "HERALD_ACCESS_LOG": "true",
         }
     ).start()
     yield process
@@ -86,6 +88,8 @@ def open_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
             "HERALD_NATIVE_ROUTES": "true" if request.param == "native" else "false",
             "HERALD_LOG_FORMAT": "json",
             "HERALD_LOG_LEVEL": "info",
+            # The per-connection lines (with the handshake URL) are INFO only with it.
+            "HERALD_ACCESS_LOG": "true",
         }
     ).start()
     yield process

@@ -356,36 +356,114 @@ async def _true(value: bool) -> bool:
     return value
 
 
+class _WorkerMap:
+    """Which worker holds which client, as the workers themselves say it: every worker
+    publishes its admin snapshot (its node id, its clients) on ``$admin`` through Redis,
+    and one admin socket, on whichever worker, hears them all."""
+
+    def __init__(self) -> None:
+        self.node_of: dict[str, str] = {}  # client id -> node id
+        self.changed = asyncio.Event()
+
+    async def follow(self, websocket: Any) -> None:
+        async for message in websocket:
+            frame = json.loads(message)
+            if frame.get("type") != "publication" or frame.get("channel") != "$admin":
+                continue
+            snapshot = frame["data"]
+            for client in snapshot["clients"]:
+                self.node_of[client["client"]] = snapshot["node"]
+            self.changed.set()
+
+    async def node(self, client_id: str, timeout: float) -> str:
+        """The worker ``client_id`` is on, once a snapshot listed it."""
+        async with asyncio.timeout(timeout):
+            while client_id not in self.node_of:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.node_of[client_id]
+
+
+def _scrape(node: ServerProcess) -> list[Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(node.http + "/metrics")
+    assert status == 200
+    return [sample for family in text_string_to_metric_families(body.decode()) for sample in family.samples]
+
+
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_serve_workers_share_redis(redis_server: RedisServer) -> None:
+    """Two workers share Redis, and /metrics adds up both, whichever answers the scrape.
+
+    Clients connect until they sit on two different workers (the kernel may put many
+    on one); each worker's own count is then below the total, so a scraped total equal
+    to it proves the multiprocess aggregation.
+    """
+    import websockets
+
     node = ServerProcess(env=_env(redis_server.url), args=["--workers", "2"])
     await asyncio.to_thread(node.start)
     clients: list[ProtocolClient] = []
+    workers = _WorkerMap()
+    admin = follower = None
     try:
-        clients = [await connect(node) for _ in range(6)]
-        for client in clients:
-            await subscribe(client, "chat:workers")
+        admin = await websockets.connect(node.ws("/admin/ws"))
+        await admin.send(json.dumps({"api_key": API_KEY}))
+        follower = asyncio.create_task(workers.follow(admin))
+        holders: set[str] = set()
+        try:
+            async with asyncio.timeout(60):
+                while len(holders) < 2 or len(clients) < 4:
+                    client = await connect(node)
+                    clients.append(client)
+                    await subscribe(client, "chat:workers")
+                    holders.add(await workers.node(client.client_id, 15))
+        except TimeoutError:
+            raise AssertionError(f"{len(clients)} clients, all on workers {holders}") from None
+
         status, body = await api(node, "/api/publish", {"channel": "chat:workers", "data": 1})
         assert status == 200, body
         for client in clients:
             [publication] = await publications(client, 1)
             assert publication["offset"] == body["offset"]
-        # /metrics adds up every worker (prometheus multiprocess mode), whichever worker
-        # answers the scrape: all six connections show, even though they are spread out.
-        from prometheus_client.parser import text_string_to_metric_families
 
-        def open_connections() -> float:
-            text = http_get(node.http + "/metrics")[1].decode()
-            for family in text_string_to_metric_families(text):
-                if family.name == "herald_connections_open":
-                    return sum(sample.value for sample in family.samples)
-            return -1.0
+        total = len(clients)
+        per_worker = {
+            holder: sum(1 for c in clients if workers.node_of[c.client_id] == holder) for holder in holders
+        }
+        assert all(0 < count < total for count in per_worker.values()), per_worker
 
-        await async_until(lambda: _is(asyncio.to_thread(open_connections), 6.0), 10)
+        def aggregated() -> bool:
+            samples = _scrape(node)
+
+            def summed(name: str) -> float:
+                return sum(s.value for s in samples if s.name == name and s.labels.get("route") == "connect")
+
+            nodes = {s.labels["node"] for s in samples if s.name == "herald_node_info" and s.value == 1}
+            return (
+                holders <= nodes
+                and summed("herald_connections_open") == total
+                and summed("herald_connections_total") == total
+            )
+
+        # Several scrapes in a row, each answered by whichever worker accepts it.
+        for _ in range(4):
+            await async_until(lambda: _true_in_thread(aggregated), 10, "the scrape to add up both workers")
     finally:
         await close_all(clients)
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await follower
+        if admin is not None:
+            await admin.close()
         await asyncio.to_thread(node.stop)
+
+
+async def _true_in_thread(check: Any) -> bool:
+    return bool(await asyncio.to_thread(check))
 
 
 def test_serve_refuses_workers_with_memory_broker() -> None:

@@ -6,6 +6,10 @@ alice) and an ``on_publish`` hook (``guarded:*``: only alice).  Each cell opens 
 fresh connection as one client, does one operation and asserts that it was allowed
 or refused with the documented error code (docs/security.md, "Access policy").
 Refused publishes must leave no trace in the channel's history.
+
+The cells run twice: with the in-process hooks, and with a real FastAPI backend
+answering the proxy's subscribe and publish calls exactly as those hooks decide
+(``proxy_env``): the proxy is one more hook, so every cell must come out the same.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
+from .proxy_backend import start_backend
 
 pytestmark = pytest.mark.asyncio
 
@@ -102,20 +107,65 @@ def env() -> Iterator[Env]:
     async def whoami(ctx: ClientContext) -> str:
         return ctx.user
 
+    server = serve_seeded(herald)
+    try:
+        yield Env(server, calls)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy_env() -> Iterator[Env]:
+    """The same rules, decided by a backend over HTTP instead of in-process hooks."""
+    backend = start_backend()
+    calls: list[tuple[str, str, str]] = []
+
+    def subscribe(body: dict[str, Any]) -> Any:
+        calls.append(("subscribe", body["user"], body["channel"]))
+        if body["channel"].startswith("team:") and body["user"] != "alice":
+            return {"error": {"code": DENIED, "message": "not a member of this team"}}
+        return {"result": {}}
+
+    def publish(body: dict[str, Any]) -> Any:
+        if body["channel"].startswith("guarded:") and body["user"] != "alice":
+            return {"error": {"code": DENIED, "message": "read-only for you"}}
+        return {}
+
+    backend.answer("subscribe", subscribe)
+    backend.answer("publish", publish)
+    config = settings().model_copy(
+        update={"proxy_subscribe_url": backend.url("subscribe"), "proxy_publish_url": backend.url("publish")}
+    )
+    server = serve_seeded(Herald(config))
+    try:
+        yield Env(server, calls)
+    finally:
+        server.stop()
+        backend.server.stop()
+
+
+@pytest.fixture(scope="module", params=["hooks", "proxy"])
+def policy_env(request: pytest.FixtureRequest) -> Env:
+    """The matrix's server: rules decided by in-process hooks, or by the proxy's backend."""
+    env: Env = request.getfixturevalue("env" if request.param == "hooks" else "proxy_env")
+    return env
+
+
+def serve_seeded(herald: Herald) -> ThreadServer:
+    """Serve ``herald`` on Herald's own server protocols, with three publications in
+    every channel of the matrix."""
+    config = herald.settings
     server = ThreadServer(
         create_app(herald=herald),
         ws=uvicorn_ws_protocol(config.ws_impl, config.fast_path),
         http=HeaderTimeoutHTTPProtocol,
         ws_max_size=config.max_message_size,
     ).start()
-    try:
-        for channel in CHANNELS:
-            for n in range(3):
-                status, _ = api(server, "POST", "/api/publish", {"channel": channel, "data": n})
-                assert status == 200
-        yield Env(server, calls)
-    finally:
-        server.stop()
+    for channel in CHANNELS:
+        for n in range(3):
+            status, _ = api(server, "POST", "/api/publish", {"channel": channel, "data": n})
+            assert status == 200
+    return server
 
 
 def api(server: ThreadServer, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -287,21 +337,23 @@ async def attempt(env: Env, client: ProtocolClient, who: str, op: str, channel: 
 
 @pytest.mark.parametrize(("channel", "who", "op", "expected"), CELLS)
 async def test_policy_cell(
-    env: Env, clients: list[ProtocolClient], channel: str, who: str, op: str, expected: Outcome
+    policy_env: Env, clients: list[ProtocolClient], channel: str, who: str, op: str, expected: Outcome
 ) -> None:
-    client = await open_client(env, who)
+    client = await open_client(policy_env, who)
     clients.append(client)
-    assert await attempt(env, client, who, op, channel) == expected
+    assert await attempt(policy_env, client, who, op, channel) == expected
 
 
 # ---------------------------------------------------------------- rules beyond the cells
 
 
 async def test_on_subscribe_hook_runs_for_reads_of_unsubscribed_channels(
-    env: Env, clients: list[ProtocolClient]
+    policy_env: Env, clients: list[ProtocolClient]
 ) -> None:
     """A read of a channel the client is not subscribed to runs the subscribe hooks (the
-    hook decides whether it could subscribe); a subscriber's reads do not run them again."""
+    hook decides whether it could subscribe); a subscriber's reads do not run them again.
+    The proxy's backend is asked exactly as often."""
+    env = policy_env
     client = await open_client(env, "alice")
     clients.append(client)
     env.hook_calls.clear()

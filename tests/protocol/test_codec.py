@@ -115,3 +115,22 @@ def test_json_depth_counts_containers_only() -> None:
     assert not json_depth_exceeds({"a": {"b": [1, "x"]}}, 3)
     assert json_depth_exceeds({"a": {"b": [1, "x"]}}, 2)
     assert not json_depth_exceeds("scalar", 0)
+
+
+def test_brackets_and_colons_inside_strings_do_not_trip_the_limits() -> None:
+    """The cheap pre-check counts "{", "[" and ":" anywhere in the frame; when strings hold
+    many of them the real walk decides, and a shallow frame still passes (issue 19)."""
+    data = "{[:" * 500
+    text = json.dumps({"id": 1, "type": "publish", "channel": "chat:x", "data": data})
+    command = decode_command(text, max_depth=2, max_keys=5)
+    assert command.type == "publish"
+    deep = json.dumps({"id": 2, "type": "publish", "channel": "chat:x", "data": {"a": {"b": 1}}})
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(deep, max_depth=2, max_keys=5)
+    assert caught.value.code == ErrorCode.TOO_DEEP
+    many = json.dumps(
+        {"id": 3, "type": "publish", "channel": "chat:x", "data": {str(k): k for k in range(4)}}
+    )
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(many, max_depth=5, max_keys=5)
+    assert caught.value.code == ErrorCode.TOO_LARGE

@@ -82,10 +82,7 @@ def describe_namespace(name: str, options: NamespaceOptions) -> str:
         )
     else:
         history = "History: off, so no recovery (`recoverable: false`)."
-    presence = (
-        f"Presence: {'on' if options.presence else 'off'}; join/leave pushes: "
-        f"{'on' if options.presence and options.join_leave else 'off'}."
-    )
+    presence = f"Presence: {'on' if options.presence else 'off'}; join/leave pushes: {_join_leave(options)}."
     rights = (
         f"Clients may subscribe: {_yes(options.allow_subscribe)}; publish: "
         f"{_yes(options.allow_publish)} (the HTTP API and the application always may); "
@@ -201,7 +198,19 @@ def build_asyncapi(
                 "protocol": "wss" if secure else "ws",
                 "description": "This Herald node. The Origin header must be the server's own "
                 "origin or an allowed one; browsers pass tokens in the connect command.",
-            }
+            },
+            # One-way streams over plain HTTP (herald.sse, docs/transports.md).
+            "herald_sse": {
+                "host": server_host,
+                "protocol": "https" if secure else "http",
+                "pathname": "/sse",
+                "description": "Server-Sent Events, one way: `GET /sse?channel=a&channel=b` "
+                "(`GET /stream` for newline-delimited JSON). Publications are `PublicationPush` "
+                "frames as `data:` of default events, with an `id:` that resumes every channel "
+                "(`Last-Event-ID`); `subscribed`, `recovery` and `disconnect` are named events. "
+                "Token: `Authorization: Bearer`, `?token=` or the `herald_token` cookie. "
+                "See docs/transports.md.",
+            },
         },
     }
 
@@ -495,3 +504,10 @@ def _type_label(tp: Any) -> str:
     if tp is None:
         return "any JSON"
     return f"`{getattr(tp, '__name__', str(tp))}`"
+
+
+def _join_leave(options: NamespaceOptions) -> str:
+    if not (options.presence and options.join_leave):
+        return "off"
+    bound = options.join_leave_max_subscribers
+    return f"on (none while a channel has more than {bound} subscribers on a node)" if bound else "on"

@@ -17,6 +17,9 @@ Contract every broker keeps (checked by ``tests/brokers/conformance.py``):
   that recovery is impossible.
 * **History.**  With ``history_size > 0`` the broker keeps the last
   ``history_size`` publications for ``history_ttl`` seconds.
+* **Idempotent publish.**  :meth:`Broker.publish_idempotent` publishes once per
+  channel and key within a window, across nodes, and returns the original
+  position to every retry.
 * **Events.**  Join/leave events are fanned out like publications but carry no
   offset and are never stored.
 * **Gaps.**  A broker that learns it missed publications of a subscribed channel
@@ -194,6 +197,21 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
         """Append to history (if enabled) and fan out; return the new stream top."""
+
+    @abc.abstractmethod
+    async def publish_idempotent(
+        self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
+    ) -> tuple[StreamPosition, bool]:
+        """:meth:`publish` once per ``(channel, key)`` within ``window`` seconds.
+
+        Returns ``(position, duplicate)``.  The first call publishes and remembers the
+        position under the key for ``window`` seconds; a call with the same channel
+        and key within that time publishes nothing and returns the remembered
+        position with ``duplicate`` True.  This holds across every node of the
+        broker: of two calls racing with the same key, exactly one publishes.  A
+        broker that cannot keep that promise raises
+        :class:`~herald.exceptions.NotAvailableError`.
+        """
 
     @abc.abstractmethod
     async def publish_event(self, event: PresenceEvent) -> None:

@@ -39,6 +39,8 @@ from .base import (
 
 #: Streams an operation removes at most; the rest go on the next operations.
 SWEEP_BATCH = 512
+#: Idempotency keys remembered at most (the oldest are forgotten first beyond it).
+MAX_IDEMPOTENCY_KEYS = 100_000
 
 
 @dataclass(slots=True)
@@ -72,9 +74,12 @@ class MemoryBroker(Broker):
         *,
         clock: Callable[[], float] | None = None,
         stream_meta_ttl: float = 3600.0,
+        max_idempotency_keys: int = MAX_IDEMPOTENCY_KEYS,
     ) -> None:
         if stream_meta_ttl < 0:
             raise ValueError("stream_meta_ttl must be >= 0")
+        if max_idempotency_keys < 1:
+            raise ValueError("max_idempotency_keys must be >= 1")
         self._clock = clock or time.monotonic
         self.stream_meta_ttl = stream_meta_ttl
         self._streams: dict[str, _Stream] = {}
@@ -86,6 +91,12 @@ class MemoryBroker(Broker):
         self._handler: BrokerHandler | None = None
         #: Streams removed by expiry (for tests and metrics).
         self.expired = 0
+        #: (channel, idempotency key) -> (position, expiry), oldest first; at most
+        #: ``max_idempotency_keys`` entries (the oldest are forgotten first).
+        self._idempotency: OrderedDict[tuple[str, str], tuple[StreamPosition, float]] = OrderedDict()
+        self.max_idempotency_keys = max_idempotency_keys
+        #: Idempotency keys forgotten before their window ended, to respect the bound.
+        self.idempotency_evicted = 0
         #: Test hook: when it returns True for a publication, this node "misses" it
         #: (as if its link had dropped it) and reports a StreamGap instead.
         self.drop_hook: Callable[[Publication], bool] | None = None
@@ -200,6 +211,39 @@ class MemoryBroker(Broker):
         self._fan_out(publication)
         return StreamPosition(stream.offset, stream.epoch)
 
+    async def publish_idempotent(
+        self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
+    ) -> tuple[StreamPosition, bool]:
+        """Publish once per ``(channel, key)`` within ``window`` seconds (see the base class).
+
+        One process, one event loop: :meth:`publish` never suspends, so nothing can
+        publish the same key between the lookup and the record.  At most
+        ``max_idempotency_keys`` keys are remembered; beyond that the oldest is
+        forgotten before its window ends (counted in ``idempotency_evicted``).
+        """
+        now = self._clock()
+        remembered = self._idempotency
+        # Keys are recorded in time order: the expired ones are at the head.
+        while remembered:
+            head = next(iter(remembered.values()))
+            if head[1] > now:
+                break
+            remembered.popitem(last=False)
+        entry = remembered.get((channel, key))
+        if entry is not None and entry[1] > now:
+            return entry[0], True
+        position = await self.publish(channel, data, options)
+        remembered.pop((channel, key), None)
+        remembered[(channel, key)] = (position, now + window)
+        while len(remembered) > self.max_idempotency_keys:
+            remembered.popitem(last=False)
+            self.idempotency_evicted += 1
+        return position, False
+
+    def idempotency_key_count(self) -> int:
+        """Idempotency keys remembered now (for tests)."""
+        return len(self._idempotency)
+
     async def publish_event(self, event: PresenceEvent) -> None:
         self._fan_out(event)
 
@@ -214,7 +258,11 @@ class MemoryBroker(Broker):
             self._deliver(message)
 
     def counters(self) -> dict[str, int]:
-        return {**super().counters(), "streams_expired": self.expired}
+        return {
+            **super().counters(),
+            "streams_expired": self.expired,
+            "idempotency_evicted": self.idempotency_evicted,
+        }
 
     async def history(
         self,

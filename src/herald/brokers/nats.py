@@ -11,6 +11,9 @@ broker URL):
   the order of one connection's messages, so publications *from one node* reach
   every node in the order they were published; publications of different nodes
   to the same channel have no global order.
+* *No idempotent publish.*  A publish with an ``idempotency_key`` raises
+  :class:`~herald.exceptions.NotAvailableError`: nothing is stored that nodes
+  could check a key against.
 * *No shared offsets, no history.*  Core NATS keeps nothing: publications carry
   ``offset`` 0 and epoch ``""``, :meth:`NatsBroker.history` with ``limit=0``
   returns ``StreamPosition(0, "")`` and any other history or recovery request
@@ -89,6 +92,12 @@ logger = logging.getLogger("herald.brokers.nats")
 
 #: The position every channel has on core NATS: no shared offsets, no epoch.
 NO_STREAM = StreamPosition(0, "")
+
+_NO_IDEMPOTENCY = (
+    "the NATS broker without JetStream cannot publish idempotently (core NATS stores "
+    "nothing the nodes could agree on), so idempotency_key is refused; use "
+    "nats://host:port?jetstream=1 (a server started with -js) or the Redis broker"
+)
 
 _NO_HISTORY = (
     "the NATS broker without JetStream keeps no history (core NATS stores nothing), so "
@@ -452,6 +461,16 @@ class NatsBroker(JetStreamHistory, Broker):
             return await self._js_publish(channel, data, options)
         await self._publish(self.subject(channel), envelope.encode_publication(0, "", options.info, data))
         return NO_STREAM
+
+    async def publish_idempotent(
+        self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
+    ) -> tuple[StreamPosition, bool]:
+        """With JetStream: once per key across nodes (its ``Nats-Msg-Id`` de-duplication,
+        see :mod:`.nats_jetstream`).  Core NATS stores nothing that nodes could agree
+        on, so it refuses the key rather than promise what it cannot keep."""
+        if self.config.jetstream:
+            return await self._js_publish_once(channel, data, options, key, window)
+        raise NotAvailableError(_NO_IDEMPOTENCY)
 
     async def publish_event(self, event: PresenceEvent) -> None:
         await self._publish(self.subject(event.channel), envelope.encode_event(event))

@@ -35,6 +35,16 @@
 * *History reads* walk back from the last message through ``Herald-Prev`` (the
   stream sequence of the subject's previous message) with ``STREAM.MSG.GET``:
   one request per publication returned.
+* *Idempotent publish* (:meth:`JetStreamHistory._js_publish_once`) uses
+  JetStream's own de-duplication: the append carries ``Nats-Msg-Id:
+  <hex(channel)>:<key>`` and the stream's ``duplicate_window`` is the node's
+  ``idempotency_window``, so of any number of nodes appending with one key,
+  JetStream stores exactly one message and acknowledges the others with
+  ``duplicate: true`` and the original's stream sequence.  The original position
+  is read from a record the publisher writes after its append, in a second
+  stream ``<stream>_IDEM`` (subjects ``PREFIX.i.<hex(channel)>.<hex(key)>``, one
+  message each, ``max_age`` = the window), or, while that record is not written
+  yet, from the original message itself.
 
 :class:`JetStreamHistory` is a mixin of :class:`~herald.brokers.nats.NatsBroker`
 rather than a separate object: it works on the broker's connection and stream
@@ -71,12 +81,15 @@ _ROLLUP = "Nats-Rollup"
 _KEEP = "Herald-Keep"
 _EXPIRES = "Herald-Expires"
 _PREV = "Herald-Prev"
+_MSG_ID = "Nats-Msg-Id"
 _ERR_WRONG_LAST_SEQUENCE = 10071
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_NO_MESSAGE = 10037
 _ERR_STREAM_NAME_IN_USE = 10058
 #: Give up a publish after this many lost optimistic-concurrency races in a row.
 _MAX_CONFLICTS = 200
+#: The stream's de-duplication window until a node asks for another (its setting).
+DEFAULT_DEDUPE_WINDOW = 300.0
 
 
 def _now_ms() -> int:
@@ -97,6 +110,14 @@ class _Entry:
         return 0 < self.expires <= now_ms
 
 
+class _Duplicate(Exception):
+    """JetStream already stored a message with this ``Nats-Msg-Id``: ``seq`` is the original's."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
+
+
 def _parse_headers(raw: bytes) -> dict[str, str]:
     headers: dict[str, str] = {}
     for line in raw.decode("latin-1").split("\r\n")[1:]:
@@ -112,6 +133,9 @@ class JetStreamHistory:
 
     config: NatsBrokerConfig
     _stream_ready: bool
+    #: The ``duplicate_window`` (seconds) the streams are created with: the node's
+    #: ``idempotency_window``, learnt from its first idempotent publish.
+    _dedupe_window: float = DEFAULT_DEDUPE_WINDOW
 
     if TYPE_CHECKING:  # provided by NatsBroker
 
@@ -155,10 +179,19 @@ class JetStreamHistory:
             return reply
         raise BrokerError(f"JetStream stream {self.stream_name} could not be created")
 
-    async def _ensure_stream(self) -> None:
-        import nats.errors
+    @property
+    def idempotency_stream_name(self) -> str:
+        """The stream of idempotency records (the original positions of keyed publishes)."""
+        return f"{self.stream_name}_IDEM"
 
+    def idempotency_subject(self, channel: str, key: str) -> str:
+        return f"{self.config.prefix}.i.{channel.encode().hex()}.{key.encode().hex()}"
+
+    async def _ensure_stream(self) -> None:
         cfg = self.config
+        window = self._dedupe_window
+        if cfg.max_age > 0:
+            window = min(window, cfg.max_age)  # JetStream refuses a window longer than max_age
         body = {
             "name": self.stream_name,
             "subjects": [f"{cfg.prefix}.h.>"],
@@ -171,21 +204,42 @@ class JetStreamHistory:
             "allow_rollup_hdrs": True,
             "deny_delete": False,
             "deny_purge": False,
+            "duplicate_window": int(window * 1e9),
         }
+        await self._create_or_update(self.stream_name, body)
+        records = {
+            "name": self.idempotency_stream_name,
+            "subjects": [f"{cfg.prefix}.i.>"],
+            "retention": "limits",
+            "storage": cfg.storage,
+            "num_replicas": cfg.replicas,
+            "max_age": int(self._dedupe_window * 1e9),
+            "max_msgs_per_subject": 1,
+            "discard": "old",
+            "duplicate_window": int(min(self._dedupe_window, 120.0) * 1e9),
+        }
+        self._stream_ready = True
+        try:
+            await self._create_or_update(self.idempotency_stream_name, records)
+        except BrokerError as exc:
+            # Only keyed publishes need it, and they still work without it (their retries
+            # read the original message): publishing must not stop for it.
+            logger.warning("JetStream stream %s: %s", self.idempotency_stream_name, exc)
+
+    async def _create_or_update(self, name: str, body: dict[str, Any]) -> None:
+        import nats.errors
+
         for operation in ("CREATE", "UPDATE"):
             try:
-                msg = await self._request(
-                    f"$JS.API.STREAM.{operation}.{self.stream_name}", orjson.dumps(body)
-                )
+                msg = await self._request(f"$JS.API.STREAM.{operation}.{name}", orjson.dumps(body))
             except nats.errors.NoRespondersError as exc:
                 raise BrokerError("JetStream is not enabled on the NATS server (start it with -js)") from exc
             error = orjson.loads(msg.data).get("error")
             if error is None:
-                self._stream_ready = True
                 return
             if error.get("err_code") != _ERR_STREAM_NAME_IN_USE:
-                raise BrokerError(f"JetStream stream {self.stream_name}: {error.get('description')}")
-        raise BrokerError(f"JetStream stream {self.stream_name} could not be updated")
+                raise BrokerError(f"JetStream stream {name}: {error.get('description')}")
+        raise BrokerError(f"JetStream stream {name} could not be updated")
 
     async def _store(self, subject: str, payload: bytes, headers: dict[str, str]) -> dict[str, Any]:
         """Append to the stream; returns the ack or the error reply."""
@@ -264,7 +318,60 @@ class JetStreamHistory:
             seed = f"new:{reply.get('created', '')}:{channel}"
         return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()[:8]
 
-    async def _js_publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+    async def _js_publish_once(
+        self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
+    ) -> tuple[StreamPosition, bool]:
+        """Publish once per key within ``window`` across nodes (module docstring)."""
+        if window != self._dedupe_window:
+            # The streams' windows follow the node's setting (every node should share it).
+            self._dedupe_window = window
+            self._stream_ready = False
+            await self._ensure_stream()
+        record = self.idempotency_subject(channel, key)
+        try:
+            position = await self._js_publish(channel, data, options, f"{channel.encode().hex()}:{key}")
+        except _Duplicate as duplicate:
+            return await self._original_position(channel, record, duplicate.seq), True
+        try:
+            await self._request(record, b"%d:%s" % (position.offset, position.epoch.encode()))
+        except Exception as exc:  # published already: the record only helps later retries
+            # The original message still answers retries until it is replaced.
+            logger.warning("idempotency record of %s not written: %r", channel, exc)
+        return position, False
+
+    async def _original_position(self, channel: str, record: str, seq: int) -> StreamPosition:
+        """The position of the publication JetStream found ``seq`` to be the original of."""
+        try:
+            msg = await self._request(
+                f"$JS.API.STREAM.MSG.GET.{self.idempotency_stream_name}",
+                orjson.dumps({"last_by_subj": record}),
+            )
+            reply = orjson.loads(msg.data)
+        except BrokerError:
+            raise
+        except Exception as exc:  # no records stream (it could not be created)
+            reply = {"error": repr(exc)}
+        if reply.get("error") is None:
+            offset, _, epoch = base64.b64decode(reply["message"]["data"]).partition(b":")
+            return StreamPosition(int(offset), epoch.decode())
+        # The publisher has not written its record yet: the message itself is still there.
+        original = await self._get(channel, {"seq": seq})
+        if original is not None and original.publication.offset > 0:
+            return StreamPosition(original.publication.offset, original.publication.epoch)
+        raise BrokerError(
+            f"publish to {channel}: the idempotency key's original publication (stream sequence "
+            f"{seq}) is stored but its position was lost (its publisher failed before recording it)"
+        )
+
+    async def _js_publish(
+        self, channel: str, data: bytes, options: PublishOptions, msg_id: str | None = None
+    ) -> StreamPosition:
+        """Store and fan out the channel's next publication; returns its position.
+
+        With ``msg_id`` (an idempotent publish) JetStream may find the append a
+        duplicate: nothing is stored or fanned out and :class:`_Duplicate` is raised
+        with the original's stream sequence.
+        """
         subject = self.history_subject(channel)
         keep = max(options.history_size, 0)
         ttl_ms = int(options.history_ttl * 1000) if options.history_ttl > 0 else 0
@@ -288,9 +395,13 @@ class JetStreamHistory:
             }
             if rollup:
                 headers[_ROLLUP] = "sub"
+            if msg_id is not None:
+                headers[_MSG_ID] = msg_id
             reply = await self._store(subject, payload, headers)
             error = reply.get("error")
             if error is None:
+                if msg_id is not None and reply.get("duplicate"):
+                    raise _Duplicate(int(reply["seq"]))
                 break
             if error.get("err_code") != _ERR_WRONG_LAST_SEQUENCE:
                 raise BrokerError(f"JetStream append failed: {error.get('description')}")

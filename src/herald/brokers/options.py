@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from ..urls import non_negative, split_url_options
+from ..urls import non_negative, positive_int, split_url_options
 
-#: The memory broker's URL options (``memory?stream_meta_ttl=600``).
-MEMORY_OPTIONS = {"stream_meta_ttl": non_negative}
+#: The memory broker's URL options (``memory?stream_meta_ttl=600&max_idempotency_keys=1000``).
+MEMORY_OPTIONS = {"stream_meta_ttl": non_negative, "max_idempotency_keys": positive_int}
 
 
 def broker_scheme(url: str) -> str:

@@ -67,7 +67,16 @@ from .base import (
 )
 from .redis_catchup import _DELIVER, _JUMP, RedisCatchUp, _Track
 from .redis_config import RedisBrokerConfig
-from .redis_scripts import EMPTY_EPOCH, HISTORY, PUBLISH, RESET, RUN_CHECK, RUN_INFO, epoch_bucket
+from .redis_scripts import (
+    EMPTY_EPOCH,
+    HISTORY,
+    PUBLISH,
+    PUBLISH_ONCE,
+    RESET,
+    RUN_CHECK,
+    RUN_INFO,
+    epoch_bucket,
+)
 
 logger = logging.getLogger("herald.brokers.redis")
 
@@ -112,6 +121,7 @@ class RedisBroker(RedisCatchUp, Broker):
         self._closed = False
         self.reconnects = 0  # link re-establishments after the first (for tests and metrics)
         self._publish_script: Any = None
+        self._publish_once_script: Any = None
         self._history_script: Any = None
         self._reset_script: Any = None
         self._run_info_script: Any = None
@@ -135,6 +145,14 @@ class RedisBroker(RedisCatchUp, Broker):
 
     def stream_key(self, channel: str) -> str:
         return f"{self.config.prefix}:stream:{channel}"
+
+    def idempotency_key(self, channel: str, key: str) -> str:
+        """Where the position published with idempotency ``key`` is remembered.
+
+        The channel's length goes first: channels and keys may both contain ``:``, and
+        ``a:b`` + ``c`` must not name the same key as ``a`` + ``b:c``.
+        """
+        return f"{self.config.prefix}:idem:{len(channel)}:{channel}:{key}"
 
     @property
     def epochs_key(self) -> str:
@@ -167,6 +185,7 @@ class RedisBroker(RedisCatchUp, Broker):
             )
             self._client = aioredis.Redis.from_pool(pool)
             self._publish_script = self._client.register_script(RUN_CHECK + EMPTY_EPOCH + PUBLISH)
+            self._publish_once_script = self._client.register_script(RUN_CHECK + EMPTY_EPOCH + PUBLISH_ONCE)
             self._history_script = self._client.register_script(RUN_CHECK + EMPTY_EPOCH + HISTORY)
             self._reset_script = self._client.register_script(RESET)
             self._run_info_script = self._client.register_script(RUN_INFO)
@@ -400,6 +419,30 @@ class RedisBroker(RedisCatchUp, Broker):
         result = await self._scripted(self._publish_script, channel, args)
         return StreamPosition(int(result[0]), _text(result[1]))
 
+    async def publish_idempotent(
+        self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
+    ) -> tuple[StreamPosition, bool]:
+        """The publish script behind an atomic look-up of the key (``PUBLISH_ONCE`` in
+        :mod:`.redis_scripts`): of any number of nodes racing, exactly one publishes."""
+        info = orjson.dumps(options.info.as_dict()) if options.info is not None else b""
+        ttl_ms = int(options.history_ttl * 1000) if options.history_ttl > 0 else 0
+        args = [
+            self.pubsub_channel(channel),
+            data,
+            info,
+            options.history_size,
+            ttl_ms,
+            new_epoch(),
+            int(self.config.stream_meta_ttl * 1000),
+            epoch_bucket(channel),
+            max(int(window * 1000), 1),
+        ]
+        _ = self.client
+        result = await self._scripted(
+            self._publish_once_script, channel, args, extra_keys=(self.idempotency_key(channel, key),)
+        )
+        return StreamPosition(int(result[0]), _text(result[1])), int(result[2]) == 1
+
     async def publish_event(self, event: PresenceEvent) -> None:
         await self._call(
             self.client.publish, self.pubsub_channel(event.channel), envelope.encode_event(event)
@@ -436,14 +479,16 @@ class RedisBroker(RedisCatchUp, Broker):
     async def remove_history(self, channel: str) -> None:
         await self._call(self.client.delete, self.stream_key(channel), self.meta_key(channel))
 
-    async def _scripted(self, script: Any, channel: str, args: list[Any]) -> Any:
+    async def _scripted(
+        self, script: Any, channel: str, args: list[Any], extra_keys: tuple[str, ...] = ()
+    ) -> Any:
         """Run a channel script behind the rollback guard (``RUN_CHECK``).
 
         The guard needs the current Redis run checked first: after a restart or a
         failover the first call answers ``{-1, run_id}``, the run is checked, and the
         call is made again.
         """
-        keys = [self.stream_key(channel), self.meta_key(channel), self.epochs_key]
+        keys = [self.stream_key(channel), self.meta_key(channel), self.epochs_key, *extra_keys]
         for _ in range(3):
             run_id, durable = self._run
             result = await self._call(script, keys=keys, args=[*args, run_id, "1" if durable else "0"])

@@ -15,6 +15,10 @@ key                            type        contents
 ``PREFIX:presence-exp:CHANNEL`` sorted set client id -> expiry (ms)
 ``PREFIX:epochs``              hash        ``i`` = this Redis data set's random incarnation,
                                            bucket -> streams created in it (one key in all)
+``PREFIX:idem:N:CHANNEL:KEY``  string      ``OFFSET:EPOCH`` of the publication made with
+                                           idempotency key ``KEY`` (``N`` = len(CHANNEL), so
+                                           no channel and key pair names another's key);
+                                           expires ``idempotency_window`` after it
 =============================  ==========  ===================================================
 
 Both history keys expire ``history_ttl`` seconds after the last publication;
@@ -86,7 +90,7 @@ local function empty_epoch(epochs, bucket, fresh)
 end
 """
 
-PUBLISH = """
+_PUBLISH_BODY = """
 local stream, meta = KEYS[1], KEYS[2]
 local pubsub, data, info = ARGV[1], ARGV[2], ARGV[3]
 local size, ttl, meta_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
@@ -124,8 +128,33 @@ else
 end
 redis.call('publish', pubsub,
   'p' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. string.len(info) .. ':' .. info .. data)
+"""
+
+PUBLISH = (
+    _PUBLISH_BODY
+    + """
 return {offset, epoch}
 """
+)
+
+# Idempotent publish: the same script behind a look-up of the idempotency key (KEYS[4]),
+# so of two nodes racing with one key exactly one publishes (the script is atomic).  A
+# remembered key answers its original position and publishes nothing (third value 1);
+# otherwise the publication's position is stored with SET NX PX window (ARGV[9], ms).
+PUBLISH_ONCE = (
+    """
+local remembered = redis.call('get', KEYS[4])
+if remembered then
+  local o, e = string.match(remembered, '^(%d+):(.*)$')
+  return {tonumber(o), e, 1}
+end
+"""
+    + _PUBLISH_BODY
+    + """
+redis.call('set', KEYS[4], string.format('%d', offset) .. ':' .. epoch, 'NX', 'PX', tonumber(ARGV[9]))
+return {offset, epoch, 0}
+"""
+)
 
 HISTORY = """
 local stream, meta = KEYS[1], KEYS[2]
@@ -207,6 +236,7 @@ __all__ = [
     "EPOCH_BUCKETS",
     "HISTORY",
     "PUBLISH",
+    "PUBLISH_ONCE",
     "RESET",
     "RUN_CHECK",
     "RUN_INFO",

@@ -38,7 +38,9 @@ Contract (see docs/clients.md):
 * Commands issued while the client is reconnecting wait for the connection
   (within their timeout).  A command in flight when the connection drops
   raises :class:`~herald.exceptions.ClientConnectionError`; it is not resent,
-  because a publish may or may not have happened.
+  because a publish may or may not have happened.  A publish made with an
+  ``idempotency_key`` may be retried with the same key: the server publishes it
+  once and answers the retry with the original position.
 """
 
 from __future__ import annotations

@@ -19,7 +19,15 @@ from ..protocol.decoders import (
     reply_error,
     reply_result,
 )
-from ..protocol.values import ClientInfo, ClientPublication, HistoryPage, PresenceStats, StreamPosition
+from ..protocol.values import (
+    ClientInfo,
+    ClientPublication,
+    HistoryPage,
+    JoinEvent,
+    LeaveEvent,
+    PresenceStats,
+    StreamPosition,
+)
 from .connection import ReconnectingClient
 from .events import ClientState
 from .link import RetryableError, Token, call_token
@@ -47,9 +55,25 @@ class Client(ReconnectingClient):
             raise error
         return reply_result(reply)
 
-    async def publish(self, channel: str, data: Any, timeout: float | None = None) -> StreamPosition:
-        """Publish JSON-serialisable ``data``; returns the publication's position."""
-        result = await self._command("publish", {"channel": channel, "data": data}, timeout)
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        timeout: float | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> StreamPosition:
+        """Publish JSON-serialisable ``data``; returns the publication's position.
+
+        With ``idempotency_key`` (1 to 128 visible ASCII characters) the publish is
+        safe to retry, after a timeout or a lost connection: the server publishes
+        the key on the channel once within its ``idempotency_window`` and answers
+        every retry with the original position.
+        """
+        fields: dict[str, Any] = {"channel": channel, "data": data}
+        if idempotency_key is not None:
+            fields["idempotency_key"] = idempotency_key
+        result = await self._command("publish", fields, timeout)
         return decode_position(result)
 
     async def rpc(self, method: str, params: Any = None, timeout: float | None = None) -> Any:
@@ -128,6 +152,8 @@ class Client(ReconnectingClient):
         since: Since = None,
         timeout: float | None = None,
         token: Token = None,
+        on_join: Callable[[JoinEvent], Any] | None = None,
+        on_leave: Callable[[LeaveEvent], Any] | None = None,
     ) -> Subscription:
         """Subscribe to ``channel``; returns once the server confirmed it.
 
@@ -142,6 +168,11 @@ class Client(ReconnectingClient):
         :meth:`Subscription.next`.  ``since`` (a position from an earlier
         session) asks for the publications after it first; check
         :attr:`Subscription.recovered`.  The subscription survives reconnects.
+
+        ``on_join`` / ``on_leave`` (sync or async) get this channel's presence pushes
+        (:class:`JoinEvent` / :class:`LeaveEvent`, the client's own join included when
+        the namespace pushes joins), in order, before the client-wide ``join``/``leave``
+        handlers.
         """
         if channel in self._subs:
             raise ReplyError(int(ErrorCode.ALREADY_SUBSCRIBED), f"already subscribed to {channel}")
@@ -154,7 +185,7 @@ class Client(ReconnectingClient):
             raise ClientError(f"subscription token for {channel}: {exc.__cause__!r}") from exc.__cause__
         if channel in self._subs:  # subscribed by another task while the token was fetched
             raise ReplyError(int(ErrorCode.ALREADY_SUBSCRIBED), f"already subscribed to {channel}")
-        sub = Subscription(self, channel, position_of(since), on_publication)
+        sub = Subscription(self, channel, position_of(since), on_publication, on_join, on_leave)
         sub._token, sub._token_value = token, token_value
         self._subs[channel] = sub
         if sub._link is None and self._link is link:

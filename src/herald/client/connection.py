@@ -46,7 +46,15 @@ from .events import (
     RecoveryFailedEvent,
     SubscribeErrorEvent,
 )
-from .link import FatalError, Link, RetryableError, call_token, consume_result, describe_error
+from .link import (
+    ClientSocket,
+    FatalError,
+    Link,
+    RetryableError,
+    call_token,
+    consume_result,
+    describe_error,
+)
 from .subscription import Subscription, SubscriptionState
 
 logger = logging.getLogger("herald.client")
@@ -116,11 +124,16 @@ class ReconnectingClient(ClientCore):
         """The token to send now: the string, or what the callable returns."""
         return await call_token(self.token)
 
-    async def _open(self) -> Link:
-        """Open a WebSocket and run the connect command; return the live link."""
-        token = await self._fresh_token()
+    async def _open_socket(self) -> ClientSocket:
+        """Open the WebSocket (the handshake only).
+
+        Raises :class:`FatalError` when retrying cannot help, :class:`RetryableError`
+        otherwise.  :mod:`herald.testing` opens an in-process socket instead.
+        """
+        if self.transport == "http_stream":
+            return await self._open_http_stream()
         try:
-            ws = await websockets.connect(
+            return await websockets.connect(
                 self.url,
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 origin=Origin(self.origin) if self.origin else None,
@@ -142,6 +155,33 @@ class ReconnectingClient(ClientCore):
             raise RetryableError(message) from ClientConnectionError(message)
         except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
             raise RetryableError(str(exc)) from exc
+
+    async def _open_http_stream(self) -> ClientSocket:
+        """Open a bidirectional-emulation session (``transport="http_stream"``)."""
+        import httpx
+
+        from .http_stream import HttpStreamSocket
+
+        try:
+            return await HttpStreamSocket.open(
+                self.url, timeout=self.timeout, headers=self.headers, origin=self.origin
+            )
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            body = exc.response.text.strip()[:200]
+            message = f"server refused the stream with HTTP {status}" + (f": {body}" if body else "")
+            if 400 <= status < 500 and status not in (408, 429):
+                raise FatalError(ClientConnectionError(message), 1008, message) from None
+            raise RetryableError(message) from ClientConnectionError(message)
+        except ClientConnectionError as exc:
+            raise FatalError(exc, 1006, str(exc)) from None
+        except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+            raise RetryableError(str(exc) or type(exc).__name__) from exc
+
+    async def _open(self) -> Link:
+        """Open a WebSocket and run the connect command; return the live link."""
+        token = await self._fresh_token()
+        ws = await self._open_socket()
         link = Link(ws)
         reader = asyncio.get_running_loop().create_task(self._read(link), name="herald-client-reader")
         link.reader = reader
@@ -280,8 +320,10 @@ class ReconnectingClient(ClientCore):
                 if sub._deliver(publication):
                     self._emit(publication)
             case JoinEvent() | LeaveEvent() as presence:
-                if presence.channel in self._subs:
-                    self._emit(presence)
+                sub = self._subs.get(presence.channel)
+                if sub is not None:
+                    own = sub.on_join if isinstance(presence, JoinEvent) else sub.on_leave
+                    self._emit(presence, own)
             case DisconnectNotice(code=code, reason=reason):
                 link.closed_by = (code, reason)
             case RefreshRequest() if callable(self.token):

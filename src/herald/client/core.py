@@ -44,9 +44,12 @@ class ClientCore:
         origin: str | None = None,
         headers: Mapping[str, str] | None = None,
         max_size: int | None = 16 * 1024 * 1024,
+        transport: str = "websocket",
     ) -> None:
         if backoff_min <= 0 or backoff_max < backoff_min:
             raise ValueError("need 0 < backoff_min <= backoff_max")
+        if transport not in ("websocket", "http_stream"):
+            raise ValueError(f"transport must be 'websocket' or 'http_stream', not {transport!r}")
         self.url = url
         self.token = token
         self.name = name
@@ -57,6 +60,9 @@ class ClientCore:
         self.origin = origin
         self.headers = dict(headers or {})
         self.max_size = max_size
+        #: ``websocket``, or ``http_stream`` (bidirectional emulation over HTTP, for
+        #: networks that break WebSocket upgrades; docs/transports.md).
+        self.transport = transport
 
         self.state = ClientState.NEW
         #: Client id and user id the server assigned on the current connection.
@@ -80,7 +86,9 @@ class ClientCore:
         self._wake: asyncio.Event | None = None
         self._handlers: dict[str, list[Handler]] = {}
         self._event_waiters: list[tuple[str, Callable[[Any], bool] | None, asyncio.Future[Any]]] = []
-        self._events: asyncio.Queue[Event | None] | None = None
+        # Events to hand to handlers, each with the subscription's own callback (on_join,
+        # on_leave) when it has one: one task delivers both, in order.
+        self._events: asyncio.Queue[tuple[Event, Handler | None] | None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -255,7 +263,9 @@ class ClientCore:
             with contextlib.suppress(ValueError):
                 self._event_waiters.remove(entry)
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event, callback: Handler | None = None) -> None:
+        """Wake the waiters of ``event`` and queue it for the handlers (and ``callback``,
+        a subscription's own handler, called first)."""
         name = EVENT_NAMES[type(event)]
         for waited, predicate, future in list(self._event_waiters):
             if waited == name and not future.done():
@@ -266,20 +276,25 @@ class ClientCore:
                     matched = False
                 if matched:
                     future.set_result(event)
-        if self._handlers.get(name) and self._events is not None:
-            self._events.put_nowait(event)
+        if (callback is not None or self._handlers.get(name)) and self._events is not None:
+            self._events.put_nowait((event, callback))
 
     async def _dispatch_events(self) -> None:
         assert self._events is not None
         while True:
-            event = await self._events.get()
-            if event is None:
+            item = await self._events.get()
+            if item is None:
                 return
-            for handler in list(self._handlers.get(EVENT_NAMES[type(event)], ())):
+            event, callback = item
+            name = EVENT_NAMES[type(event)]
+            handlers = list(self._handlers.get(name, ()))
+            if callback is not None:
+                handlers.insert(0, callback)
+            for handler in handlers:
                 try:
                     await maybe_await(handler(event))
                 except Exception:
-                    logger.exception("handler for %s failed", EVENT_NAMES[type(event)])
+                    logger.exception("handler for %s failed", name)
 
     # ------------------------------------------------------------ connection loop
 

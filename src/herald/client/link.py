@@ -5,19 +5,46 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
-
-from websockets.asyncio.client import ClientConnection
+from typing import Any, Protocol, TypeAlias
 
 from ..exceptions import ClientError
 
 Token: TypeAlias = "str | Callable[[], str | Awaitable[str]] | None"
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+class ClientSocket(Protocol):
+    """What the client uses of one open WebSocket: a websockets ``ClientConnection``,
+    or an in-process socket (:mod:`herald.testing`).
+
+    ``recv`` raises :class:`websockets.exceptions.ConnectionClosed` once the socket
+    ended; ``close_code``/``close_reason`` then say how.  ``transport.abort()`` drops
+    the connection without a closing handshake.
+    """
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    @property
+    def close_reason(self) -> str | None: ...
+
+    @property
+    def transport(self) -> Abortable: ...
+
+    async def send(self, message: str) -> None: ...
+
+    async def recv(self) -> str | bytes: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
 class Link:
     """One WebSocket connection and the commands in flight on it."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientSocket) -> None:
         self.ws = ws
         self.pending: dict[
             int, tuple[asyncio.Future[dict[str, Any]], Callable[[dict[str, Any]], None] | None]

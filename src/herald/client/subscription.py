@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..exceptions import ClientError, ClientTimeoutError
-from ..protocol.values import ClientPublication, StreamPosition
+from ..protocol.values import ClientPublication, JoinEvent, LeaveEvent, StreamPosition
 from .link import Link, Token
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ class Subscription:
         channel: str,
         since: StreamPosition | None,
         on_publication: Callable[[ClientPublication], Any] | None,
+        on_join: Callable[[JoinEvent], Any] | None = None,
+        on_leave: Callable[[LeaveEvent], Any] | None = None,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -78,6 +80,10 @@ class Subscription:
         #: Whether the channel keeps history (the server's ``recoverable``).
         self.recoverable = False
         self.state = SubscriptionState.SUBSCRIBING
+        #: Called (sync or async) with each :class:`JoinEvent` / :class:`LeaveEvent` of
+        #: this channel, before the client's ``join``/``leave`` handlers, by the same task.
+        self.on_join = on_join
+        self.on_leave = on_leave
         self._confirmed = False  # the server confirmed it at least once
         self._queue: asyncio.Queue[ClientPublication | End] = asyncio.Queue()
         self._ended: End | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import PresenceManager, PresenceStats
+from .base import PresenceManager, PresenceStats, presence_stats
 from .memory import MemoryPresenceManager
 
-__all__ = ["MemoryPresenceManager", "PresenceManager", "PresenceStats"]
+__all__ = ["MemoryPresenceManager", "PresenceManager", "PresenceStats", "presence_stats"]

@@ -4,7 +4,7 @@ A channel name is 1..``max_length`` characters from ``[A-Za-z0-9_.:@=,#!~-]``.
 The part before the first ``:`` is the *namespace* (``chat:lobby`` is in
 namespace ``chat``); a name without ``:`` is in the default namespace ``""``.
 Names starting with ``$`` are reserved for Herald itself and refused from clients.
-A ``#`` introduces the users allowed to read a channel: ``dm:chat#alice,bob``.
+A ``#`` introduces the users allowed to read a channel: ``chat:dm#alice,bob``.
 """
 
 from __future__ import annotations

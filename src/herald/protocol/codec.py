@@ -73,7 +73,18 @@ def _parse(text: str | bytes) -> Any:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {message}") from None
 
 
-def _check_limits(value: Any, max_depth: int, max_keys: int | None, command_id: int | None) -> None:
+def _check_limits(
+    value: Any, max_depth: int, max_keys: int | None, command_id: int | None, text: str | bytes = ""
+) -> None:
+    # Cheap bounds first (C-speed scans of the frame): every array or object opens with a
+    # "[" or "{" and every key is followed by a ":" (the same characters inside strings
+    # only raise the counts), so a frame with few of them cannot break a limit and the walks
+    # below are skipped.  They were a fifth of a publish command's CPU (issue 19).
+    if text:
+        raw = text.encode() if isinstance(text, str) else text
+        openers = raw.count(b"{") + raw.count(b"[")
+        if openers <= max_depth and (max_keys is None or raw.count(b":") <= max_keys):
+            return
     if json_depth_exceeds(value, max_depth):
         raise ProtocolError(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id)
     if max_keys is not None and json_key_count_exceeds(value, max_keys):
@@ -112,7 +123,7 @@ def decode_command(
     frame = _parse(text)
     command_id = _readable_id(frame) if isinstance(frame, dict) else None
     # Limits are checked after the id is read, so that the error reply can carry it.
-    _check_limits(frame, max_depth, max_keys, command_id)
+    _check_limits(frame, max_depth, max_keys, command_id, text)
     if not isinstance(frame, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
     kind = frame.get("type")

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .idempotency import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
+
 PROTOCOL_VERSION = "1"
 #: The WebSocket subprotocol a client may request on ``/connect``.
 SUBPROTOCOL = "herald.v1"
@@ -96,11 +98,25 @@ class UnsubscribeRequest(_Model):
     channels: list[Annotated[str, Field(max_length=1024)]] = Field(min_length=1, max_length=256)
 
 
+#: A publication's idempotency key (herald.protocol.idempotency has the same rules).
+IdempotencyKey = Annotated[
+    str, Field(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_LENGTH, pattern=IDEMPOTENCY_KEY_PATTERN)
+]
+
+
 class PublishRequest(_Model):
     type: Literal["publish"]
     id: CommandId
     channel: str = Field(max_length=1024)
     data: Any
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None,
+        description=(
+            "Makes a retry safe: a publish with the same key on the same channel within the "
+            "server's idempotency_window (300 s by default) publishes nothing and is answered "
+            "with the original publication's offset and epoch.  1 to 128 visible ASCII characters."
+        ),
+    )
 
 
 class RpcRequest(_Model):

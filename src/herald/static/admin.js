@@ -43,10 +43,10 @@ function render() {
     cell(tr, s.node, "mono");
     cell(tr, s.broker);
     cell(tr, s.version);
-    cell(tr, s.num_connections);
-    cell(tr, s.num_users);
-    cell(tr, s.uptime);
-    cell(tr, (s.stats || {}).publications);
+    cell(tr, s.num_connections, "num");
+    cell(tr, s.num_users, "num");
+    cell(tr, s.uptime, "num");
+    cell(tr, (s.stats || {}).publications, "num");
     return tr;
   }));
 
@@ -64,8 +64,8 @@ function render() {
     cell(tr, c.client, "mono");
     cell(tr, c.user || "(anonymous)");
     cell(tr, c.remote, "mono");
-    cell(tr, c.channels.join(", "));
-    cell(tr, c.age);
+    cell(tr, c.channels.join(", "), "list");
+    cell(tr, c.age, "num");
     cell(tr, node, "mono");
     return tr;
   }));
@@ -91,7 +91,7 @@ function render() {
     const td = document.createElement("td");
     td.appendChild(link);
     tr.appendChild(td);
-    cell(tr, count);
+    cell(tr, count, "num");
     return tr;
   }));
 }
@@ -155,7 +155,7 @@ async function showPresence(channel) {
       const tr = document.createElement("tr");
       cell(tr, client, "mono");
       cell(tr, info.user || "(anonymous)");
-      cell(tr, info.info === undefined || info.info === null ? "" : JSON.stringify(info.info), "mono");
+      cell(tr, info.info === undefined || info.info === null ? "" : JSON.stringify(info.info), "mono list");
       return tr;
     }));
   } catch (error) {

@@ -9,19 +9,54 @@ let channel = null;
 const people = new Map(); // client id -> name
 const seen = new Set(); // offsets shown (history reloads may repeat some)
 
+/** The send time a message carries in its data (`time`: ms since 1970, or an ISO date), or null. */
+function sentTime(data) {
+  const value = data.time;
+  const ms = typeof value === "number" ? value : typeof value === "string" ? Date.parse(value) : NaN;
+  const date = new Date(ms); // Invalid Date for NaN and for numbers past the year 275760
+  return ms > 0 && !Number.isNaN(date.getTime()) ? date : null;
+}
+
+/** "14:05" today; "Mar 4, 14:05" another day; with the year when it is not this year's. */
+function shortDate(when) {
+  const now = new Date();
+  const clock = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (when.toDateString() === now.toDateString()) return clock;
+  const year = when.getFullYear() === now.getFullYear() ? undefined : "numeric";
+  return `${when.toLocaleDateString([], { year, month: "short", day: "numeric" })}, ${clock}`;
+}
+
+/**
+ * The time shown next to a message.  Herald's publication push carries no timestamp
+ * (channel, offset, epoch, data, info), so the only send time is one the publisher put
+ * in the data: this page sends `time`.  A message without one (from a backend, say)
+ * shows when this browser received it, labelled "received" so it never passes for the
+ * send time; the list itself is always in offset order, whatever the times say.
+ */
+function timeLabel(data) {
+  const sent = sentTime(data);
+  const when = sent || new Date();
+  return el("time", {
+    cls: sent ? "time" : "time received",
+    text: sent ? shortDate(when) : `received ${shortDate(when)}`,
+    attrs: {
+      datetime: when.toISOString(),
+      "data-source": sent ? "sent" : "received",
+      title: sent
+        ? `Sent ${when.toLocaleString()} (the sender's clock)`
+        : `Received ${when.toLocaleString()}: the message carries no send time`,
+    },
+  });
+}
+
 function showMessage(pub) {
   if (seen.has(pub.offset)) return;
   seen.add(pub.offset);
   const data = pub.data && typeof pub.data === "object" ? pub.data : { text: pub.data };
   const name = typeof data.name === "string" && data.name.trim() ? data.name.slice(0, 32) : "anonymous";
   const text = typeof data.text === "string" ? data.text.slice(0, 2000) : JSON.stringify(data.text ?? data);
-  const when = typeof data.time === "number" ? new Date(data.time) : new Date();
   const li = el("li", { cls: data.tab === me ? "me" : "", attrs: { "data-offset": pub.offset } });
-  li.append(
-    el("span", { cls: "who", text: name }),
-    el("span", { cls: "time", text: when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) }),
-    el("div", { cls: "text", text }),
-  );
+  li.append(el("span", { cls: "who", text: name }), timeLabel(data), el("div", { cls: "text", text }));
   // Keep the list in offset order even when a history reload arrives after live messages.
   const list = $("messages");
   let before = null;

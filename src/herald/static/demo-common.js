@@ -10,7 +10,11 @@ export function el(tag, { text, cls, attrs } = {}) {
   return node;
 }
 
-/** Keep a status pill and a "reconnecting" banner in step with the client's events. */
+/**
+ * Keep a status pill and a "reconnecting" banner in step with the client's events.
+ * The pill's `data-state` (styled in demo.css): offline (not connected, the page's choice),
+ * connecting, connected, reconnecting, closed (the server refused or ended it for good).
+ */
 export function bindStatus(client, statusEl, bannerEl) {
   const set = (state, label) => {
     statusEl.dataset.state = state;
@@ -31,10 +35,10 @@ export function bindStatus(client, statusEl, bannerEl) {
   });
   client.on("disconnected", ({ reconnect, code, byClient }) => {
     if (byClient) {
-      set("closed", "offline");
+      set("offline", "offline"); // the page closed it (e.g. "Change room"): nothing is wrong
       if (bannerEl) bannerEl.hidden = true;
     } else if (!reconnect) {
-      set("closed", "offline");
+      set("closed", "disconnected");
       if (bannerEl) {
         bannerEl.textContent = `Disconnected by the server (code ${code}). Reload the page to reconnect.`;
         bannerEl.hidden = false;

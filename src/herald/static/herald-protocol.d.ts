@@ -203,6 +203,8 @@ export interface PublishRequest {
   id: number;
   channel: string;
   data: unknown;
+  /** Makes a retry safe: a publish with the same key on the same channel within the server's idempotency_window (300 s by default) publishes nothing and is answered with the original publication's offset and epoch.  1 to 128 visible ASCII characters. */
+  idempotency_key?: string | null;
 }
 
 export interface PublishResult {

@@ -61,6 +61,196 @@ function defaultUrl() {
   return `${scheme}//${location.host}/connect`;
 }
 
+/** The transports a client can use, in the default order of preference. */
+const TRANSPORTS = ["websocket", "http_stream", "sse"];
+
+/**
+ * The bidirectional emulation's URLs for a /connect URL: ws://host/p/connect ->
+ * [http://host/p/emulation/connect (the stream), http://host/p/emulation (the POSTs)].
+ */
+function emulationUrls(url) {
+  const parsed = new URL(url, typeof location === "undefined" ? undefined : location.href);
+  if (parsed.protocol === "ws:") parsed.protocol = "http:";
+  else if (parsed.protocol === "wss:") parsed.protocol = "https:";
+  let path = parsed.pathname.replace(/\/+$/, "");
+  if (path.endsWith("/connect")) path = path.slice(0, -"/connect".length);
+  if (!path.endsWith("/emulation")) path += "/emulation";
+  parsed.pathname = `${path}/connect`;
+  const stream = parsed.href;
+  parsed.pathname = path;
+  return [stream, parsed.href];
+}
+
+/**
+ * Herald's bidirectional emulation with a WebSocket's shape (send, close, onopen,
+ * onmessage, onerror, onclose), so that the client runs the same code over it: frames
+ * come down one streaming response (`fetch` reading NDJSON, or `EventSource` for
+ * "sse"), commands go up in POSTs, one POST at a time so that they arrive in order
+ * (several commands per POST when they queue up meanwhile).  docs/transports.md.
+ */
+class HttpStreamSocket {
+  constructor(url, { sse = false, fetch = globalThis.fetch, EventSource = globalThis.EventSource } = {}) {
+    [this._streamUrl, this._postUrl] = emulationUrls(url);
+    this._fetch = fetch.bind(globalThis);
+    this.readyState = 0;
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    this._session = null;
+    this._outbox = [];
+    this._posting = false;
+    this._closeCode = null;
+    this._closeReason = "";
+    this._ended = false;
+    this._abort = new AbortController();
+    this._source = null;
+    if (sse) this._openEventSource(EventSource);
+    else this._openFetch();
+  }
+
+  _openEventSource(EventSourceClass) {
+    if (!EventSourceClass) {
+      this._fail("EventSource is not available");
+      return;
+    }
+    const source = new EventSourceClass(this._streamUrl, { withCredentials: false });
+    this._source = source;
+    source.onmessage = (event) => this._line(event.data);
+    // EventSource would reconnect by itself, into a new session the client knows nothing
+    // of: the client reconnects (and resumes its subscriptions) instead.
+    source.onerror = () => this._fail("stream error");
+  }
+
+  async _openFetch() {
+    let response;
+    try {
+      response = await this._fetch(this._streamUrl, {
+        method: "POST",
+        headers: { Accept: "application/x-ndjson" },
+        cache: "no-store",
+        signal: this._abort.signal,
+      });
+    } catch (err) {
+      this._fail(String(err));
+      return;
+    }
+    if (!response.ok || !response.body) {
+      this._fail(`HTTP ${response.status}`);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let newline;
+        while ((newline = buffer.indexOf("\n")) >= 0) {
+          const line = buffer.slice(0, newline);
+          buffer = buffer.slice(newline + 1);
+          if (line.trim()) this._line(line);
+          if (this._ended) return;
+        }
+      }
+    } catch (_) {
+      /* the stream broke: ended below */
+    }
+    this._finish(this._closeCode ?? 1006, this._closeReason);
+  }
+
+  _line(text) {
+    if (this._ended) return;
+    if (this._session === null) {
+      // The first frame names the session and the secret its commands must carry.
+      let hello;
+      try {
+        hello = JSON.parse(text);
+      } catch (_) {
+        hello = null;
+      }
+      if (!hello || hello.type !== "emulation") {
+        this._fail("not a Herald emulation stream");
+        return;
+      }
+      this._session = { session: hello.session, node: hello.node, secret: hello.secret };
+      this.readyState = 1;
+      if (this.onopen) this.onopen({});
+      return;
+    }
+    if (text.startsWith('{"type":"disconnect"')) {
+      // The stream ends after it: its code is the session's close code.
+      try {
+        const frame = JSON.parse(text);
+        this._closeCode = frame.code;
+        this._closeReason = frame.reason;
+      } catch (_) {
+        /* a malformed frame: the client's parser reports it */
+      }
+    }
+    if (this.onmessage) this.onmessage({ data: text });
+    if (this._closeCode !== null && this._source) this._finish(this._closeCode, this._closeReason);
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error("the stream is not open");
+    this._outbox.push(JSON.parse(text));
+    this._flush();
+  }
+
+  async _flush() {
+    if (this._posting) return;
+    this._posting = true;
+    try {
+      while (this._outbox.length && !this._ended) {
+        const commands = this._outbox.splice(0, 100);
+        let response;
+        try {
+          response = await this._fetch(this._postUrl, {
+            method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ ...this._session, commands }),
+            cache: "no-store",
+          });
+        } catch (err) {
+          this._fail(`POST failed: ${err}`);
+          return;
+        }
+        if (response.status !== 204) {
+          // 404/403: the session is gone; anything else: the commands are lost.  Either
+          // way the client reconnects and resumes.
+          this._fail(`POST answered HTTP ${response.status}`);
+          return;
+        }
+      }
+    } finally {
+      this._posting = false;
+    }
+  }
+
+  _fail(why) {
+    if (this._ended) return;
+    if (this.onerror) this.onerror({ message: why });
+    this._finish(this._closeCode ?? 1006, this._closeReason || why);
+  }
+
+  close(code = 1000, reason = "") {
+    this._finish(code, reason);
+  }
+
+  _finish(code, reason) {
+    if (this._ended) return;
+    this._ended = true;
+    this.readyState = 3;
+    this._outbox = [];
+    this._abort.abort();
+    if (this._source) this._source.close();
+    // Asynchronous, as a WebSocket's close event.
+    setTimeout(() => {
+      if (this.onclose) this.onclose({ code, reason });
+    }, 0);
+  }
+}
+
 /**
  * One channel subscription.  Its position (`offset`, `epoch`) is the last publication
  * delivered, and is what the client resumes from after a reconnect.
@@ -134,12 +324,16 @@ export class Subscription {
  * Options: `token` (string, or a function returning a string or a promise of one; called
  * on each connect so that it can refresh), `name` (sent in connect; the demos show it),
  * `minDelay` / `maxDelay` (reconnect backoff bounds, ms; defaults 250 / 10000),
- * `timeout` (default command timeout, ms; 10000), `WebSocket` (constructor to use).
+ * `timeout` (default command timeout, ms; 10000), `WebSocket` (constructor to use),
+ * `transports` (the order to try them in when one fails to open; default
+ * `["websocket", "http_stream", "sse"]`: the last two are Herald's bidirectional emulation
+ * over HTTP, for networks that block WebSocket), `fetch` and `EventSource` (to use).
+ * `client.transport` names the transport in use; a "transport" event says when it changes.
  *
  * Events (listen with `client.on(type, fn)` which passes `detail`, or
  * `client.addEventListener(type, e => e.detail)`): connecting, connected,
  * disconnected, reconnecting, recovered, subscribed, unsubscribed, error, publication,
- * join, leave, disconnect.
+ * join, leave, disconnect, transport.
  */
 export class HeraldClient extends EventTarget {
   constructor(url, options = {}) {
@@ -155,6 +349,17 @@ export class HeraldClient extends EventTarget {
     this.maxDelay = options.maxDelay ?? 10000;
     this.timeout = options.timeout ?? 10000;
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._fetchImpl = options.fetch || null;
+    this._EventSource = options.EventSource || null;
+    const transports = options.transports || TRANSPORTS;
+    if (!Array.isArray(transports) || !transports.length || transports.some((t) => !TRANSPORTS.includes(t))) {
+      throw new TypeError(`transports: a non-empty list of ${TRANSPORTS.join(", ")}`);
+    }
+    /** the transports to try, in order, when one fails to open */
+    this.transports = transports.slice();
+    /** the transport of the current connection ("websocket", "http_stream", "sse"), or null */
+    this.transport = null;
+    this._transportIndex = 0;
     /** "disconnected" | "connecting" | "connected" | "closed" */
     this.state = "disconnected";
     /** the connect result of the current connection (client id, user, ping_interval, ...) */
@@ -245,17 +450,31 @@ export class HeraldClient extends EventTarget {
     this._reconnectTimer = null;
     if (this.state === "closed") return;
     this.state = "connecting";
-    this._emit("connecting", { attempt: this._attempt, url: this.url });
+    const transport = this.transports[this._transportIndex];
+    this._emit("connecting", { attempt: this._attempt, url: this.url, transport });
     let ws;
     try {
-      ws = new this._WebSocket(this.url, [SUBPROTOCOL]);
+      if (transport === "websocket") {
+        ws = new this._WebSocket(this.url, [SUBPROTOCOL]);
+      } else {
+        ws = new HttpStreamSocket(this.url, {
+          sse: transport === "sse",
+          fetch: this._fetchImpl || globalThis.fetch,
+          EventSource: this._EventSource || globalThis.EventSource,
+        });
+      }
     } catch (err) {
       this._emit("error", { error: err, where: "open" });
-      this._scheduleReconnect(1006, String(err));
+      this._ws = null;
+      this._onClose(null, 1006, String(err), transport);
       return;
     }
     this._ws = ws;
-    ws.onopen = () => this._handshake(ws);
+    ws._heraldTransport = transport;
+    ws.onopen = () => {
+      ws._heraldOpened = true;
+      this._handshake(ws);
+    };
     ws.onmessage = (event) => this._onFrame(ws, event.data);
     ws.onerror = () => {
       // Browsers hide why (a 403 on the handshake looks the same as a refused port);
@@ -298,11 +517,14 @@ export class HeraldClient extends EventTarget {
     if (ws !== this._ws) return;
     this.info = result;
     this.state = "connected";
+    const previous = this.transport;
+    this.transport = ws._heraldTransport;
+    if (previous !== this.transport) this._emit("transport", { transport: this.transport, previous });
     const reconnected = this._everConnected;
     this._everConnected = true;
     this._attempt = 0;
     this._startLiveness();
-    this._emit("connected", { ...result, reconnected });
+    this._emit("connected", { ...result, reconnected, transport: this.transport });
     if (this._resolveConnect) {
       this._resolveConnect(result);
       this._resolveConnect = this._rejectConnect = null;
@@ -317,9 +539,16 @@ export class HeraldClient extends EventTarget {
     this._resubscribe(reconnected);
   }
 
-  _onClose(ws, code, reason) {
+  _onClose(ws, code, reason, failedTransport = undefined) {
     if (ws !== this._ws) return;
     this._ws = null;
+    // A transport that never opened (an upgrade refused by a proxy, no route): the next
+    // one is tried at once; after the last, the first again, with the backoff.
+    let fallback = false;
+    if (failedTransport !== undefined || (ws && !ws._heraldOpened)) {
+      this._transportIndex = (this._transportIndex + 1) % this.transports.length;
+      fallback = this._transportIndex !== 0;
+    }
     this._stopLiveness();
     const wasConnected = this.state === "connected";
     for (const sub of this.subscriptions.values()) sub.active = false;
@@ -337,6 +566,10 @@ export class HeraldClient extends EventTarget {
         this._resolveConnect = this._rejectConnect = null;
       }
       this._connectPromise = null;
+      return;
+    }
+    if (fallback) {
+      this._reconnectTimer = setTimeout(() => this._open(), 0);
       return;
     }
     this._scheduleReconnect(code, reason);

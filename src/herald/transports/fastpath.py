@@ -163,6 +163,45 @@ class BatchedWrites:
         self._pending_bytes = size
         return True
 
+    def is_open(self) -> bool:
+        """Whether frames can still be written (the peer is connected, no close frame sent)."""
+        return self._open_transport() is not None
+
+    def unwritten(self) -> tuple[int, int]:
+        """(frames, bytes) accepted but not yet known to be written to the kernel: the
+        batch, plus the socket's write buffer (frames counted since it was last empty)."""
+        transport = self._open_transport()
+        if transport is None:
+            return 0, 0
+        buffered = transport.get_write_buffer_size()
+        if not buffered:
+            return len(self._pending), self._pending_bytes
+        return self._backlog + len(self._pending), buffered + self._pending_bytes
+
+    async def drained(self) -> None:
+        """Wait until the socket's write buffer is empty (or the socket is closed).
+
+        asyncio reports a draining buffer only through the protocol's ``resume_writing``,
+        at the transport's low-water mark: the marks are lowered to zero for the wait (so
+        ``pause_writing`` is called at once, and ``resume_writing`` when the buffer is
+        empty), and put back after it.
+        """
+        self.flush()
+        transport = self._open_transport()
+        if transport is None or not transport.get_write_buffer_size():
+            return
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self._until_writable()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+
+    async def _until_writable(self) -> None:
+        """Wait until the protocol's ``resume_writing`` (or the connection's loss)."""
+        raise NotImplementedError
+
     def flush(self) -> None:
         """Write the frames accepted by :meth:`write_nowait`, in one ``write()``."""
         pending = self._pending

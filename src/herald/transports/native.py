@@ -406,9 +406,11 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         self._run(session.started())
 
     def _log_access(self, outcome: str) -> None:
-        if access_logger.isEnabledFor(logging.INFO):
+        # uvicorn's line, at INFO only with its access log on (herald serve: `access_log`).
+        level = logging.INFO if getattr(self.config, "access_log", True) else logging.DEBUG
+        if access_logger.isEnabledFor(level):
             query = "?" + self.query_string.decode("latin-1") if self.query_string else ""
-            access_logger.info('%s - "WebSocket %s%s" %s', self.remote, self.path, query, outcome)
+            access_logger.log(level, '%s - "WebSocket %s%s" %s', self.remote, self.path, query, outcome)
 
     def _apply_proxy_headers(self) -> None:
         # What uvicorn's ProxyHeadersMiddleware does to the ASGI scope, for the same peers.
@@ -636,14 +638,17 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
             else:
                 self.transport.write(encode_frame(OP_BINARY, message))
 
-    async def send(self, frame: str) -> None:
-        """Write a text message, waiting while the socket's write buffer is full."""
-        self.flush()
+    async def _until_writable(self) -> None:
         while self._write_paused and self._state is _OPEN:
             waiter = self._writable
             if waiter is None:
                 waiter = self._writable = self.loop.create_future()
             await waiter
+
+    async def send(self, frame: str) -> None:
+        """Write a text message, waiting while the socket's write buffer is full."""
+        self.flush()
+        await self._until_writable()
         if self._state is not _OPEN:
             raise ConnectionResetError("the WebSocket is closed")
         self.transport.write(frame_text(frame.encode()))

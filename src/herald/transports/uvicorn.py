@@ -6,6 +6,9 @@
 * :class:`BoundedSansIOProtocol` and ``BoundedWSProtocol``: uvicorn's websockets-sansio
   and wsproto protocols with Herald's bound on the frames of one message (and for
   wsproto, permessage-deflate refused); :func:`uvicorn_ws_protocol` picks the class.
+  After the close frame that fails a connection (1009, 1002, 1007) they half-close and
+  read on until the peer closes (:func:`linger_after_close`), so that the close frame
+  is not lost to a TCP reset.
 * :class:`AsgiWebSocketProtocol` puts itself in the ASGI scope, and
   :class:`FastAsgiSocket` then writes fan-out frames straight to its socket (the
   attributes of uvicorn's protocol it reads: ``transport``, ``loop``,
@@ -44,7 +47,7 @@ from ..codes import TOO_MANY_FRAGMENTS
 from .asgi import FAST_PATH_SCOPE_KEY, AsgiSocket, Receive, Scope, Send
 from .base import Route
 from .fastpath import BatchedWrites, abort_transport, batch_flusher
-from .native import NativeProtocol
+from .native import CLOSE_TIMEOUT, STUCK_CLOSE_TIMEOUT, NativeProtocol
 from .wsreader import DEFAULT_MAX_FRAGMENTS
 
 #: The environment variable the ASGI WebSocket protocols read their fragment bound from
@@ -65,6 +68,47 @@ def fragment_limit() -> int:
     return limit if limit >= 1 else DEFAULT_MAX_FRAGMENTS
 
 
+# ---------------------------------------------------------------- failing a connection
+
+
+def linger_after_close(protocol: Any) -> None:
+    """After a uvicorn protocol wrote the close frame that fails a connection: half-close,
+    read on and discard until the peer closes, instead of closing the socket at once.
+
+    uvicorn closes the socket right after the close frame of a failure (1009 for a
+    message over ``ws_max_size``, 1007, 1002).  The rest of the offending message is
+    then unread in the kernel, and closing a socket with unread data makes Linux send a
+    TCP RST instead of a FIN; a client still writing that message meets the reset on
+    its next write and may drop the connection before it reads the close frame (3 runs
+    in 8 of Autobahn's 9.* cases lost the 1009).  Here the close frame is followed by a
+    FIN (``write_eof``), what the peer still sends is read and discarded, and the socket
+    is closed when the peer closes its side, or after :data:`~herald.transports.native.CLOSE_TIMEOUT`
+    (:data:`~herald.transports.native.STUCK_CLOSE_TIMEOUT`, dropped, when the peer does
+    not even read): what the native path does.  ``protocol`` is uvicorn's
+    websockets-sansio or wsproto protocol (``transport``, ``loop``, ``read_paused``,
+    ``close_timer``); its ``data_received`` must drop data once ``lingering`` is set.
+    A transport that cannot half-close (TLS) is closed at once, as uvicorn does.
+    """
+    transport = protocol.transport
+    if transport.is_closing() or protocol.lingering:
+        return
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    protocol.lingering = True
+    transport.write_eof()
+    if protocol.read_paused:
+        protocol.read_paused = False
+        transport.resume_reading()
+    if protocol.close_timer is not None:
+        protocol.close_timer.cancel()
+    if transport.get_write_buffer_size():
+        # The peer is not reading: it will not read the close frame either.
+        protocol.close_timer = protocol.loop.call_later(STUCK_CLOSE_TIMEOUT, abort_transport, transport)
+    else:
+        protocol.close_timer = protocol.loop.call_later(CLOSE_TIMEOUT, transport.close)
+
+
 # ---------------------------------------------------------------- websockets-sansio
 
 
@@ -83,6 +127,23 @@ class BoundedSansIOProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.max_fragments = fragment_limit()
         self.fragments = 0  # frames of the message being received
+        self.lingering = False  # failed: reading on until the peer closes (linger_after_close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the connection failed: what the peer still sends is discarded
+        super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        """The connection failed (``conn.fail``, or uvicorn's 1007): tell the app, write
+        the close frame, then linger (see :func:`linger_after_close`) where uvicorn
+        closes the socket at once."""
+        close = self.conn.close_sent
+        code, reason = (close.code, close.reason) if close is not None else (1006, "")
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        linger_after_close(self)
 
     def handle_text(self, event: Any) -> None:
         self.fragments = 1
@@ -117,6 +178,11 @@ class AsgiWebSocketProtocol(BoundedSansIOProtocol):
     natively served route.
     """
 
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        if not getattr(config, "access_log", True):
+            self.logger = _AcceptedAtDebug(self.logger)  # type: ignore[assignment]
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         # The parsed request is only read above (the scope now carries its headers);
@@ -130,6 +196,24 @@ class AsgiWebSocketProtocol(BoundedSansIOProtocol):
     def herald_socket(self, scope: Scope, receive: Receive, send: Send) -> AsgiSocket:
         """The socket Herald's ASGI driver uses for this connection."""
         return FastAsgiSocket(scope, send, self)
+
+
+class _AcceptedAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's logger for one connection, with its per-connection ``[accepted]`` line at
+    DEBUG: uvicorn's ``access_log`` switch does not cover WebSocket lines."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, None)
+
+    def __getattr__(self, name: str) -> Any:
+        # uvicorn also reads the logger's attributes (``level`` for its TRACE lines).
+        return getattr(self.logger, name)
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.endswith("[accepted]"):
+            self.logger.debug(msg, *args, **kwargs)
+        else:
+            self.logger.info(msg, *args, **kwargs)
 
 
 class FastAsgiSocket(BatchedWrites, AsgiSocket):
@@ -157,6 +241,11 @@ class FastAsgiSocket(BatchedWrites, AsgiSocket):
     async def send(self, frame: str) -> None:
         self.flush()
         await super().send(frame)
+
+    async def _until_writable(self) -> None:
+        # uvicorn's protocol clears ``writable`` in pause_writing and sets it in
+        # resume_writing and connection_lost.
+        await self._protocol.writable.wait()
 
     async def flush_outbox(self) -> None:
         self.flush()
@@ -319,15 +408,30 @@ def _bounded_wsproto() -> type[asyncio.Protocol]:
             super().__init__(_no_deflate(config), server_state, app_state, _loop)
             self.max_fragments = fragment_limit()
             self.fragments = 0  # complete frames of the message being received
+            self.lingering = False  # failed: reading on until the peer closes (linger_after_close)
+
+        def data_received(self, data: bytes) -> None:
+            if self.lingering:
+                return  # the connection failed: what the peer still sends is discarded
+            super().data_received(data)
 
         def handle_message(self, event: events.TextMessage | events.BytesMessage) -> None:
             # wsproto hands over a frame in pieces as its bytes arrive: count whole frames.
             if event.frame_finished:
                 count = self.fragments + 1
                 if count > self.max_fragments:
-                    self._too_many_fragments()
+                    self._fail_message(TOO_MANY_FRAGMENTS.format(limit=self.max_fragments))
                     return
                 self.fragments = 0 if event.message_finished else count
+            # uvicorn's own size check closes the socket at once: checked here first.
+            buffer = self.buffer
+            data = event.data
+            size = len(data)
+            if isinstance(data, str) and buffer.length + size * 4 > buffer.max_length:
+                size = len(data.encode())
+            if buffer.length + size > buffer.max_length:
+                self._fail_message(f"Message exceeds the maximum size ({buffer.max_length} bytes)")
+                return
             super().handle_message(event)
 
         def handle_close(self, event: events.CloseConnection) -> None:
@@ -341,16 +445,22 @@ def _bounded_wsproto() -> type[asyncio.Protocol]:
                 self.transport.write(
                     self.conn.send(events.CloseConnection(code=event.code, reason=event.reason))
                 )
+                self.close_sent = True
+                self.queue.put_nowait(
+                    {"type": "websocket.disconnect", "code": event.code, "reason": event.reason}
+                )
+                linger_after_close(self)
+                return
             super().handle_close(event)
 
-        def _too_many_fragments(self) -> None:
-            reason = TOO_MANY_FRAGMENTS.format(limit=self.max_fragments)
+        def _fail_message(self, reason: str) -> None:
+            """Close with 1009: the message being received is over a bound."""
             self.close_sent = True
             self.buffer.clear()
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1009, "reason": reason})
             if not self.transport.is_closing():
                 self.transport.write(self.conn.send(events.CloseConnection(code=1009, reason=reason)))
-                self.transport.close()
+                linger_after_close(self)
 
     # Found again by name (pickled configs of worker processes): see __getattr__ below.
     BoundedWSProtocol.__module__ = __name__
@@ -428,6 +538,7 @@ __all__ = [
     "abort_for",
     "fragment_limit",
     "install_log_filters",
+    "linger_after_close",
     "register_routes",
     "routes_for",
     "stop_listening",
