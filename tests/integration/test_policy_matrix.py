@@ -537,3 +537,67 @@ async def test_python_client_refreshes_subscription_tokens(env: Env) -> None:
         publication = await subscription.next(timeout=DEFAULT_TIMEOUT)
         assert publication.data == "still"
         assert client.subscription(channel) is subscription
+
+
+# ---------------------------------------------------------------- the HTTP transports (issue 14)
+
+
+async def open_emulated(env: Env, who: str) -> Any:
+    """A session of the bidirectional emulation (HTTP stream + POSTs), connected as ``who``."""
+    from .emulation_kit import RawSession
+
+    connection_token, _ = CLIENTS[who]
+    session = await RawSession.open(env.server.http, connect=False)
+    reply = await session.call("connect", **({"token": connection_token} if connection_token else {}))
+    assert "result" in reply, reply
+    return session
+
+
+@pytest.mark.parametrize(("channel", "who", "op", "expected"), CELLS)
+async def test_policy_cell_over_the_http_emulation(
+    env: Env, channel: str, who: str, op: str, expected: Outcome
+) -> None:
+    """Every cell again over the emulation: the same command code, the same outcomes."""
+    session = await open_emulated(env, who)
+    try:
+        assert await attempt(env, session, who, op, channel) == expected
+    finally:
+        await session.close()
+
+
+SSE_CELLS = [
+    pytest.param(channel, who, outcomes["subscribe"], id=f"{rule}-{who}")
+    for rule, channel, who, outcomes in MATRIX
+    # A stream has no per-channel subscription tokens: its grants come from the
+    # connection token's `channels` claim (alice+grant).
+    if CLIENTS[who][1] is None
+]
+
+
+@pytest.mark.parametrize("path", ["/sse", "/stream"])
+@pytest.mark.parametrize(("channel", "who", "expected"), SSE_CELLS)
+async def test_policy_cell_over_a_one_way_stream(
+    env: Env, path: str, channel: str, who: str, expected: Outcome
+) -> None:
+    """Subscribing by opening a stream obeys the same rules: a refusal is an HTTP error
+    whose body carries the protocol's error code (docs/transports.md)."""
+    import httpx
+
+    connection_token, _ = CLIENTS[who]
+    headers = {"Authorization": f"Bearer {connection_token}"} if connection_token else {}
+    url = env.server.http + path + "?" + urllib.parse.urlencode({"channel": channel})
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(DEFAULT_TIMEOUT, read=DEFAULT_TIMEOUT)) as http,
+        http.stream("GET", url, headers=headers) as response,
+    ):
+        if response.status_code != 200:
+            body = json.loads(await response.aread())
+            assert expected != OK, body
+            assert body["error"]["code"] == expected, body
+            return
+        assert expected == OK
+        # The first event (SSE: its data line; NDJSON: its line) names the stream's channels.
+        async for line in response.aiter_lines():
+            if channel in line and ("subscribed" in line or line.startswith("data:")):
+                return
+        raise AssertionError("the stream ended before its subscribed event")

@@ -648,7 +648,9 @@ async def test_a_slow_consumer_gets_the_4001_event_when_it_reads_again(target: T
         sock.close()
 
 
-async def test_head_on_the_emulation_stream_opens_no_session(target: Target, client: httpx.AsyncClient) -> None:
+async def test_head_on_the_emulation_stream_opens_no_session(
+    target: Target, client: httpx.AsyncClient
+) -> None:
     """A HEAD (an uptime checker) on /emulation/connect gets the stream's head; no session
     is opened, so nothing waits for a handshake timeout."""
     response = await client.head(target.http + "/emulation/connect")
