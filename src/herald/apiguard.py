@@ -91,11 +91,43 @@ async def respond(send: Send, status: int, detail: str, *, close: bool = True) -
     await send({"type": "http.response.body", "body": body})
 
 
-class _Refused(Exception):
+class BadRequest(Exception):
+    """A request Herald refuses before handling it: ``status`` and ``detail`` answer it."""
+
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int, timeout: float) -> bytes | None:
+    """The request body, bounded in size (413, before reading when ``Content-Length`` says
+    so) and time (408); None if the client left.  Raises :class:`BadRequest`."""
+    too_large = f"request body larger than {limit} bytes (max_api_body_bytes)"
+    declared = header(scope, b"content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BadRequest(400, "malformed Content-Length")
+        if int(declared) > limit:
+            raise BadRequest(413, too_large)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None  # http.disconnect
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(413, too_large)
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BadRequest(408, f"request body not received within {timeout:g} s (api_body_timeout)") from None
 
 
 class HttpGate:
@@ -142,44 +174,13 @@ class HttpGate:
         if not _has_body(scope):
             return receive
         try:
-            body = await self._read_body(scope, receive)
-        except _Refused as exc:
+            body = await read_body(receive, scope, body_limit(self.settings), self.settings.api_body_timeout)
+        except BadRequest as exc:
             await respond(send, exc.status, exc.detail)
             return None
         if body is None:
             return None  # the client left
         return _replay(body, receive)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        limit = body_limit(self.settings)
-        timeout = self.settings.api_body_timeout
-        too_large = f"request body larger than {limit} bytes (max_api_body_bytes)"
-        declared = header(scope, b"content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise _Refused(400, "malformed Content-Length")
-            if int(declared) > limit:
-                raise _Refused(413, too_large)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        return None  # http.disconnect
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise _Refused(413, too_large)
-                    if chunk:
-                        chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        return b"".join(chunks)
-        except TimeoutError:
-            raise _Refused(
-                408, f"request body not received within {timeout:g} s (api_body_timeout)"
-            ) from None
 
 
 def _has_body(scope: Scope) -> bool:

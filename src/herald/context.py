@@ -46,13 +46,14 @@ class Handshake(Protocol):
         """An ASGI scope of the handshake (the real one under ASGI)."""
 
 
-class AsgiHandshake:
-    """A :class:`Handshake` read from an ASGI WebSocket scope (no copy is made)."""
+class ScopeHandshake:
+    """The :class:`Handshake` attributes (and the address properties a route's socket
+    has) read from ``self.scope``, an ASGI scope: a WebSocket's, or an HTTP request's
+    for the HTTP transports.  Slot-less, so stream transports can mix it in."""
 
-    __slots__ = ("scope",)
+    __slots__ = ()
 
-    def __init__(self, scope: MutableMapping[str, Any]) -> None:
-        self.scope = scope
+    scope: MutableMapping[str, Any]
 
     @property
     def path(self) -> str:
@@ -78,8 +79,38 @@ class AsgiHandshake:
         offered: Sequence[str] = self.scope.get("subprotocols") or ()
         return offered
 
+    @property
+    def scheme(self) -> str:
+        """``ws``/``wss`` (a WebSocket) or ``http``/``https`` (the Origin check takes both)."""
+        return str(self.scope.get("scheme", "ws"))
+
+    @property
+    def local_address(self) -> str | None:
+        """The server side of the connection: its IP (None: a Unix socket or unknown)."""
+        server = self.scope.get("server")
+        return str(server[0]) if server else None
+
+    @property
+    def client_ip(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else "unknown"
+
+    @property
+    def remote(self) -> str:
+        client = self.scope.get("client")
+        return f"{client[0]}:{client[1]}" if client else "unknown"
+
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)
+
+
+class AsgiHandshake(ScopeHandshake):
+    """A :class:`Handshake` read from an ASGI scope (no copy is made)."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: MutableMapping[str, Any]) -> None:
+        self.scope = scope
 
 
 def header_value(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:

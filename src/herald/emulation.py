@@ -40,8 +40,8 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from .admission import opener
-from .apiguard import body_limit, local_address, respond
-from .context import header_value
+from .apiguard import BadRequest, body_limit, local_address, read_body, respond
+from .context import ScopeHandshake, header_value
 from .control import DeliveryStatus
 from .exceptions import BrokerError
 from .sessions import ProtocolSession
@@ -91,44 +91,6 @@ STATUS_OF: dict[DeliveryStatus, tuple[int, str]] = {
 _NO_STORE = (b"cache-control", b"no-store")
 
 
-class BadRequest(Exception):
-    """A POST Herald refuses before handing anything to a session."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-async def read_body(receive: Receive, scope: Scope, limit: int, timeout: float) -> bytes | None:
-    """The request body, bounded in size (413) and time (408); None if the client left."""
-    too_large = f"request body larger than {limit} bytes (max_api_body_bytes)"
-    declared = header_value(scope.get("headers", ()), "content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise BadRequest(400, "malformed Content-Length")
-        if int(declared) > limit:
-            raise BadRequest(413, too_large)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise BadRequest(413, too_large)
-                if chunk:
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        raise BadRequest(408, f"request body not received within {timeout:g} s (api_body_timeout)") from None
-
-
 def command_texts(value: Any, max_size: int) -> list[str]:
     """The ``commands`` of a POST as text frames, checked: a list of at most
     :data:`MAX_COMMANDS_PER_POST` JSON objects, each at most ``max_size`` characters
@@ -161,7 +123,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stream
 
 
-class EmulationSocket(HttpStreamTransport):
+class EmulationSocket(ScopeHandshake, HttpStreamTransport):
     """The stream of one emulated session, as a :class:`~herald.transports.base.Socket`:
     the request that opened it is the handshake; frames are written by
     :class:`~herald.transports.sse.HttpStreamTransport`."""
@@ -174,53 +136,9 @@ class EmulationSocket(HttpStreamTransport):
         self.session: EmulationSession | None = None
 
     @property
-    def path(self) -> str:
-        return str(self.scope.get("path", ""))
-
-    @property
-    def query_string(self) -> bytes:
-        return bytes(self.scope.get("query_string", b""))
-
-    @property
-    def headers(self) -> Sequence[tuple[bytes, bytes]]:
-        headers: Sequence[tuple[bytes, bytes]] = self.scope.get("headers", ())
-        return headers
-
-    @property
-    def client(self) -> tuple[str, int] | None:
-        client = self.scope.get("client")
-        return (str(client[0]), int(client[1] or 0)) if client else None
-
-    @property
-    def subprotocols(self) -> Sequence[str]:
-        return ()
-
-    @property
-    def scheme(self) -> str:
-        # The WebSocket scheme of the same origin: the Origin check compares it so.
-        return "wss" if self.scope.get("scheme") == "https" else "ws"
-
-    @property
-    def local_address(self) -> str | None:
-        return local_address(self.scope)
-
-    @property
-    def client_ip(self) -> str:
-        client = self.client
-        return client[0] if client else ""
-
-    @property
-    def remote(self) -> str:
-        client = self.client
-        return f"{client[0]}:{client[1]}" if client else ""
-
-    @property
     def busy(self) -> bool:
         session = self.session
         return session is not None and (session.handling or bool(session.inbox))
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
 
     def send_now(self, message: str | bytes) -> None:
         # Only the protocol session is served over a stream; it writes through its

@@ -52,7 +52,7 @@ from .brokers.base import Publication
 from .codes import CloseCode, ErrorCode
 from .commands import CommandHandler
 from .connection import Connection, new_client_id
-from .context import header_value
+from .context import AsgiHandshake
 from .exceptions import BrokerError, CommandError, DisconnectError
 from .node import Node
 from .policy import reply_byte_budget
@@ -357,59 +357,11 @@ class ResumableFraming:
 # ---------------------------------------------------------------- the request
 
 
-class StreamRequest:
+class StreamRequest(AsgiHandshake):
     """An HTTP request as admission and the connect code read a handshake
     (:class:`~herald.context.Handshake`, plus what :func:`herald.admission.refusal` asks)."""
 
-    __slots__ = ("scope",)
-
-    def __init__(self, scope: MutableMapping[str, Any]) -> None:
-        self.scope = scope
-
-    @property
-    def path(self) -> str:
-        return str(self.scope.get("path", ""))
-
-    @property
-    def query_string(self) -> bytes:
-        raw = self.scope.get("query_string", b"")
-        return bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw).encode("latin-1")
-
-    @property
-    def headers(self) -> Sequence[tuple[bytes, bytes]]:
-        headers: Sequence[tuple[bytes, bytes]] = self.scope.get("headers", ())
-        return headers
-
-    @property
-    def client(self) -> tuple[str, int] | None:
-        client = self.scope.get("client")
-        return (str(client[0]), int(client[1] or 0)) if client else None
-
-    @property
-    def subprotocols(self) -> Sequence[str]:
-        return ()
-
-    @property
-    def scheme(self) -> str:
-        return str(self.scope.get("scheme", "http"))
-
-    @property
-    def local_address(self) -> str | None:
-        server = self.scope.get("server")
-        return str(server[0]) if server else None
-
-    @property
-    def client_ip(self) -> str:
-        client = self.scope.get("client")
-        return str(client[0]) if client else "unknown"
-
-    @property
-    def remote(self) -> str:
-        client = self.scope.get("client")
-        return f"{client[0]}:{client[1]}" if client else "unknown"
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
+    __slots__ = ()
 
     def query(self) -> list[tuple[str, str]]:
         return parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True)
@@ -509,7 +461,7 @@ class StreamRoute:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         request = StreamRequest(scope)
-        refused = refusal(node, request)  # type: ignore[arg-type]  # reads a Socket's handshake part only
+        refused = refusal(node, request)  # type: ignore[arg-type]  # reads only the handshake part of a Socket
         if refused is not None:
             logger.warning("refused stream %s from %s: %s", request.path, request.remote, refused)
             await respond_error(send, 403, ErrorCode.PERMISSION_DENIED, refused)

@@ -402,10 +402,11 @@ class RedisBroker(RedisCatchUp, Broker):
 
     # ------------------------------------------------------------ publishing
 
-    async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+    def _publish_args(self, channel: str, data: bytes, options: PublishOptions) -> list[Any]:
+        """ARGV of the publish scripts (see :mod:`.redis_scripts`)."""
         info = orjson.dumps(options.info.as_dict()) if options.info is not None else b""
         ttl_ms = int(options.history_ttl * 1000) if options.history_ttl > 0 else 0
-        args = [
+        return [
             self.pubsub_channel(channel),
             data,
             info,
@@ -415,6 +416,9 @@ class RedisBroker(RedisCatchUp, Broker):
             int(self.config.stream_meta_ttl * 1000),
             epoch_bucket(channel),
         ]
+
+    async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+        args = self._publish_args(channel, data, options)
         _ = self.client
         result = await self._scripted(self._publish_script, channel, args)
         return StreamPosition(int(result[0]), _text(result[1]))
@@ -424,19 +428,7 @@ class RedisBroker(RedisCatchUp, Broker):
     ) -> tuple[StreamPosition, bool]:
         """The publish script behind an atomic look-up of the key (``PUBLISH_ONCE`` in
         :mod:`.redis_scripts`): of any number of nodes racing, exactly one publishes."""
-        info = orjson.dumps(options.info.as_dict()) if options.info is not None else b""
-        ttl_ms = int(options.history_ttl * 1000) if options.history_ttl > 0 else 0
-        args = [
-            self.pubsub_channel(channel),
-            data,
-            info,
-            options.history_size,
-            ttl_ms,
-            new_epoch(),
-            int(self.config.stream_meta_ttl * 1000),
-            epoch_bucket(channel),
-            max(int(window * 1000), 1),
-        ]
+        args = [*self._publish_args(channel, data, options), max(int(window * 1000), 1)]
         _ = self.client
         result = await self._scripted(
             self._publish_once_script, channel, args, extra_keys=(self.idempotency_key(channel, key),)

@@ -62,27 +62,6 @@ class AsgiSocket(AsgiHandshake):
         #: (code, reason) once Herald started closing.
         self.close_args: tuple[int, str] | None = None
 
-    # ------------------------------------------------------------ handshake
-
-    @property
-    def scheme(self) -> str:
-        return str(self.scope.get("scheme", "ws"))
-
-    @property
-    def local_address(self) -> str | None:
-        server = self.scope.get("server")
-        return str(server[0]) if server else None
-
-    @property
-    def client_ip(self) -> str:
-        client = self.scope.get("client")
-        return str(client[0]) if client else "unknown"
-
-    @property
-    def remote(self) -> str:
-        client = self.scope.get("client")
-        return f"{client[0]}:{client[1]}" if client else "unknown"
-
     # ------------------------------------------------------------ writing
 
     def send_now(self, message: str | bytes) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 
-from .fastpath import batch_flusher
+from .fastpath import BatchedWrites, batch_flusher
 
 ASGIMessage = MutableMapping[str, Any]
 ASGISend = Callable[[ASGIMessage], Awaitable[None]]
@@ -147,7 +147,7 @@ class NdjsonFraming:
         return (disconnect_frame(code, reason, reconnect) + "\n").encode()
 
 
-class HttpStreamTransport:
+class HttpStreamTransport(BatchedWrites):
     """One streaming HTTP response (ASGI) as a connection's :class:`~herald.transports.base.Transport`.
 
     Contract (stable: the SSE route and the bidirectional emulation build on it):
@@ -338,35 +338,15 @@ class HttpStreamTransport:
             self._told_end = True
         if not pending:
             # One flush per loop turn for every stream with chunks, as for WebSockets.
-            batch_flusher(asyncio.get_running_loop()).add(cast(Any, self))
+            batch_flusher(asyncio.get_running_loop()).add(self)
         pending.append(chunk)
         self._pending_bytes = size
         return True
 
-    def flush(self) -> None:
-        """Write the chunks accepted by :meth:`write_nowait`, in one ``write()``."""
-        pending = self._pending
-        if not pending:
-            return
-        self._pending, self._pending_bytes = [], 0
-        transport = self._socket()
-        if transport is None:
-            return  # the client is gone or the response ended: nothing may follow
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        if transport.get_write_buffer_size():
-            self._backlog += len(pending)
-        else:
-            self._backlog = 0
+    # flush() and unwritten() are BatchedWrites', over _open_transport().
 
-    def unwritten(self) -> tuple[int, int]:
-        """(chunks, bytes) accepted but not yet handed to the kernel (direct path only)."""
-        transport = self._socket()
-        if transport is None:
-            return 0, 0
-        buffered = transport.get_write_buffer_size()
-        if not buffered:
-            return len(self._pending), self._pending_bytes
-        return self._backlog + len(self._pending), buffered + self._pending_bytes
+    def _open_transport(self) -> Any:
+        return self._socket()
 
     async def drained(self) -> None:
         """Wait until the socket's write buffer is empty or the response ended."""
