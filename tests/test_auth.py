@@ -462,3 +462,32 @@ async def test_run_dependency_async_and_yield_subdependency() -> None:
     EVENTS.clear()
     assert await run_dependency(needs_resource, handshake_scope({})) == "db!"
     assert EVENTS == ["open", "close"]
+
+
+def test_remembered_key_choice_never_lets_a_bad_token_through() -> None:
+    """The verifier remembers the key chosen for a header segment (issue 19: a third of a
+    verification was parsing it again); signatures, claims and other headers are still
+    checked on every token, and at most MAX_REMEMBERED_HEADERS choices are kept."""
+    from herald.auth import MAX_REMEMBERED_HEADERS
+
+    secret = "remember-" + "k" * 40
+    verifier = TokenVerifier(secret)
+    good = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    assert verifier.verify(good).user == "alice"
+    assert verifier.verify(good).user == "alice"  # the remembered choice
+    forged = jwt.encode({"sub": "mallory"}, "another-" + "k" * 40, algorithm="HS256")
+    assert forged.partition(".")[0] == good.partition(".")[0]  # the same header segment
+    with pytest.raises(CommandError) as caught:
+        verifier.verify(forged)
+    assert caught.value.code == ErrorCode.UNAUTHORIZED
+    expired = jwt.encode({"sub": "alice", "exp": int(time.time()) - 60}, secret, algorithm="HS256")
+    with pytest.raises(CommandError) as caught:
+        verifier.verify(expired)
+    assert caught.value.code == ErrorCode.TOKEN_EXPIRED
+    unsigned = jwt.encode({"sub": "alice"}, None, algorithm="none")
+    with pytest.raises(CommandError):
+        verifier.verify(unsigned)
+    for n in range(MAX_REMEMBERED_HEADERS + 10):
+        token = jwt.encode({"sub": "alice"}, secret, algorithm="HS256", headers={"n": n})
+        assert verifier.verify(token).user == "alice"
+    assert len(verifier._keys_by_header) == MAX_REMEMBERED_HEADERS
