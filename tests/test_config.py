@@ -185,10 +185,17 @@ async def test_json_logs_have_context_but_no_payloads_or_tokens() -> None:
 
 
 @pytest.mark.asyncio
-async def test_per_connection_log_lines_are_debug_without_the_access_log() -> None:
+@pytest.mark.parametrize(
+    "driver",
+    [{}, {"HERALD_NATIVE_ROUTES": "false", "HERALD_FAST_PATH": "false"}],
+    ids=["native", "asgi"],
+)
+async def test_per_connection_log_lines_are_debug_without_the_access_log(driver: dict[str, str]) -> None:
     """Issue 19: three INFO lines per connection cost about a third of a connect storm's CPU;
-    by default they are DEBUG (HERALD_ACCESS_LOG turns them back on, test above)."""
-    server = ServerProcess(env={"HERALD_LOG_FORMAT": "json", "HERALD_DEMOS": "false"}).start()
+    by default they are DEBUG (HERALD_ACCESS_LOG turns them back on, test above), on the
+    native driver and under uvicorn's own WebSocket protocol."""
+    env = {"HERALD_LOG_FORMAT": "json", "HERALD_DEMOS": "false", **driver}
+    server = ServerProcess(env=env).start()
     try:
         for path in ("/connect", "/admin/ws"):
             client = await ProtocolClient.open(server.ws(path), connect=path == "/connect")

@@ -21,15 +21,18 @@ def block_the_loop(seconds: float) -> None:
 async def test_a_blocked_loop_is_measured_as_late() -> None:
     seen: list[float] = []
     stalled = asyncio.Event()
+    warmed = asyncio.Event()
 
     def observe(lag: float) -> None:
         seen.append(lag)
+        if len(seen) == 2:
+            warmed.set()
         if lag >= 0.3:
             stalled.set()
 
     monitor = LoopLagMonitor(observe, interval=0.05)
     async with monitor.running():
-        await asyncio.sleep(0.12)  # a couple of measurements of a free loop first
+        await asyncio.wait_for(warmed.wait(), 5)  # a couple of measurements of a free loop first
         block_the_loop(0.4)  # the monitor's timer comes due meanwhile
         await asyncio.wait_for(stalled.wait(), 5)
     assert min(seen) >= 0
@@ -89,7 +92,7 @@ async def test_metrics_export_the_lag_as_a_histogram() -> None:
     metrics = Metrics(node)
     metrics.loop_lag.interval = 0.05
     async with metrics.running():
-        await asyncio.sleep(0.06)
+        await async_wait_for(lambda: metrics.loop_lag.measurements >= 1, 5, what="a first measurement")
         block_the_loop(0.4)
         await async_wait_for(lambda: metrics.loop_lag.worst >= 0.3, 5, what="the stall measured")
     samples = {

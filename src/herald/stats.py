@@ -18,9 +18,9 @@ from typing import Protocol
 
 #: The ``route`` label of every route Herald serves: ``connect`` (``/connect``, protocol
 #: v1), the tutorial's ``ws`` (``/ws``), ``ws_json`` and ``ws_broadcast``, ``admin``
-#: (``/admin/ws``), ``sse`` (``/sse``), ``http_stream`` (``/stream``), and ``other`` for
-#: any name not in this list.  A new transport adds
-#: its name here (and to docs/operations.md).
+#: (``/admin/ws``), ``sse`` (``/sse``), ``http_stream`` (``/stream``), ``emulation``
+#: (``/emulation/connect``), and ``other`` for any name not in this list.  A new
+#: transport adds its name here (and to docs/operations.md).
 ROUTE_LABELS = (
     "connect",
     "ws",

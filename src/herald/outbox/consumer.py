@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import CommandError, ConfigError
 from ..urls import redact_url
-from . import stats as outbox_stats
 from .schema import DEFAULT_TABLE, ConsumerSql, check_dsn, notify_channel
+from .stats import OutboxStats, register, unregister
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -97,7 +97,7 @@ class OutboxConsumer:
         self.batch_size = batch_size
         self.max_channels = max_channels
         self.poll_interval = poll_interval
-        self.stats = outbox_stats.OutboxStats()
+        self.stats = OutboxStats()
         #: Set once connected, listening and caught up with the rows committed before;
         #: cleared while reconnecting.
         self.listening = asyncio.Event()
@@ -131,7 +131,7 @@ class OutboxConsumer:
         if self._task is not None:
             return
         self._stopping = False
-        outbox_stats.register(self.node, self.stats)
+        register(self.node, self.stats)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"herald-outbox-{self.table}")
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -148,7 +148,7 @@ class OutboxConsumer:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        outbox_stats.unregister(self.node, self.stats)
+        unregister(self.node, self.stats)
 
     async def __aenter__(self) -> OutboxConsumer:
         await self.start()

@@ -123,11 +123,14 @@ class BoundedSansIOProtocol(WebSocketsSansIOProtocol):
     at most that many entries.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
         self.max_fragments = fragment_limit()
         self.fragments = 0  # frames of the message being received
         self.lingering = False  # failed: reading on until the peer closes (linger_after_close)
+        if not getattr(config, "access_log", True):
+            # uvicorn's access_log switch does not cover its per-connection WebSocket line.
+            self.logger = _AcceptedAtDebug(self.logger)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -177,11 +180,6 @@ class AsgiWebSocketProtocol(BoundedSansIOProtocol):
     :class:`HeraldWebSocketProtocol` hands it every upgrade request that is not for a
     natively served route.
     """
-
-    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        if not getattr(config, "access_log", True):
-            self.logger = _AcceptedAtDebug(self.logger)  # type: ignore[assignment]
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
