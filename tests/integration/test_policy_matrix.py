@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,24 +196,26 @@ async def top_of(env: Env, channel: str) -> tuple[int, str]:
 # ---------------------------------------------------------------- clients
 
 #: Who connects, with which connection token, and which subscription token it sends.
-CLIENTS: dict[str, tuple[str | None, str | None]] = {
-    "anonymous": (None, None),
-    "alice": (token("alice"), None),
-    "mallory": (token("mallory"), None),
+#: Functions, so that tokens are minted when a cell runs, not when the module is
+#: collected: the whole suite takes longer than a token lives.
+CLIENTS: dict[str, Callable[[], tuple[str | None, str | None]]] = {
+    "anonymous": lambda: (None, None),
+    "alice": lambda: (token("alice"), None),
+    "mallory": lambda: (token("mallory"), None),
     # alice holding a subscription token for private:room (sent with subscribe; for
     # the other operations she subscribes with it first).
-    "alice+subtoken": (token("alice"), sub_token("alice", "private:room")),
+    "alice+subtoken": lambda: (token("alice"), sub_token("alice", "private:room")),
     # alice whose connection token grants private:* (no subscription needed).
-    "alice+grant": (token("alice", channels=["private:*"]), None),
+    "alice+grant": lambda: (token("alice", channels=["private:*"]), None),
     # mallory replaying alice's subscription token.
-    "mallory+stolen": (token("mallory"), sub_token("alice", "private:room")),
+    "mallory+stolen": lambda: (token("mallory"), sub_token("alice", "private:room")),
     # a subscription token offered as the connection token: connect refuses it (tested
     # below); the matrix needs clients that connected.
 }
 
 
 async def open_client(env: Env, who: str) -> ProtocolClient:
-    connection_token, _ = CLIENTS[who]
+    connection_token, _ = CLIENTS[who]()
     client = await ProtocolClient.open(env.server.ws("/connect"), connect=False)
     reply = await client.call("connect", **({"token": connection_token} if connection_token else {}))
     assert "result" in reply, reply
@@ -282,7 +284,7 @@ CELLS = [
 
 async def attempt(env: Env, client: ProtocolClient, who: str, op: str, channel: str) -> Outcome:
     """Do ``op`` on ``channel`` as ``who``; the outcome: OK, NOT_RECOVERED or an error code."""
-    _, subscription_token = CLIENTS[who]
+    _, subscription_token = CLIENTS[who]()
     item: dict[str, Any] = {"channel": channel}
     if subscription_token is not None:
         item["token"] = subscription_token
@@ -546,7 +548,7 @@ async def open_emulated(env: Env, who: str) -> Any:
     """A session of the bidirectional emulation (HTTP stream + POSTs), connected as ``who``."""
     from .emulation_kit import RawSession
 
-    connection_token, _ = CLIENTS[who]
+    connection_token, _ = CLIENTS[who]()
     session = await RawSession.open(env.server.http, connect=False)
     reply = await session.call("connect", **({"token": connection_token} if connection_token else {}))
     assert "result" in reply, reply
@@ -570,7 +572,7 @@ SSE_CELLS = [
     for rule, channel, who, outcomes in MATRIX
     # A stream has no per-channel subscription tokens: its grants come from the
     # connection token's `channels` claim (alice+grant).
-    if CLIENTS[who][1] is None
+    if CLIENTS[who]()[1] is None
 ]
 
 
@@ -583,7 +585,7 @@ async def test_policy_cell_over_a_one_way_stream(
     whose body carries the protocol's error code (docs/transports.md)."""
     import httpx
 
-    connection_token, _ = CLIENTS[who]
+    connection_token, _ = CLIENTS[who]()
     headers = {"Authorization": f"Bearer {connection_token}"} if connection_token else {}
     url = env.server.http + path + "?" + urllib.parse.urlencode({"channel": channel})
     async with (
