@@ -231,7 +231,11 @@ class ProtocolClient:
                         record_exchange(sent, frame)
                     future.set_result(frame)
                 elif frame.get("type") == "ping":
-                    await self.ws.send('{"type":"pong"}')
+                    # The server may be closing meanwhile (a ping and then a disconnect push
+                    # in one turn): the pong fails, and the frames already received must
+                    # still be read.
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        await self.ws.send('{"type":"pong"}')
                 else:
                     await self.pushes.put(frame)
         except websockets.ConnectionClosed:
