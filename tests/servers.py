@@ -175,3 +175,77 @@ def nats_server_fixture(jetstream: bool = False) -> Iterator[NatsServer]:
         yield server
     finally:
         server.cleanup()
+
+
+class RedisClusterServers:
+    """A real Redis Cluster of ``masters`` masters (no replicas) on free ports, each node
+    in its own temp dir.  ``cluster-require-full-coverage no``: while one master is down
+    the others keep serving their slots (see docs/scaling.md, Redis Cluster)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [_ClusterNode() for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        """Until every node answers ``cluster_state:ok`` (all slots served)."""
+        wait_for(lambda: all(node.cluster_ok() for node in self.nodes), timeout, what="cluster_state:ok")
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+class _ClusterNode(RedisServer):
+    def __init__(self) -> None:
+        super().__init__()
+        # Its own free bus port: the default (port + 10000) may be taken or above 65535.
+        self.bus_port = free_port()
+
+    def command(self) -> list[str]:
+        return [
+            *super().command(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-require-full-coverage",
+            "no",
+        ]
+
+    def cluster_ok(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"CLUSTER INFO\r\n")
+                return b"cluster_state:ok" in sock.recv(4096)
+        except OSError:
+            return False
+
+
+def redis_cluster_fixture(masters: int = 3) -> Iterator[RedisClusterServers]:
+    require("redis-server")
+    require("redis-cli")
+    cluster = RedisClusterServers(masters)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.cleanup()

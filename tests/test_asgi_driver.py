@@ -191,9 +191,13 @@ async def test_admission_refuses_a_foreign_origin_and_the_ip_limit_and_counts_th
     node = Node(Settings(max_connections_per_ip=1))
     server = FakeServer()
     opened: list[Socket] = []
-    session = object()
 
-    def make(socket: Socket) -> object:
+    class FakeSession:
+        ip_slot = False  # set by admission when the session holds a per-IP lease
+
+    session = FakeSession()
+
+    def make(socket: Socket) -> FakeSession:
         opened.append(socket)
         return session
 
@@ -205,7 +209,8 @@ async def test_admission_refuses_a_foreign_origin_and_the_ip_limit_and_counts_th
     assert open_session(AsgiSocket(server.scope, server.send)) == "too many connections from this address"
     assert len(opened) == 1
     assert node.rejected_handshakes == {"origin": 1, "ip_limit": 1}
-    node.ip_connections.release("127.0.0.1")
+    assert session.ip_slot
+    node.leases.release("ip", "127.0.0.1")
     assert open_session(AsgiSocket(server.scope, server.send)) is session
 
 
@@ -218,7 +223,7 @@ async def test_admission_gives_the_slot_back_when_the_session_cannot_be_made() -
 
     with pytest.raises(RuntimeError):
         opener(node, broken)(AsgiSocket(server.scope, server.send))
-    assert node.ip_connections.acquire("127.0.0.1")  # the slot is free again
+    assert node.leases.try_acquire("ip", "127.0.0.1", 1)  # the slot is free again
 
 
 def test_the_subprotocol_is_chosen_only_when_offered() -> None:

@@ -82,6 +82,15 @@ def test_connection_counter_unlimited_still_counts() -> None:
     assert counter.count("a") == 500
 
 
+def test_connection_counter_limit_given_per_call_wins() -> None:
+    counter = ConnectionCounter(limit=0)  # as herald.leases keeps one per kind of key
+    assert counter.acquire("a", 2) and counter.acquire("a", 2)
+    assert not counter.acquire("a", 2) and counter.acquire("a", 3)
+    assert counter.acquire("a") and counter.count("a") == 4  # the counter's own: unlimited
+    one = ConnectionCounter(limit=1)
+    assert one.acquire("b", 0) and one.acquire("b", 0)  # 0 given: unlimited
+
+
 # ---------------------------------------------------------------- guards found by mutation testing
 
 

@@ -95,7 +95,18 @@ class ChannelsOut(BaseModel):
 
 
 class DisconnectOut(BaseModel):
-    disconnected: int
+    disconnected: int = Field(
+        description="Connections of the user closed on every node that answered (this one included)."
+    )
+    nodes: int = Field(description="Nodes that answered, this one included.")
+    complete: bool = Field(
+        description="Every node this node knows alive answered within the wait (2 s).  When false, "
+        "`disconnected` lacks the counts of the nodes in `missing`; they still close the user's "
+        "connections when the command reaches them."
+    )
+    missing: list[str] = Field(
+        default_factory=list, description="Ids of the live nodes that did not answer in time."
+    )
 
 
 @contextlib.contextmanager
@@ -238,14 +249,26 @@ def build_api_router(node: Node) -> APIRouter:
     async def channels() -> ChannelsOut:
         return ChannelsOut(channels={c: n for c, n in node.hub.channels().items() if not c.startswith("$")})
 
-    @router.post("/disconnect", response_model=DisconnectOut, summary="Disconnect every connection of a user")
+    @router.post(
+        "/disconnect",
+        response_model=DisconnectOut,
+        summary="Disconnect every connection of a user, on every node",
+        description="Closes the user's connections here and asks every node this node knows alive "
+        "(heartbeats on the control channel) to close theirs; answers the cluster-wide count once "
+        "every such node answered, or after 2 s.",
+    )
     async def disconnect(body: DisconnectBody) -> DisconnectOut:
         try:
-            count = await node.disconnect_user(body.user, body.code, body.reason)
+            result = await node.disconnect_user(body.user, body.code, body.reason)
         except BrokerError as exc:
             # Local connections are closed; other nodes could not be told.
             raise HTTPException(503, detail=f"broker unavailable: {exc}") from None
-        return DisconnectOut(disconnected=count)
+        return DisconnectOut(
+            disconnected=result.disconnected,
+            nodes=result.nodes,
+            complete=result.complete,
+            missing=result.missing,
+        )
 
     return router
 

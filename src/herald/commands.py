@@ -385,7 +385,9 @@ class CommandHandler:
         connect_results = await node.run_hooks("connect", ctx)
         connection.user = ctx.user
         connection.info = ctx.info
-        node.admit(connection)
+        admitting = node.admit(connection)
+        if admitting is not None:  # the user is counted across the cluster first
+            await admitting
         self.gate.connected()
         level = logging.INFO if node.settings.access_log else logging.DEBUG
         if logger.isEnabledFor(level):

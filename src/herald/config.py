@@ -153,7 +153,10 @@ class Settings(BaseSettings):
         description="memory, redis://host:port/db or nats://host:port; broker settings go in the "
         "URL's query string, e.g. redis://host:6379/0?prefix=app&stream_meta_ttl=600 or "
         "nats://host:4222?jetstream=1&prefix=app (see "
-        "docs/configuration.md).",
+        "docs/configuration.md). Several Redis URLs separated by commas "
+        "(redis://a:6379/0,redis://b:6379/0; a list in the TOML file), spread channels over "
+        "those Redis instances; redis+cluster://host:port,host:port uses a Redis Cluster "
+        "(docs/scaling.md).",
     )
     demos: bool = Field(default=True, description="Serve the demo pages at /.")
     ws_impl: str = Field(
@@ -205,13 +208,24 @@ class Settings(BaseSettings):
         description="Seconds a client whose token expired has to send `refresh` before 4004.",
     )
     max_connections_per_user: int = Field(
-        default=100, ge=0, description="Open connections per user id on one node (0: no limit)."
+        default=100,
+        ge=0,
+        description="Open connections per user id (0: no limit), counted across every node on "
+        "a Redis broker, per node otherwise (docs/security.md).",
     )
     max_connections_per_ip: int = Field(
         default=0,
         ge=0,
-        description="Open WebSocket connections per client IP on one node (0: no limit). "
-        "Behind a proxy, set forwarded_allow_ips so the real client IP is used.",
+        description="Open connections per client IP on the WebSocket and HTTP stream routes "
+        "(0: no limit), counted like max_connections_per_user. Behind a proxy, set "
+        "forwarded_allow_ips so the real client IP is used.",
+    )
+    connection_lease_ttl: float = Field(
+        default=15.0,
+        ge=0,
+        description="With a Redis broker: seconds a node's connection counts outlive its last "
+        "refresh (every third of this), so a node that died stops counting within this time. "
+        "0: count per node, Redis untouched.",
     )
     max_api_body_bytes: int | None = Field(
         default=None,
@@ -401,6 +415,14 @@ class Settings(BaseSettings):
             return check_dsn(value) if info.field_name == "outbox" else check_table_name(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker_list(cls, value: Any) -> Any:
+        # A list of Redis URLs (TOML ``broker = ["redis://a", "redis://b"]``): the shards.
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return ",".join(value)
+        return value
 
     @field_validator("broker")
     @classmethod

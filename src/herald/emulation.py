@@ -39,7 +39,7 @@ import orjson
 from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
-from .admission import opener
+from .admission import async_opener
 from .apiguard import BadRequest, body_limit, local_address, read_body, respond
 from .context import ScopeHandshake, header_value
 from .control import DeliveryStatus
@@ -231,7 +231,8 @@ class EmulationRoutes:
             assert isinstance(socket, EmulationSocket)
             return EmulationSession(node, socket)
 
-        self.open_session = opener(node, make)
+        # The per-IP lease is counted (across the cluster on Redis) before the stream answers.
+        self.open_session = async_opener(node, make)
 
     # ------------------------------------------------------------ down
 
@@ -259,7 +260,7 @@ class EmulationRoutes:
             await respond(send, exc.status, exc.detail)
             return
         socket = EmulationSocket(scope, send, receive, _stream_framing(scope))
-        opened = self.open_session(socket)
+        opened = await self.open_session(socket)
         if isinstance(opened, str):
             await respond(send, 403, opened)
             return

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
-from .brokers.options import MEMORY_OPTIONS, broker_scheme
+from .brokers.options import MEMORY_OPTIONS, REDIS_SCHEMES, broker_scheme
 from .config import Settings
 from .exceptions import ConfigError
+from .leases import ConnectionLeases
 from .presence.base import PresenceManager
 from .presence.memory import MemoryPresenceManager
-from .urls import split_url_options
+from .urls import split_broker_urls, split_url_options
 
 
 def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
@@ -26,7 +28,14 @@ def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
     if scheme == "memory":
         _, options = split_url_options(url, MEMORY_OPTIONS, what="memory")
         return MemoryBroker(**options), MemoryPresenceManager()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in REDIS_SCHEMES and len(split_broker_urls(url)) > 1:
+        # Several Redis URLs: channels spread over them (docs/scaling.md, sharding).
+        from .brokers.sharded import ShardedRedisBroker, ShardedRedisConfig
+        from .presence.sharded import ShardedPresenceManager
+
+        sharded = ShardedRedisBroker(ShardedRedisConfig.from_url(url))
+        return sharded, ShardedPresenceManager(sharded)
+    if scheme in REDIS_SCHEMES:
         try:
             from .brokers.redis import RedisBroker, RedisBrokerConfig
             from .presence.redis import RedisPresenceManager
@@ -43,4 +52,28 @@ def engines_for(settings: Settings) -> tuple[Broker, PresenceManager]:
 
         nats_broker = NatsBroker(NatsBrokerConfig.from_url(url))
         return nats_broker, nats_broker.presence_manager()
-    raise ConfigError(f"unknown broker {url!r}: use memory, redis://host:port/db or nats://host:port")
+    raise ConfigError(
+        f"unknown broker {url!r}: use memory, redis://host:port/db (several separated by commas: "
+        "shards), redis+cluster://host:port or nats://host:port"
+    )
+
+
+def leases_for(
+    settings: Settings, broker: Broker, *, on_error: Callable[[], None] | None = None
+) -> ConnectionLeases:
+    """How ``max_connections_per_user`` and ``max_connections_per_ip`` are counted
+    (:mod:`herald.leases`): across every node on a Redis broker (one Redis, a Redis
+    Cluster or a sharded one, each key on the shard its name hashes to), per node on the
+    memory and NATS brokers, or when ``connection_lease_ttl`` is 0."""
+    ttl = settings.connection_lease_ttl
+    if ttl > 0 and not isinstance(broker, MemoryBroker):
+        from .brokers.redis import RedisBroker
+        from .leases import RedisConnectionLeases
+
+        shard_for = getattr(broker, "shard_for", None)  # a sharded Redis broker
+        if callable(shard_for):
+            return RedisConnectionLeases(shard_for, ttl, on_error=on_error)
+        if isinstance(broker, RedisBroker):
+            redis_broker = broker
+            return RedisConnectionLeases(lambda _name: redis_broker, ttl, on_error=on_error)
+    return ConnectionLeases()

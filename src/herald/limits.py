@@ -7,8 +7,9 @@
   that runs out of strikes (sustained abuse, not a short burst) is closed with
   4504 ``RATE_LIMIT``.
 * :class:`ConnectionCounter` counts open connections per key (client IP, user id)
-  and refuses one over the limit.  Counts are per process: with several workers
-  each enforces its own limit (documented in docs/security.md).
+  and refuses one over the limit, in this process: the per-node
+  :class:`herald.leases.ConnectionLeases` is one per kind of key; across the cluster,
+  :class:`herald.leases.RedisConnectionLeases` counts (docs/security.md).
 """
 
 from __future__ import annotations
@@ -104,10 +105,12 @@ class ConnectionCounter:
         self.limit = limit
         self._counts: dict[str, int] = {}
 
-    def acquire(self, key: str) -> bool:
-        """Count one more connection for ``key``; False (and nothing counted) when over the limit."""
+    def acquire(self, key: str, limit: int | None = None) -> bool:
+        """Count one more connection for ``key``; False (and nothing counted) when over
+        the limit (``limit``, else the counter's own)."""
         count = self._counts.get(key, 0)
-        if self.limit > 0 and count >= self.limit:
+        ceiling = self.limit if limit is None else limit
+        if ceiling > 0 and count >= ceiling:
             return False
         self._counts[key] = count + 1
         return True

@@ -153,6 +153,17 @@ class Metrics:
             "Broker-internal events by name (handler_errors, reconnects, gaps_filled, gaps_lost, ...).",
             ("event",),
         )
+        self.control_events = counter(
+            "herald_control_events",
+            "Control-channel events by name (gaps, duplicates, expired, incomplete).",
+            ("event",),
+        )
+        self.cluster_nodes = gauge(
+            "herald_cluster_nodes",
+            "Nodes this node holds alive (heartbeats), itself included.",
+            (),
+            "livemax",
+        )
         self.recoveries = counter(
             "herald_recoveries",
             "Subscriptions with a `since` position, by whether the missed publications were recovered.",
@@ -239,6 +250,9 @@ class Metrics:
         advance(self.recoveries, stats.not_recovered, "false")
         for event, count in node.broker.counters().items():
             advance(self.broker_events, count, event)
+        for event, count in node.control.counters().items():
+            advance(self.control_events, count, event)
+        self.cluster_nodes.set(node.control.members.count())
         for namespace, count in list(node.publications_by_namespace.items()):
             advance(self.publications, count, namespace)
         for reason, count in list(node.rejected_handshakes.items()):

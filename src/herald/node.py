@@ -16,11 +16,10 @@ The rest lives beside it, one concept per module: the access policy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -41,11 +40,12 @@ from .codes import CloseCode, ErrorCode
 from .config import NamespaceOptions, Settings
 from .connection import Connection
 from .context import ClientContext
-from .control import CONTROL_CHANNEL, ControlChannel
+from .control import CONTROL_CHANNEL, ControlChannel, DisconnectResult
+from .engines import leases_for
 from .exceptions import BrokerError, BrokerUnavailableError, CommandError, DisconnectError
 from .hooks import AppHooks, Hook
 from .hub import Hub
-from .limits import ConnectionCounter
+from .leases import USER, ConnectionLeases
 from .policy import ChannelPolicy
 from .presence.base import PresenceManager, PresenceStats
 from .presence.memory import MemoryPresenceManager
@@ -56,6 +56,7 @@ from .protocol.idempotency import check_idempotency_key
 from .proxy import install_proxy
 from .rpc import RpcMethod, call_rpc, rpc_method
 from .stats import NodeStats
+from .tasks import stop_tasks
 
 logger = logging.getLogger("herald.node")
 
@@ -73,6 +74,7 @@ class Node:
         *,
         broker: Broker | None = None,
         presence: PresenceManager | None = None,
+        leases: ConnectionLeases | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.id = secrets.token_hex(6)
@@ -91,8 +93,11 @@ class Node:
             jwks_file=self.settings.token_jwks_file,
             leeway=self.settings.token_leeway,
         )
-        #: Open WebSocket connections per client IP (all routes; see app.py).
-        self.ip_connections = ConnectionCounter(self.settings.max_connections_per_ip)
+        #: Open connections per user and per client IP, across the cluster when the broker
+        #: allows (herald.leases; engines.leases_for picks how).
+        self.leases = leases or leases_for(
+            self.settings, self.broker, on_error=lambda: self._broker_error("connection_leases")
+        )
         self.rpc_methods: dict[str, RpcMethod] = {}
         self.hooks = AppHooks()
         #: The backend's HTTP hooks the settings name, registered before any app hook.
@@ -121,6 +126,7 @@ class Node:
         if self.started:
             return
         await self.broker.start(self._on_broker_message)
+        await self.leases.start()
         # The shared control channel, and this node's own (cross-node emulation deliveries).
         for control_channel in (CONTROL_CHANNEL, self.control.node_channel):
             try:
@@ -131,6 +137,8 @@ class Node:
                 logger.warning("control channel not subscribed yet: %s", exc)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="herald-heartbeat"))
+        # Node heartbeats on the control channel: the membership view (herald.membership).
+        self._tasks.append(loop.create_task(self.control.run(), name="herald-membership"))
         self._tasks.append(loop.create_task(self.presence_upkeep.refresh_forever(), name="herald-presence"))
         self.started = True
         self.closing = False
@@ -142,12 +150,11 @@ class Node:
         if not self.started:
             return
         await self.drain(code=code, reason=reason)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks.clear()
+        # After the heartbeats stopped: the other nodes stop counting on this one at once.
+        await self.control.leave()
+        await self.leases.close()  # after the drain: this node's counts go back to zero
         await self.broker.close()
         await self.presence.close()
         if self.proxy is not None:
@@ -313,6 +320,8 @@ class Node:
         if message.channel == CONTROL_CHANNEL or message.channel == self.control.node_channel:
             if isinstance(message, Publication):
                 self.control.on_message(message.data)
+            elif isinstance(message, StreamGap):
+                self.control.on_gap(message)  # logged at ERROR and counted, never ignored
             return
         if isinstance(message, Publication):
             self.stats.deliveries += self.hub.fan_out(message)
@@ -453,23 +462,47 @@ class Node:
             )
         return None
 
-    def admit(self, connection: Connection) -> None:
-        """Add a connected client to the hub.
+    def admit(self, connection: Connection) -> Awaitable[None] | None:
+        """Add a connected client to the hub; returns an awaitable when its user must first
+        be counted across the cluster (the client is added once it returns).
 
         Raises ``DisconnectError(4503)`` when the user already has
-        ``max_connections_per_user`` connections on this node.
+        ``max_connections_per_user`` connections (on this node, or on every node when
+        ``leases`` are distributed: the user's lease is held while the connection is in
+        the hub and given back by :meth:`unregister`).
         """
         if self.closing:
             raise DisconnectError(CloseCode.SERVICE_RESTART, "server shutting down")
-        limit = self.settings.max_connections_per_user
-        if limit > 0 and connection.user and len(self.hub.user_connections(connection.user)) >= limit:
-            self.record_rejection("user_limit")
-            raise DisconnectError(CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user")
+        user, limit = connection.user, self.settings.max_connections_per_user
+        if limit > 0 and user:
+            # This node's own count first: free, and enough to refuse.
+            if len(self.hub.user_connections(user)) >= limit:
+                raise self._user_limit_reached(limit)
+            if self.leases.distributed:
+                return self._admit_counted(connection, user, limit)
         self.hub.add(connection)
+        return None
 
-    async def disconnect_user(self, user: str, code: int, reason: str) -> int:
-        """Close every connection of ``user`` on every node; returns how many were local
-        (see :class:`herald.control.ControlChannel`)."""
+    async def _admit_counted(self, connection: Connection, user: str, limit: int) -> None:
+        if not await self.leases.acquire(USER, user, limit):
+            raise self._user_limit_reached(limit)
+        if self.closing:
+            self.leases.release(USER, user)
+            raise DisconnectError(CloseCode.SERVICE_RESTART, "server shutting down")
+        self.hub.add(connection)  # no await since the acquire: the lease is the hub entry's
+
+    def _user_limit_reached(self, limit: int) -> DisconnectError:
+        self.record_rejection("user_limit")
+        return DisconnectError(CloseCode.CONNECTION_LIMIT, f"more than {limit} connections for this user")
+
+    def _release_user_lease(self, connection: Connection) -> None:
+        """Give back the user lease of an admitted ``connection`` (see :meth:`admit`)."""
+        if connection.user and self.settings.max_connections_per_user > 0 and self.leases.distributed:
+            self.leases.release(USER, connection.user)
+
+    async def disconnect_user(self, user: str, code: int, reason: str) -> DisconnectResult:
+        """Close every connection of ``user`` on every node; returns how many were closed
+        cluster-wide and which nodes answered (see :class:`herald.control.ControlChannel`)."""
         return await self.control.disconnect_user(user, code, reason)
 
     # ------------------------------------------------------------ connections
@@ -483,6 +516,8 @@ class Node:
         if admitted and connection.close_code == CloseCode.SLOW_CONSUMER:
             self.stats.slow_consumers += 1
         emptied = self.hub.remove(connection)
+        if admitted:
+            self._release_user_lease(connection)
         if protocol_channels:
             for channel in channels:
                 await self.leave(channel, connection)

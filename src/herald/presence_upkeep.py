@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("herald.node")
 
+#: Channels refreshed concurrently (their Redis scripts share a pipeline).
+REFRESH_GROUP = 100
+
 
 class PresenceUpkeep:
     """Writes, refreshes and removes the presence entries of ``node``'s clients."""
@@ -72,29 +75,33 @@ class PresenceUpkeep:
     async def refresh_all(self) -> None:
         """One refresh: the entries of this node's clients, one call per channel.
 
-        Yields to the event loop between channels (a node's 10,000 clients in 2,000
-        channels must not stall it for one long turn)."""
+        Channels are refreshed :data:`REFRESH_GROUP` at a time, concurrently: on Redis
+        their scripts share one pipeline (one round trip per group instead of one per
+        channel).  Yields to the event loop between groups (a node's 10,000 clients in
+        2,000 channels must not stall it for one long turn)."""
         node = self._node
         members: dict[str, list[Connection]] = {}
         for connection in list(node.hub.connections()):
             for channel in connection.channels:
                 if not channel.startswith("$"):
                     members.setdefault(channel, []).append(connection)
-        ttl = node.settings.presence_ttl
-        for channel, connections in members.items():
+        channels = list(members.items())
+        for start in range(0, len(channels), REFRESH_GROUP):
             await asyncio.sleep(0)
-            try:
-                if not node.namespace(channel).presence:
-                    continue
-                infos = [ClientInfo(c.client_id, c.user, c.info) for c in connections]
-                await node.presence.refresh(channel, infos, ttl)
-                # A client may have left while we awaited: its leave already removed the
-                # entry, so remove the one we just wrote instead of leaving a ghost.
-                for connection in connections:
-                    if (
-                        channel not in connection.channels
-                        or node.hub.get(connection.client_id) is not connection
-                    ):
-                        await node.presence.remove(channel, connection.client_id)
-            except Exception as exc:
-                logger.debug("presence refresh of %s failed: %r", channel, exc)
+            group = channels[start : start + REFRESH_GROUP]
+            await asyncio.gather(*(self._refresh(channel, connections) for channel, connections in group))
+
+    async def _refresh(self, channel: str, connections: list[Connection]) -> None:
+        node = self._node
+        try:
+            if not node.namespace(channel).presence:
+                return
+            infos = [ClientInfo(c.client_id, c.user, c.info) for c in connections]
+            await node.presence.refresh(channel, infos, node.settings.presence_ttl)
+            # A client may have left while we awaited: its leave already removed the
+            # entry, so remove the one we just wrote instead of leaving a ghost.
+            for connection in connections:
+                if channel not in connection.channels or node.hub.get(connection.client_id) is not connection:
+                    await node.presence.remove(channel, connection.client_id)
+        except Exception as exc:
+            logger.debug("presence refresh of %s failed: %r", channel, exc)

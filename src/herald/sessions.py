@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import orjson
 
-from .admission import HandshakeTimeout, choose_subprotocol, opener
+from .admission import HandshakeTimeout, choose_subprotocol, opener, release_ip
 from .brokers.base import ClientInfo
 from .codes import BINARY_REFUSED, CloseCode
 from .commands import CommandHandler, render_publication
@@ -71,11 +71,23 @@ class BroadcastInput:
         Raises ``DisconnectError`` when the node refuses the client (shutting down).
         """
         node, connection = self.node, self.connection
-        node.admit(connection)
+        admitting = node.admit(connection)
+        if admitting is not None:  # only a client with a user waits (this route's have none)
+            return self._join_after(admitting)
         node.hub.subscribe(BROADCAST_CHANNEL, connection)
         if node.broker_subscribed(BROADCAST_CHANNEL):
             return None
         return node.ensure_broker_subscription(BROADCAST_CHANNEL)
+
+    async def _join_after(self, admitting: Awaitable[None]) -> None:
+        try:
+            await admitting
+        except DisconnectError as exc:
+            self.connection.close(exc.code, exc.reason, push=False)
+            return
+        node = self.node
+        node.hub.subscribe(BROADCAST_CHANNEL, self.connection)
+        await node.ensure_broker_subscription(BROADCAST_CHANNEL)
 
     async def on_text(self, text: str) -> None:
         node, connection = self.node, self.connection
@@ -165,7 +177,7 @@ class RouteSession:
     when made and as ended by :meth:`finish`, which every ``lost`` calls last.
     """
 
-    __slots__ = ("node", "socket", "stats", "subprotocol")
+    __slots__ = ("ip_slot", "node", "socket", "stats", "subprotocol")
 
     #: The route's ``route`` label in the metrics (one of ``stats.ROUTE_LABELS``).
     route_label: ClassVar[str] = OTHER_ROUTE
@@ -174,6 +186,8 @@ class RouteSession:
         self.node = node
         self.socket = socket
         self.subprotocol: str | None = None
+        #: Holds a per-IP lease (set by admission; given back once, by :meth:`finish`).
+        self.ip_slot = False
         self.stats = node.stats.route(self.route_label)
         self.stats.accepted += 1
 
@@ -183,9 +197,11 @@ class RouteSession:
         return connection
 
     def finish(self, code: int, connection: Connection | None = None) -> None:
-        """The socket ended with ``code``: count it and free its per-IP slot."""
+        """The socket ended with ``code``: count it and give back its per-IP lease."""
         self.stats.record_end(code, connection)
-        self.node.ip_connections.release(self.socket.client_ip)
+        if self.ip_slot:
+            self.ip_slot = False
+            release_ip(self.node, self.socket.client_ip)
 
     def started(self) -> Awaitable[None] | None:
         return None

@@ -4,9 +4,10 @@ A browser's ``EventSource`` (``/sse``, Server-Sent Events) or ``curl -N`` (eithe
 route; ``/stream`` writes newline-delimited JSON) subscribes to channels and receives
 their publications, with nothing weaker than ``/connect``:
 
-* **Admission** is the WebSocket routes' own (:func:`herald.admission.refusal`: ``Host``,
-  ``Origin``, the per-IP limit), then the client's token (``Authorization: Bearer``,
-  the ``token`` query parameter, or the ``herald_token`` cookie) goes through the same
+* **Admission** is the WebSocket routes' own (:func:`herald.admission.stream_refusal`:
+  ``Host``, ``Origin``, the per-IP limit, counted across the cluster on a Redis broker),
+  then the client's token (``Authorization: Bearer``, the ``token`` query parameter, or
+  the ``herald_token`` cookie) goes through the same
   ``connect`` code as a ``/connect`` client (authentication, ``on_connect`` hooks, the
   per-user limit), and every channel through the same ``subscribe`` code
   (:class:`~herald.policy.ChannelPolicy`, ``on_subscribe`` hooks, ``max_subscriptions``,
@@ -47,7 +48,7 @@ from urllib.parse import parse_qsl
 import orjson
 from pydantic import ValidationError
 
-from .admission import refusal
+from .admission import release_ip, stream_refusal
 from .brokers.base import Publication
 from .codes import CloseCode, ErrorCode
 from .commands import CommandHandler
@@ -359,7 +360,7 @@ class ResumableFraming:
 
 class StreamRequest(AsgiHandshake):
     """An HTTP request as admission and the connect code read a handshake
-    (:class:`~herald.context.Handshake`, plus what :func:`herald.admission.refusal` asks)."""
+    (:class:`~herald.context.Handshake`, plus what :func:`herald.admission.stream_refusal` asks)."""
 
     __slots__ = ()
 
@@ -461,7 +462,8 @@ class StreamRoute:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         request = StreamRequest(scope)
-        refused = refusal(node, request)  # type: ignore[arg-type]  # reads only the handshake part of a Socket
+        # Host, Origin and the per-IP lease (counted across the cluster on a Redis broker).
+        refused = await stream_refusal(node, request)  # type: ignore[arg-type]  # reads only the handshake part of a Socket
         if refused is not None:
             logger.warning("refused stream %s from %s: %s", request.path, request.remote, refused)
             await respond_error(send, 403, ErrorCode.PERMISSION_DENIED, refused)
@@ -469,7 +471,7 @@ class StreamRoute:
         try:
             await StreamSession(self, request, receive, send).run()
         finally:
-            node.ip_connections.release(request.client_ip)
+            release_ip(node, request.client_ip)
 
 
 class StreamSession:

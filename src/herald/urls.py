@@ -6,16 +6,32 @@ this module imports nothing else of Herald but its exceptions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from .exceptions import ConfigError
 
+#: A comma that starts another URL (``redis://a:6379,redis://b:6379``): one followed by a scheme.
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_broker_urls(url: str) -> list[str]:
+    """``redis://a:6379,redis://b:6379`` -> both URLs (one broker URL -> a list of one).
+
+    Only a comma followed by ``scheme://`` separates URLs, so a comma inside a query value
+    or a password stays where it is.
+    """
+    return [part.strip() for part in _NEXT_URL.split(url.strip())]
+
 
 def redact_url(url: str) -> str:
     """``url`` with any password or token in its user info replaced, for logs and output:
-    ``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
+    ``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0`` (each URL of a list)."""
+    urls = split_broker_urls(url)
+    if len(urls) > 1:
+        return ",".join(redact_url(part) for part in urls)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

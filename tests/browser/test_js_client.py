@@ -196,7 +196,7 @@ def test_close_code_4500_range_stops_reconnecting(herald_server: ServerProcess, 
         token,
     )
     assert info["user"] == user
-    assert api(herald_server, "/api/disconnect", {"user": user}) == {"disconnected": 1}
+    assert api(herald_server, "/api/disconnect", {"user": user})["disconnected"] == 1
     page.wait_for_function("window.log.some(e => e[0] === 'disconnected')")
     log = page.evaluate("window.log")
     disconnected = next(d for kind, d in log if kind == "disconnected")

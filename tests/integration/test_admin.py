@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -72,10 +73,13 @@ async def test_admin_socket_streams_snapshots(admin_server: ServerProcess) -> No
 async def test_admin_page_shows_a_new_connection(admin_server: ServerProcess) -> None:
     from playwright.async_api import async_playwright
 
+    from ..browser.conftest import CHROMIUM
+
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium; scripts/test does)")
+
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page()
             errors: list[str] = []

@@ -36,6 +36,7 @@ import websockets
 
 from herald import Herald
 from herald.brokers.memory import MemoryBroker
+from herald.brokers.redis_scripts import bucket_tag
 from herald.config import NamespaceOptions, Settings
 from herald.server import create_app
 from herald.transports.uvicorn import uvicorn_ws_protocol
@@ -204,15 +205,17 @@ async def test_named_channels_leave_no_state_memory_broker(native_routes: bool) 
         assert isinstance(broker, MemoryBroker) and broker.stream_meta_ttl == STREAM_META_TTL
         sent, bystander, growth = await _play(server, herald, READS, SUBSCRIBES)
         _check_bystander(sent, bystander, growth)
-        # Only published channels have a stream: feed:stream and the history-less ones.
-        streams = dict(broker._streams)
+        # Only published channels have a stream: feed:stream and the history-less ones
+        # (and the nodes' control channel, which keeps a short history of heartbeats).
+        reserved = {name for name in broker._streams if name.startswith("$herald:")}
+        streams = {name: s for name, s in broker._streams.items() if name not in reserved}
         quiet = {name for name in streams if name.startswith("quiet:")}
         assert set(streams) - quiet == {"feed:stream"}
         assert len(quiet) == (CONNECTIONS + 1) * PUBLISHES
         now = time.monotonic()
         # Each history-less record expires within stream_meta_ttl of its publication.
         assert all(0 < streams[name].expires_at - now <= STREAM_META_TTL for name in quiet)
-        assert broker.stream_count() == len(quiet) + 1
+        assert broker.stream_count() == len(quiet) + 1 + len(reserved)
 
 
 @pytest.fixture(scope="module")
@@ -232,17 +235,21 @@ async def test_named_channels_leave_no_state_redis_broker(redis_server: RedisSer
         redis = aioredis.Redis.from_url(redis_server.url)
         try:
             keys = [key.decode() async for key in redis.scan_iter(match=f"{prefix}:*", count=5000)]
+            # Not a client's: the nodes' control channel (heartbeats) keeps a short history.
+            keys = [key for key in keys if ":$herald:" not in key]
             kinds: dict[str, list[str]] = {}
             for key in keys:
                 kinds.setdefault(key[len(prefix) + 1 :].split(":", 1)[0], []).append(key)
             # No key for any name that was only read or subscribed to; presence entries
-            # left with their connections.  The one global key is the epoch generations.
-            assert kinds.pop("epochs") == [f"{prefix}:epochs"]
-            assert sorted(kinds.pop("stream")) == [f"{prefix}:stream:feed:stream"]
+            # left with their connections.  The epoch generations are one key per bucket
+            # (at most 16384 however many names are read).
+            assert all(key.startswith(f"{prefix}:epochs:{{b") for key in kinds.pop("epochs"))
+            tag = bucket_tag("feed:stream")
+            assert sorted(kinds.pop("stream")) == [f"{prefix}:stream:{tag}:feed:stream"]
             metas = kinds.pop("meta")
             assert kinds == {}, {kind: names[:5] for kind, names in kinds.items()}
-            quiet = [key for key in metas if key.startswith(f"{prefix}:meta:quiet:")]
-            assert sorted(set(metas) - set(quiet)) == [f"{prefix}:meta:feed:stream"]
+            quiet = [key for key in metas if key.partition("}:")[2].startswith("quiet:")]
+            assert sorted(set(metas) - set(quiet)) == [f"{prefix}:meta:{tag}:feed:stream"]
             assert len(quiet) == (CONNECTIONS + 1) * PUBLISHES
             # Each history-less record carries a TTL of at most stream_meta_ttl.
             for key in quiet[:100]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 import secrets
 import zlib
@@ -51,6 +50,7 @@ from typing import Any
 # The value types live in the protocol (the client shares them); re-exported here.
 from ..protocol.values import ClientInfo as ClientInfo
 from ..protocol.values import StreamPosition as StreamPosition
+from ..tasks import stop_tasks
 
 
 def new_epoch() -> str:
@@ -81,12 +81,7 @@ class BackgroundTasks:
         return task
 
     async def cancel_all(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(list(self._tasks))
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,8 +124,13 @@ class NatsBroker(JetStreamHistory, Broker):
     See the module docstring for what each mode can and cannot do.
     """
 
-    def __init__(self, config: NatsBrokerConfig | None = None) -> None:
+    def __init__(
+        self, config: NatsBrokerConfig | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        """``clock``: the node's clock (default ``time.monotonic``), only ever compared with
+        itself; history expiry follows the NATS server's clock (:mod:`.nats_jetstream`)."""
         self.config = config or NatsBrokerConfig()
+        self._init_jetstream(clock or time.monotonic)
         self.node_id = secrets.token_hex(6)
         self._nc: Any = None
         self._handler: BrokerHandler | None = None
@@ -184,6 +189,8 @@ class NatsBroker(JetStreamHistory, Broker):
             if self._connected.is_set() and not self._closed:
                 logger.warning("NATS connection lost; reconnecting")
             self._connected.clear()
+            # The server may restart without its streams, or be another one.
+            self._forget_server_state(clock=True)
 
         async def on_reconnected() -> None:
             logger.warning("NATS connection re-established")
@@ -212,6 +219,11 @@ class NatsBroker(JetStreamHistory, Broker):
                 error_cb=on_error,
             )
             self._presence_sub = await self._nc.subscribe(self.presence_subject, cb=self._on_presence_message)
+            if cfg.jetstream:
+                # A stream deleted or created by anyone restarts its sequences: tips go.
+                await self._nc.subscribe(
+                    f"$JS.EVENT.ADVISORY.STREAM.*.{self.stream_name}", cb=self._on_advisory
+                )
             for channel in list(self._subscriptions):
                 self._subscriptions[channel] = await self._subscribe_subject(channel)
             await self._nc.flush()
@@ -335,6 +347,7 @@ class NatsBroker(JetStreamHistory, Broker):
         if order is None or not isinstance(message, Publication):
             self._deliver(message)
             return
+        self._js_seen(message)
         async with order.lock:
             await self._accept(channel, order, message)
 
@@ -497,6 +510,10 @@ class NatsBroker(JetStreamHistory, Broker):
         if not self.config.jetstream:
             return None  # nothing is stored
         await self._js_remove_history(channel)
+
+    async def _on_advisory(self, msg: Any) -> None:
+        if msg.subject.split(".")[4] in ("CREATED", "DELETED"):
+            self._forget_server_state()
 
     # ------------------------------------------------------------ presence replication
 

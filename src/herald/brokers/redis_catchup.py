@@ -84,7 +84,6 @@ class RedisCatchUp:
     config: RedisBrokerConfig
     _tracks: dict[str, _Track]
     _closed: bool
-    _link_up: asyncio.Event
     _tasks: BackgroundTasks
     _reset_script: Any
     gaps_filled: int
@@ -95,11 +94,15 @@ class RedisCatchUp:
 
         def _deliver(self, message: BrokerMessage) -> None: ...
 
+        async def _await_link(self, channel: str) -> None: ...
+
         def stream_key(self, channel: str) -> str: ...
 
         def meta_key(self, channel: str) -> str: ...
 
         async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+        async def run_script(self, script: Any, keys: list[Any], args: list[Any]) -> Any: ...
 
         async def history(
             self,
@@ -140,7 +143,8 @@ class RedisCatchUp:
         while self._tracks.get(channel) is track and not self._closed:
             if track.done >= track.wanted and track.held is None:
                 return
-            await self._link_up.wait()
+            # Until the channel is subscribed on a live connection (on a cluster: its master's).
+            await self._await_link(channel)
             wanted = track.wanted
             since = StreamPosition(track.offset, track.epoch) if track.epoch is not None else None
             # Held publications received before the read: the read sees a stream at least as new.
@@ -229,10 +233,8 @@ class RedisCatchUp:
     async def _roll_back(self, channel: str, track: _Track, since: StreamPosition) -> None:
         """Start ``channel`` again in a new epoch (unless it already moved past ``since``)
         and report the lost stream, as for any stream lost while this node listened."""
-        await self._call(
-            self._reset_script,
-            keys=[self.stream_key(channel), self.meta_key(channel)],
-            args=[since.epoch],
+        await self.run_script(
+            self._reset_script, [self.stream_key(channel), self.meta_key(channel)], [since.epoch]
         )
         top = (await self.history(channel, limit=0)).position
         logger.warning(

@@ -10,14 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exceptions import ConfigError
 from ..urls import non_negative, positive_int, split_url_options
+
+#: URL schemes of a Redis Cluster (seed nodes ``host:port,host:port``); ``rediss+`` is TLS.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 @dataclass(frozen=True, slots=True)
 class RedisBrokerConfig:
     """How to reach Redis and name keys.
 
-    ``url``: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or ``unix://path``.
+    ``url``: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or ``unix://path``;
+    a Redis Cluster: ``redis+cluster://[[user]:password@]host:port[,host:port...]``
+    (seed nodes, from which the cluster's masters are found; ``rediss+cluster://``
+    for TLS; no database number, a cluster has only 0).
     ``prefix``: prepended to every key and Pub/Sub channel, so several Herald
     deployments can share one Redis.  ``stream_meta_ttl``: seconds a channel's
     offset/epoch key lives after its last publication when the namespace keeps
@@ -65,7 +72,53 @@ class RedisBrokerConfig:
         base, values = split_url_options(
             url, converters, what="Redis", passthrough=set(URL_QUERY_ARGUMENT_PARSERS) - set(converters)
         )
-        return cls(url=base, **values)
+        config = cls(url=base, **values)
+        if config.cluster:
+            config.cluster_seeds()  # a malformed seed list fails here, at settings load
+            if "{" in config.prefix or "}" in config.prefix:
+                raise ConfigError("a Redis Cluster key prefix may not contain { or } (hash tags)")
+        return config
+
+    @property
+    def cluster(self) -> bool:
+        """Whether :attr:`url` names a Redis Cluster (``redis+cluster://``)."""
+        return self.url.partition("://")[0] in CLUSTER_SCHEMES
+
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """The seed nodes of a cluster URL: ``redis+cluster://a:7000,b:7001`` -> [(a, 7000), (b, 7001)]."""
+        _, hosts, _ = self._cluster_parts()
+        seeds = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    f"Redis Cluster seed {item!r}: expected host:port (redis+cluster://h1:7000,h2:7001)"
+                )
+            seeds.append((host.strip("[]"), int(port)))
+        return seeds
+
+    def node_url(self, host: str, port: int) -> str:
+        """A ``redis://`` URL (``rediss://`` for TLS) for one cluster node, with the cluster
+        URL's credentials and redis-py options: how one master's Pub/Sub link connects."""
+        userinfo, _, query = self._cluster_parts()
+        scheme = "rediss" if self.url.startswith("rediss+") else "redis"
+        at = f"{userinfo}@" if userinfo else ""
+        return f"{scheme}://{at}{host}:{port}/0" + (f"?{query}" if query else "")
+
+    def _cluster_parts(self) -> tuple[str, str, str]:
+        """(user info, ``host:port,...``, query) of a cluster URL."""
+        if not self.cluster:
+            raise ValueError(f"not a Redis Cluster URL: {self.url.partition('://')[0]}://")
+        rest, _, query = self.url.partition("://")[2].partition("?")
+        userinfo, _, hosts = rest.rpartition("@")
+        hosts, slash, db = hosts.partition("/")
+        if slash and db not in ("", "0"):
+            raise ConfigError(f"a Redis Cluster has only database 0, not /{db}")
+        if not hosts:
+            raise ConfigError(
+                "a Redis Cluster URL needs seed nodes: redis+cluster://host:port[,host:port...]"
+            )
+        return userinfo, hosts, query
 
 
 def _prefix(value: str) -> str:
@@ -74,4 +127,4 @@ def _prefix(value: str) -> str:
     return value
 
 
-__all__ = ["RedisBrokerConfig"]
+__all__ = ["CLUSTER_SCHEMES", "RedisBrokerConfig"]

@@ -1,25 +1,38 @@
 """The Lua scripts that keep a channel's stream in Redis, and the keys they use.
 
-Keys (``prefix`` defaults to ``herald``; ``CHANNEL`` is the Herald channel name):
+Keys (``prefix`` defaults to ``herald``; ``CHANNEL`` is the Herald channel name, ``B``
+its epoch bucket, ``crc32(CHANNEL) % 16384``):
 
-=============================  ==========  ===================================================
-key                            type        contents
-=============================  ==========  ===================================================
-``PREFIX:meta:CHANNEL``        hash        ``e`` = epoch, ``o`` = offset of the newest publication,
-                                           ``r`` = Redis run id of the last write, ``d`` = '1'
-                                           when that run kept every acknowledged write
-``PREFIX:stream:CHANNEL``      stream      the last ``history_size`` publications; entry id
-                                           ``OFFSET-0``, fields ``d`` data, ``i`` info, ``x``
-                                           expiry (ms since the Unix epoch, 0 = never)
-``PREFIX:presence:CHANNEL``    hash        client id -> ClientInfo JSON (see presence/redis.py)
-``PREFIX:presence-exp:CHANNEL`` sorted set client id -> expiry (ms)
-``PREFIX:epochs``              hash        ``i`` = this Redis data set's random incarnation,
-                                           bucket -> streams created in it (one key in all)
-``PREFIX:idem:N:CHANNEL:KEY``  string      ``OFFSET:EPOCH`` of the publication made with
-                                           idempotency key ``KEY`` (``N`` = len(CHANNEL), so
-                                           no channel and key pair names another's key);
-                                           expires ``idempotency_window`` after it
-=============================  ==========  ===================================================
+=================================  ==========  ===================================================
+key                                type        contents
+=================================  ==========  ===================================================
+``PREFIX:meta:{bB}:CHANNEL``       hash        ``e`` = epoch, ``o`` = offset of the newest
+                                               publication, ``r`` = Redis run id of the last
+                                               write, ``d`` = '1' when that run kept every
+                                               acknowledged write
+``PREFIX:stream:{bB}:CHANNEL``     stream      the last ``history_size`` publications; entry id
+                                               ``OFFSET-0``, fields ``d`` data, ``i`` info, ``x``
+                                               expiry (ms since the Unix epoch, 0 = never)
+``PREFIX:presence:{bB}:CHANNEL``   hash        client id -> ClientInfo JSON (presence/redis.py)
+``PREFIX:presence-exp:{bB}:CHANNEL`` sorted set client id -> expiry (ms)
+``PREFIX:epochs:{bB}``             hash        ``i`` = a random incarnation of this data set,
+                                               ``g`` = streams created in the bucket (one key
+                                               per bucket: at most 16384 in all)
+``PREFIX:idem:{bB}:N:CHANNEL:KEY`` string      ``OFFSET:EPOCH`` of the publication made with
+                                               idempotency key ``KEY`` (``N`` = len(CHANNEL), so
+                                               no channel and key pair names another's key);
+                                               expires ``idempotency_window`` after it
+=================================  ==========  ===================================================
+
+Pub/Sub channel ``PREFIX:ch:{bB}:CHANNEL`` carries the channel's envelopes.
+
+``{bB}`` is a Redis Cluster hash tag: every key and the Pub/Sub channel of a channel,
+and its bucket's ``epochs`` hash, are in one slot, so each script touches one slot
+(a Redis Cluster runs it on the master that owns it, and its sharded ``SPUBLISH``
+reaches only the nodes subscribed there).  One layout for one Redis and a cluster.
+Before issue 16 the keys had no tag (``PREFIX:meta:CHANNEL``, one ``PREFIX:epochs``
+hash): streams from before an upgrade are not read and start again in a new epoch,
+which recovery reports (``recovered: false``).
 
 Both history keys expire ``history_ttl`` seconds after the last publication;
 the meta key of a namespace without history expires ``stream_meta_ttl`` seconds
@@ -30,9 +43,9 @@ for the read, so clients cannot fill Redis by naming channels.  The next publish
 starts the stream at offset 1 in that same epoch, so a subscriber told ``(0,
 epoch)`` simply continues.  The empty epoch is computed, not stored per channel:
 from the Redis ``run_id`` (a restart, a promoted replica or a restored snapshot
-never reproduces it), a random incarnation kept in ``PREFIX:epochs`` (a FLUSHALL
-does not either) and the generation of the channel's bucket (``crc32(channel) %
-16384``) in that hash, which every stream creation in the bucket increments.  So
+never reproduces it), a random incarnation kept in the bucket's ``PREFIX:epochs:{bB}`` (a
+FLUSHALL does not reproduce it either) and the generation of the channel's bucket
+in that hash, which every stream creation in the bucket increments.  So
 once a channel's stream was created (and perhaps lost), the channel never reads
 as an earlier empty epoch again, and a client holding ``(0, old epoch)`` is told
 ``recovered: false`` instead of silently missing that stream.
@@ -48,6 +61,12 @@ the stream starts again in a new epoch whichever node touches it first.
 from __future__ import annotations
 
 from .base import EPOCH_BUCKETS, epoch_bucket
+
+
+def bucket_tag(channel: str) -> str:
+    """``{bB}``: the hash tag of ``channel``'s keys (``B`` its epoch bucket; module docstring)."""
+    return f"{{b{epoch_bucket(channel)}}}"
+
 
 # Lua scripts run atomically: nothing else touches a channel's keys between the
 # epoch check, the offset increment, the append and the PUBLISH.
@@ -75,17 +94,17 @@ end
 """
 
 # The epoch a channel without a stream reads as, and its next stream starts in (module
-# docstring).  ``epochs`` is KEYS[3] (PREFIX:epochs), ``bucket`` the channel's bucket,
+# docstring).  ``epochs`` is KEYS[3] (PREFIX:epochs:{bB}, the channel's bucket),
 # ``fresh`` a random token (the incarnation when the hash is new).  Always composed after
 # :data:`RUN_CHECK`, whose ``run`` (the current run id) it reuses: one INFO per script run.
 EMPTY_EPOCH = """
-local function empty_epoch(epochs, bucket, fresh)
+local function empty_epoch(epochs, fresh)
   local incarnation = redis.call('hget', epochs, 'i')
   if not incarnation then
     incarnation = fresh
     redis.call('hset', epochs, 'i', incarnation)
   end
-  local generation = redis.call('hget', epochs, bucket) or '0'
+  local generation = redis.call('hget', epochs, 'g') or '0'
   return string.sub(redis.sha1hex(run .. incarnation), 1, 8) .. '.' .. generation
 end
 """
@@ -98,8 +117,8 @@ local epoch = redis.call('hget', meta, 'e')
 if not epoch then
   -- No stream (never published, expired, flushed, Redis restarted empty): start one in
   -- the empty epoch readers were told; later streams of this bucket get another one.
-  epoch = empty_epoch(KEYS[3], ARGV[8], ARGV[6])
-  redis.call('hincrby', KEYS[3], ARGV[8], 1)
+  epoch = empty_epoch(KEYS[3], ARGV[6])
+  redis.call('hincrby', KEYS[3], 'g', 1)
   redis.call('del', stream)
   redis.call('hset', meta, 'e', epoch)
 end
@@ -126,7 +145,8 @@ else
   -- The namespace may have kept history (with a TTL) before: published keys persist.
   redis.call('persist', meta)
 end
-redis.call('publish', pubsub,
+-- ARGV[8]: 'spublish' on a Redis Cluster (sharded Pub/Sub, to the slot's master only).
+redis.call(ARGV[8], pubsub,
   'p' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. string.len(info) .. ':' .. info .. data)
 """
 
@@ -163,7 +183,7 @@ local limit, reverse = tonumber(ARGV[4]), ARGV[5]
 local epoch = redis.call('hget', meta, 'e')
 if not epoch then
   -- No stream: a read stores nothing for the channel (a left-over stream key is stale).
-  return {0, empty_epoch(KEYS[3], ARGV[6], ARGV[1]), {}}
+  return {0, empty_epoch(KEYS[3], ARGV[1]), {}}
 end
 local offset = tonumber(redis.call('hget', meta, 'o') or '0')
 if limit == 0 then return {offset, epoch, {}} end
@@ -240,5 +260,6 @@ __all__ = [
     "RESET",
     "RUN_CHECK",
     "RUN_INFO",
+    "bucket_tag",
     "epoch_bucket",
 ]

@@ -1,8 +1,10 @@
 """Presence in Redis: a hash and a sorted set per channel, entries expiring by score.
 
-``PREFIX:presence:CHANNEL`` maps client id -> ClientInfo JSON and
-``PREFIX:presence-exp:CHANNEL`` maps client id -> expiry time (milliseconds, by
-Redis's clock so that nodes' clocks do not matter).  The owning node refreshes
+``PREFIX:presence:{bB}:CHANNEL`` maps client id -> ClientInfo JSON and
+``PREFIX:presence-exp:{bB}:CHANNEL`` maps client id -> expiry time (milliseconds, by
+Redis's clock so that nodes' clocks do not matter).  ``{bB}`` is the channel's hash
+tag (:func:`~herald.brokers.redis_scripts.bucket_tag`): on a Redis Cluster both keys
+live on the master that owns the channel's stream.  The owning node refreshes
 its clients' entries every ``presence_ttl / 3`` seconds (``PresenceUpkeep.refresh_forever``);
 when a node dies its entries stop being refreshed and disappear from
 :meth:`RedisPresenceManager.presence` within ``presence_ttl``.  Both keys expire
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..brokers.base import ClientInfo
+from ..brokers.redis_scripts import bucket_tag
 from .base import PresenceManager
 
 if TYPE_CHECKING:
@@ -75,7 +78,8 @@ _REFRESH_BATCH = 500
 
 
 class RedisPresenceManager(PresenceManager):
-    """Presence shared by every node on one Redis; uses the broker's connection pool.
+    """Presence shared by every node on one Redis (or Redis Cluster); uses the broker's
+    connection pool.
 
     Raises :class:`~herald.exceptions.BrokerUnavailableError` when Redis is down.
     """
@@ -85,8 +89,8 @@ class RedisPresenceManager(PresenceManager):
         self._scripts: dict[str, Any] = {}
 
     def _keys(self, channel: str) -> list[str]:
-        prefix = self.broker.config.prefix
-        return [f"{prefix}:presence:{channel}", f"{prefix}:presence-exp:{channel}"]
+        prefix, tag = self.broker.config.prefix, bucket_tag(channel)
+        return [f"{prefix}:presence:{tag}:{channel}", f"{prefix}:presence-exp:{tag}:{channel}"]
 
     def _script(self, name: str, source: str) -> Any:
         # Scripts are bound to the broker's client, which is replaced after close().
@@ -99,10 +103,8 @@ class RedisPresenceManager(PresenceManager):
     async def add(self, channel: str, info: ClientInfo, ttl: float) -> None:
         ttl_ms = max(int(ttl * 1000), 1)
         payload = orjson.dumps(info.as_dict())
-        await self.broker._call(
-            self._script("add", _ADD),
-            keys=self._keys(channel),
-            args=[info.client, payload, ttl_ms],
+        await self.broker.run_script(
+            self._script("add", _ADD), self._keys(channel), [info.client, payload, ttl_ms]
         )
 
     async def refresh(self, channel: str, infos: Sequence[ClientInfo], ttl: float) -> None:
@@ -113,13 +115,13 @@ class RedisPresenceManager(PresenceManager):
             args: list[Any] = [ttl_ms]
             for info in infos[start : start + _REFRESH_BATCH]:
                 args += (info.client, orjson.dumps(info.as_dict()))
-            await self.broker._call(self._script("refresh", _REFRESH), keys=self._keys(channel), args=args)
+            await self.broker.run_script(self._script("refresh", _REFRESH), self._keys(channel), args)
 
     async def remove(self, channel: str, client: str) -> None:
-        await self.broker._call(self._script("remove", _REMOVE), keys=self._keys(channel), args=[client])
+        await self.broker.run_script(self._script("remove", _REMOVE), self._keys(channel), [client])
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
-        flat = await self.broker._call(self._script("live", _LIVE), keys=self._keys(channel), args=[])
+        flat = await self.broker.run_script(self._script("live", _LIVE), self._keys(channel), [])
         entries: dict[str, ClientInfo] = {}
         for i in range(0, len(flat), 2):
             info = ClientInfo.from_dict(orjson.loads(flat[i + 1]))
