@@ -17,9 +17,15 @@
  *           a line arrives on stdin.
  *
  * Keys: host port path proto=raw|herald|sio channel size subs msgs inflight rate
- *       duration slow clients rounds conns timeout concurrency port2
+ *       duration slow clients rounds conns timeout concurrency port2 ports srcs
  *
  * port2=P sends every odd-numbered connection to a second node on port P (S6).
+ * ports=P1,P2,... (overrides port/port2) sends connection i to P[i % count]: several
+ * nodes (bench/capacity.py).
+ * srcs=A1,A2,... binds connection i's socket to local address A[i % count] before
+ * connecting (IP_BIND_ADDRESS_NO_PORT: the port is still picked at connect time), so
+ * that more than the ~28k ephemeral ports of one source address reach one server
+ * port: srcs=127.0.0.2,127.0.0.3,... (all of 127/8 is loopback on Linux).
  * Realistic modes (issue 19; keys and the Socket.IO framing are documented in
  * the "realistic workloads" section at the end of this file):
  *   s5      many channels: a ramp of publication rates over skewed channels
@@ -93,6 +99,10 @@ static int sio_proto = 0;      /* proto=sio: Engine.IO v4 / Socket.IO v5 framing
 static int rz = 0;             /* a realistic mode (s5, s8, storm) is running */
 static int o_concurrency = 128; /* handshakes in flight while opening connections */
 static int o_port2 = 0;         /* a second node: odd-numbered connections go there */
+#define MAX_LIST 64
+static int o_ports[MAX_LIST], o_nports;  /* ports=: connection i goes to o_ports[i % o_nports] */
+static struct in_addr o_srcs[MAX_LIST];  /* srcs=: connection i binds to o_srcs[i % o_nsrcs] */
+static int o_nsrcs;
 static long closed_open;       /* connections that closed after they were open */
 
 static int ep;
@@ -460,7 +470,14 @@ static void open_conn(conn_t *c, int idx, enum role role, int slow) {
         int small = 4096; /* so the server's buffers fill quickly */
         setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     }
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(o_port2 && (idx & 1) ? o_port2 : o_port)};
+    if (o_nsrcs) {
+        int no_port = 1; /* bind the address only; connect() picks the port per 4-tuple */
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &no_port, sizeof no_port);
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr = o_srcs[idx % o_nsrcs]};
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) die("bind (srcs=)");
+    }
+    int port = o_nports ? o_ports[idx % o_nports] : (o_port2 && (idx & 1) ? o_port2 : o_port);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, o_host, &sa.sin_addr);
     c->st = ST_CONNECTING;
     if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) die("connect");
@@ -1620,6 +1637,23 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "timeout")) o_timeout = atof(v);
         else if (!strcmp(k, "concurrency")) o_concurrency = atoi(v);
         else if (!strcmp(k, "port2")) o_port2 = atoi(v);
+        else if (!strcmp(k, "ports") || !strcmp(k, "srcs")) {
+            int is_ports = k[0] == 'p';
+            char *list = strdup(v), *save = NULL;
+            for (char *item = strtok_r(list, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+                int *n = is_ports ? &o_nports : &o_nsrcs;
+                if (*n == MAX_LIST) {
+                    fprintf(stderr, "loadgen: at most %d entries in %s\n", MAX_LIST, k);
+                    return 2;
+                }
+                if (is_ports) o_ports[o_nports++] = atoi(item);
+                else if (inet_pton(AF_INET, item, &o_srcs[o_nsrcs++]) != 1) {
+                    fprintf(stderr, "loadgen: srcs: not an IPv4 address: %s\n", item);
+                    return 2;
+                }
+            }
+            free(list);
+        }
         else if (rz_option(k, v)) continue;
         else {
             fprintf(stderr, "loadgen: unknown key %s\n", k);
