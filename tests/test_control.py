@@ -285,6 +285,38 @@ async def test_a_hello_from_a_new_node_is_answered_at_once() -> None:
     assert a.members.live() == ["b"] and b.members.live() == ["a"]  # a answered without waiting
 
 
+async def test_watching_is_announced_at_once_and_read_from_the_newest_heartbeat() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def publish(data: bytes) -> None:
+        sent.append(orjson.loads(data))
+
+    clocks = _Clocks()
+    members = Membership("me", publish, clock=lambda: clocks.mono, wall=lambda: clocks.wall)
+    members.watch("admin", True)
+    await _turns()
+    assert sent and sent[-1]["watching"] == ["admin"]  # beat at once, not at the interval
+    count = len(sent)
+    members.watch("admin", True)  # no change: no extra heartbeat
+    await _turns()
+    assert len(sent) == count
+    members.watch("admin", False)
+    await _turns()
+    assert "watching" not in sent[-1]
+
+    old = clocks.wall
+    clocks.advance(0.5)
+    members.on_alive("p", clocks.wall, hello=False, watching=["admin"])
+    assert members.watched("admin") and not members.watched("other")
+    members.on_alive("p", old, hello=False)  # an older heartbeat re-read after a blip
+    assert members.watched("admin")
+    members.on_alive("p", clocks.wall, hello=False)  # the newest says it stopped
+    assert not members.watched("admin")
+    members.on_alive("p", clocks.wall, hello=False, watching=["admin"])
+    clocks.advance(3.1)  # the peer died: what it watched no longer counts
+    assert not members.watched("admin")
+
+
 async def _cancel_within(task: asyncio.Task[None], seconds: float) -> None:
     task.cancel()
     done, _ = await asyncio.wait([task], timeout=seconds)

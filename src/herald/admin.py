@@ -5,8 +5,10 @@ subscriber counts, counters) on the internal channel ``$admin`` once a second
 when something changed, and at least every few seconds.  The page opens
 ``/admin/ws``, proves it knows the API key in its first frame, and is then an
 ordinary subscriber of ``$admin``: with a shared broker (Redis, NATS) it hears
-the snapshots of every node, which is the node list.  With the in-memory broker
-a node publishes only while a local admin page listens.
+the snapshots of every node, which is the node list.  A node publishes only while
+a page listens somewhere: on this node, or on a peer whose heartbeats say it
+watches ``admin`` (:meth:`herald.membership.Membership.watch`); with no page open
+the snapshots cost nothing.
 
 Presence and the publish form use the HTTP API (``/api/presence``,
 ``/api/publish``) with the same key.
@@ -39,7 +41,6 @@ from .admission import HandshakeTimeout, opener
 from .apiguard import FRAME_HEADERS_DICT, HttpGate, guarded_route_class
 from .auth import api_key_allows
 from .brokers.base import Publication
-from .brokers.memory import MemoryBroker
 from .codes import CloseCode
 from .commands import render_publication
 from .connection import Connection
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("herald.admin")
 
 ADMIN_CHANNEL = "$admin"
+#: What a node with an open admin page says it watches in its heartbeats.
+WATCH_NAME = "admin"
 #: Seconds between snapshot checks; a snapshot is published when it changed ...
 SNAPSHOT_INTERVAL = 1.0
 #: ... or when this many seconds passed (so that pages see live nodes).
@@ -129,10 +132,14 @@ class Admin:
         }
 
     def _wanted(self) -> bool:
-        if self.node.hub.subscriber_count(ADMIN_CHANNEL):
-            return True
-        # With a shared broker, pages on other nodes listen for this node too.
-        return not isinstance(self.node.broker, MemoryBroker)
+        # A page on another node listens for this node too (its heartbeats say so).
+        return bool(self.node.hub.subscriber_count(ADMIN_CHANNEL)) or self.node.control.members.watched(
+            WATCH_NAME
+        )
+
+    def pages_changed(self) -> None:
+        """A page joined or left this node: tell the peers whether one is open here."""
+        self.node.control.members.watch(WATCH_NAME, bool(self.node.hub.subscriber_count(ADMIN_CHANNEL)))
 
     async def publish_snapshot(self, *, force: bool = False) -> bool:
         """Publish a snapshot on ``$admin`` if one is wanted and due; returns whether it did."""
@@ -245,6 +252,7 @@ class AdminSession(HandshakeTimeout, RouteSession):
         connection.start()
         # Not admitted to the node: admin pages are not clients, and are not listed.
         node.hub.subscribe(ADMIN_CHANNEL, connection)
+        admin.pages_changed()
         try:
             await node.ensure_broker_subscription(ADMIN_CHANNEL)
             # The page should not wait for the next tick to show something.
@@ -270,6 +278,7 @@ class AdminSession(HandshakeTimeout, RouteSession):
             if connection is not None:
                 record_end(connection, code, reason, by_peer)
                 await self.node.unregister(connection, protocol_channels=False)
+                self.admin.pages_changed()
                 await connection.stop()
         finally:
             self.finish(code if connection is None else end_code(connection, code), connection)

@@ -341,7 +341,13 @@ class ControlChannel:
                 return
             op = message.get("op")
             if op == "alive":
-                self.members.on_alive(str(sender), float(message["sent"]), bool(message.get("hello")))
+                watching = message.get("watching")
+                self.members.on_alive(
+                    str(sender),
+                    float(message["sent"]),
+                    bool(message.get("hello")),
+                    [str(name) for name in watching] if isinstance(watching, list) else (),
+                )
             elif op == "leave":
                 self.members.on_leave(str(sender))
             elif op == "disconnect":

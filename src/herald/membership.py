@@ -22,6 +22,11 @@ transit time **whatever the skew between the two clocks**.  Until a peer's first
 heartbeat arrives its offset is taken as 0 (clocks assumed to agree, NTP-close).
 A peer clock stepped backwards makes its messages look older for at most
 :data:`CLOCK_SAMPLES` heartbeats, until the smaller samples leave the window.
+
+Watching.  A heartbeat also says what the node's own clients are watching that other
+nodes must feed (``"watching": ["admin"]``: an admin page is open there, so every
+node publishes its snapshot).  :meth:`Membership.watch` changes it and beats at
+once; :meth:`Membership.watched` says whether any live peer watches a name.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +60,8 @@ class _Peer:
     seen: float
     #: Recent ``local wall clock at receipt - sender's wall clock at sending``.
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=CLOCK_SAMPLES))
+    #: What the peer's newest heartbeat said it watches.
+    watching: frozenset[str] = frozenset()
 
 
 class Membership:
@@ -85,6 +92,7 @@ class Membership:
         self._peers: dict[str, _Peer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._greeted = False
+        self._watching: set[str] = set()
 
     # ------------------------------------------------------------ this node
 
@@ -96,7 +104,20 @@ class Membership:
         message: dict[str, Any] = {"op": "alive", "node": self.node_id, "sent": self._wall()}
         if hello:
             message["hello"] = True
+        if self._watching:
+            message["watching"] = sorted(self._watching)
         return orjson.dumps(message)
+
+    def watch(self, name: str, watching: bool) -> None:
+        """Say in this node's heartbeats whether its clients watch ``name``; a change is
+        announced at once (when the loop runs), not at the next interval."""
+        if (name in self._watching) == watching:
+            return
+        if watching:
+            self._watching.add(name)
+        else:
+            self._watching.discard(name)
+        self._spawn(self.beat())
 
     async def beat(self, *, hello: bool = False) -> None:
         """Publish one heartbeat; a broker failure is logged (the next one retries)."""
@@ -133,19 +154,30 @@ class Membership:
 
     # ------------------------------------------------------------ peers
 
-    def on_alive(self, node: str, sent: float, hello: bool) -> None:
-        """A heartbeat of ``node`` stamped ``sent`` on its wall clock arrived."""
+    def on_alive(self, node: str, sent: float, hello: bool, watching: Iterable[str] = ()) -> None:
+        """A heartbeat of ``node`` stamped ``sent`` on its wall clock arrived (saying it
+        watches ``watching``)."""
         peer = self._peers.get(node)
         known = peer is not None and self._clock() - peer.seen < self.timeout
         if peer is None:
             peer = self._peers[node] = _Peer(seen=float("-inf"))
         peer.samples.append(self._wall() - sent)
-        peer.seen = max(peer.seen, self._clock() - self.age(node, sent))
+        stamped = self._clock() - self.age(node, sent)
+        if stamped >= peer.seen:  # the newest heartbeat (an old one re-read says nothing new)
+            peer.seen = stamped
+            peer.watching = frozenset(watching)
         if hello and not known:
             # A new node: tell it who we are now rather than at our next heartbeat.
-            task = asyncio.get_running_loop().create_task(self.beat())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.beat())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def watched(self, name: str) -> bool:
+        """Whether a live peer (not this node) said it watches ``name``."""
+        return any(name in self._peers[node].watching for node in self.live())
 
     def on_leave(self, node: str) -> None:
         if self._peers.pop(node, None) is not None and self._on_gone is not None:

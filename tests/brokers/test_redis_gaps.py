@@ -422,3 +422,46 @@ async def test_a_held_publication_of_an_epoch_the_stream_left_does_not_stall_the
     await publisher.publish(channel, b"2", HISTORY)
     await async_wait_for(lambda: recorder.offsets(channel) == [1, 2], TIMEOUT, what="live after it")
     assert recorder.gaps(channel) == []
+
+
+async def test_a_catch_up_survives_an_error_of_the_client_library(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py can fail from its own insides while a restarted master rejoins a cluster
+    (``'NoneType' object has no attribute 'writelines'``): the catch-up after a blip must
+    retry, not die silently and leave the channel's subscribers waiting forever."""
+    subscriber, publisher = await cluster.start()
+    recorder = cluster.recorder
+    channel = "chat:client-error"
+    await subscriber.subscribe(channel)
+    await publisher.publish(channel, b'"before"', HISTORY)
+    await async_wait_for(lambda: recorder.offsets(channel) == [1], TIMEOUT, what="live first")
+    await cluster.cut()
+    await publisher.publish(channel, b'"missed"', HISTORY)
+
+    failures = 0
+    real_history = subscriber.history
+
+    async def flaky_history(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        return await real_history(*args, **kwargs)
+
+    monkeypatch.setattr(subscriber, "history", flaky_history)
+    await cluster.restore()
+    await async_wait_for(lambda: recorder.offsets(channel) == [1, 2], TIMEOUT, what="the gap filled")
+    assert failures == 2 and recorder.gaps(channel) == []
+
+
+async def test_a_client_library_error_is_reported_as_unavailable() -> None:
+    from herald.exceptions import BrokerUnavailableError
+
+    broker = RedisBroker(RedisBrokerConfig(url="redis://127.0.0.1:1/0"))
+
+    async def broken() -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    with pytest.raises(BrokerUnavailableError, match="client error"):
+        await broker._call(broken)

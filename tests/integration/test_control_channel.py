@@ -17,6 +17,8 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 
+from herald.brokers import envelope
+from herald.brokers.base import Publication
 from herald.control import DISCONNECT_TIMEOUT
 from herald.membership import PEER_TIMEOUT
 
@@ -207,3 +209,62 @@ async def test_a_node_killed_leaves_the_membership_in_peer_timeout(
             assert time.monotonic() - started < 1  # no wait for the dead node
         finally:
             await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_admin_snapshots_are_published_only_while_a_page_is_open_somewhere(
+    redis_server: RedisServer,
+) -> None:
+    """No admin page open: no node publishes its snapshot (it cost a third of an idle
+    Redis node's CPU).  A page opens on A: B hears A's heartbeat say so and publishes
+    too, so the page lists both.  The page closes: both stop."""
+    import websockets
+
+    listener = aioredis.Redis.from_url(redis_server.url)
+    pubsub = listener.pubsub()
+    await pubsub.psubscribe("*:$admin")
+    published: list[tuple[float, str]] = []  # (when, node id)
+
+    async def follow() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                publication = envelope.decode("$admin", message["data"])
+                assert isinstance(publication, Publication)
+                published.append((time.monotonic(), json.loads(publication.data)["node"]))
+
+    follower = asyncio.create_task(follow())
+    try:
+        async with _running([_node(redis_server.url), _node(redis_server.url)]) as nodes:
+            a = nodes[0]
+            await all_know_each_other(nodes)
+            quiet_from = time.monotonic()
+            # Each node's snapshot loop ran at least twice (SNAPSHOT_INTERVAL is 1 s), and the
+            # first snapshot of a node always differs from none: any publish shows here.
+            await asyncio.sleep(2.5)
+            assert [node for when, node in published if when >= quiet_from] == []
+
+            async with websockets.connect(a.ws("/admin/ws")) as page:
+                await page.send(json.dumps({"api_key": API_KEY}))
+                seen: set[str] = set()
+                async with asyncio.timeout(10):
+                    while len(seen) < 2:
+                        frame = json.loads(await page.recv())
+                        if frame.get("channel") == "$admin":
+                            seen.add(frame["data"]["node"])
+                assert len(seen) == 2  # A's own and B's, through Redis
+
+            closed = time.monotonic()
+
+            async def quiet_for_two_seconds() -> bool:
+                last = max((when for when, _ in published), default=0.0)
+                return time.monotonic() - max(last, closed) >= 2.0
+
+            # Within B's next heartbeat (1 s) both stop: a 2 s window with nothing published.
+            await async_until(quiet_for_two_seconds, 8, what="snapshots stop after the page closed")
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await follower
+        await pubsub.aclose()
+        await listener.aclose()

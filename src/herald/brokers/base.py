@@ -77,8 +77,14 @@ class BackgroundTasks:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # A task that dies of an error must say so now, not at garbage collection (if ever).
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("broker task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
     async def cancel_all(self) -> None:
         await stop_tasks(list(self._tasks))

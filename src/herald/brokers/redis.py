@@ -110,6 +110,10 @@ from .redis_scripts import (
 logger = logging.getLogger("herald.brokers.redis")
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+#: What redis-py raises from its own insides when a connection is closed under a command
+#: (seen on a cluster while a restarted master rejoins: ``'NoneType' object has no
+#: attribute 'writelines'``, ``unable to perform operation on <TCPTransport closed=True>``).
+_CLIENT_BROKEN = (AttributeError, RuntimeError)
 #: What a cluster call raises when the slot's master is unknown or down (redis-py's
 #: cluster errors are not all RedisErrors).
 _CLUSTER_TROUBLE = (RedisClusterException, RedisError, *_UNAVAILABLE)
@@ -920,8 +924,8 @@ class RedisBroker(RedisCatchUp, Broker):
                 reply = await client.config_get("appendfsync", **target)
                 config = {_text(k): _text(v) for k, v in reply.items()}
                 fsync_always = config.get("appendfsync") == "always"
-            except _UNAVAILABLE as exc:
-                raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
+            except (*_UNAVAILABLE, *_CLIENT_BROKEN, ClusterDownError, SlotNotCoveredError) as exc:
+                raise BrokerUnavailableError(f"redis unavailable: {exc!r}") from exc
             except RedisError as exc:
                 logger.warning(
                     "redis refused CONFIG GET appendfsync (%s): every stream starts a new epoch "
@@ -971,6 +975,10 @@ class RedisBroker(RedisCatchUp, Broker):
             raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
         except (RedisError, RedisClusterException) as exc:
             raise BrokerError(f"redis error: {exc}") from exc
+        except _CLIENT_BROKEN as exc:
+            # Unavailable, as the connection errors it stands for: callers retry or answer
+            # 121 / HTTP 503 instead of failing with an error they cannot place.
+            raise BrokerUnavailableError(f"redis unavailable: client error {exc!r}") from exc
 
 
 __all__ = ["RedisBroker", "RedisBrokerConfig"]

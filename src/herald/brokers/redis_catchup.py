@@ -151,8 +151,11 @@ class RedisCatchUp:
             before_read = len(track.held or ())
             try:
                 history = await self.history(channel, since=since, limit=None if since else 0)
-            except BrokerError as exc:
-                logger.debug("catching up %s failed: %s; retrying", channel, exc)
+            except Exception as exc:
+                # Whatever failed, the channel's subscribers wait on this catch-up: it must
+                # retry, never end (a client library's own error included).
+                log = logger.debug if isinstance(exc, BrokerError) else logger.warning
+                log("catching up %s failed: %r; retrying", channel, exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.config.reconnect_max)
                 continue
@@ -166,8 +169,9 @@ class RedisCatchUp:
             else:
                 try:
                     await self._apply(channel, track, since, history)
-                except BrokerError as exc:  # a rollback found, but Redis failed resetting it
-                    logger.debug("catching up %s failed: %s; retrying", channel, exc)
+                except Exception as exc:  # a rollback found, but Redis failed resetting it
+                    log = logger.debug if isinstance(exc, BrokerError) else logger.warning
+                    log("catching up %s failed: %r; retrying", channel, exc)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     continue
             track.done = wanted
