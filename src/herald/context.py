@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote_plus
 
 if TYPE_CHECKING:
     from .auth import TokenClaims
@@ -155,8 +157,6 @@ class ClientContext:
 
     def cookie(self, name: str) -> str | None:
         """A cookie sent with the handshake (browsers send the site's cookies on WebSockets)."""
-        from http.cookies import CookieError, SimpleCookie
-
         raw = self.header("cookie")
         if not raw:
             return None
@@ -175,8 +175,6 @@ class ClientContext:
         Any number of other parameters is fine: the scan is linear in the query string,
         which the server already bounds with the request head.
         """
-        from urllib.parse import unquote_plus
-
         text = self.handshake.query_string.decode("latin-1")
         for part in text.split("&"):
             key, equals, value = part.partition("=")

@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("herald.node")
 
-#: Channels refreshed concurrently (their Redis scripts share a pipeline).
+#: Channels refreshed concurrently (their Redis scripts share a pipeline) ...
 REFRESH_GROUP = 100
+#: ... and presence entries refreshed in one loop turn at most (a big channel is split).
+REFRESH_ENTRIES = 500
+#: Connections whose channels are gathered in one loop turn at most.
+REFRESH_TURN = 1000
 
 
 class PresenceUpkeep:
@@ -73,23 +77,40 @@ class PresenceUpkeep:
             await self.refresh_all()
 
     async def refresh_all(self) -> None:
-        """One refresh: the entries of this node's clients, one call per channel.
+        """One refresh: the entries of this node's clients, one call per channel (or per
+        slice of a big channel).
 
-        Channels are refreshed :data:`REFRESH_GROUP` at a time, concurrently: on Redis
-        their scripts share one pipeline (one round trip per group instead of one per
-        channel).  Yields to the event loop between groups (a node's 10,000 clients in
-        2,000 channels must not stall it for one long turn)."""
+        Bounded work per loop turn: the (connection, channel) pairs are gathered
+        :data:`REFRESH_TURN` connections at a time, and refreshed in groups of at most
+        :data:`REFRESH_GROUP` channels and :data:`REFRESH_ENTRIES` entries, concurrently
+        within a group (on Redis their scripts share one pipeline), yielding between
+        groups.  A node's 10,000 clients in 2,000 channels (50,000 entries) must not
+        stall deliveries for one long turn: unbounded, that took tens of milliseconds.
+        """
         node = self._node
         members: dict[str, list[Connection]] = {}
-        for connection in list(node.hub.connections()):
+        for index, connection in enumerate(list(node.hub.connections())):
+            if index and index % REFRESH_TURN == 0:
+                await asyncio.sleep(0)
             for channel in connection.channels:
                 if not channel.startswith("$"):
                     members.setdefault(channel, []).append(connection)
-        channels = list(members.items())
-        for start in range(0, len(channels), REFRESH_GROUP):
-            await asyncio.sleep(0)
-            group = channels[start : start + REFRESH_GROUP]
-            await asyncio.gather(*(self._refresh(channel, connections) for channel, connections in group))
+        group: list[tuple[str, list[Connection]]] = []
+        entries = 0
+        for channel, connections in members.items():
+            for start in range(0, len(connections), REFRESH_ENTRIES):
+                piece = connections[start : start + REFRESH_ENTRIES]
+                if group and (len(group) >= REFRESH_GROUP or entries + len(piece) > REFRESH_ENTRIES):
+                    await self._refresh_group(group)
+                    group, entries = [], 0
+                group.append((channel, piece))
+                entries += len(piece)
+        if group:
+            await self._refresh_group(group)
+
+    async def _refresh_group(self, group: list[tuple[str, list[Connection]]]) -> None:
+        await asyncio.sleep(0)
+        await asyncio.gather(*(self._refresh(channel, connections) for channel, connections in group))
 
     async def _refresh(self, channel: str, connections: list[Connection]) -> None:
         node = self._node

@@ -139,6 +139,52 @@ async def test_a_user_at_the_limit_on_node_a_is_refused_on_node_b_until_a_dies(
         await all_released(redis_server.url)
 
 
+async def test_the_per_user_limit_holds_across_nodes_on_the_http_streams(redis_server: RedisServer) -> None:
+    """The per-user count is the connect command's, whatever carries it: a user at the
+    limit on node A (WebSockets) is refused on node B's /sse, /stream and
+    /emulation/connect with 429 and error 115, and let in once one of A's leaves."""
+    async with cluster(redis_server.url) as (a, b):
+        held = [await connect_user(a, "bob") for _ in range(PER_USER)]
+        assert all("result" in reply for _, reply in held)
+        headers = {"Authorization": f"Bearer {token('bob')}"}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(DEFAULT_TIMEOUT, read=None)) as http:
+            for route in ("/sse?channel=chat:limits", "/stream?channel=chat:limits", "/emulation/connect"):
+                method = "POST" if route.startswith("/emulation") else "GET"
+                body = {"commands": [{"id": 1, "type": "connect", "token": token("bob")}]}
+                request = http.build_request(
+                    method, b.http + route, headers=headers, json=body if method == "POST" else None
+                )
+                response = await http.send(request, stream=True)
+                try:
+                    if route.startswith("/emulation"):
+                        # The emulated session answers its connect command in the stream.
+                        assert response.status_code == 200, route
+                        # The emulated session answers its connect in the stream, then ends.
+                        text = b""
+                        async with asyncio.timeout(DEFAULT_TIMEOUT):
+                            async for chunk in response.aiter_bytes():
+                                text += chunk
+                                if b"4503" in text or b'"code":115' in text.replace(b" ", b""):
+                                    break
+                        assert b"more than 2 connections for this user" in text, (route, text[:500])
+                    else:
+                        await response.aread()
+                        assert response.status_code == 429, (route, response.status_code, response.text)
+                        assert response.json()["error"]["code"] == 4503, route  # as the WebSocket close
+                finally:
+                    await response.aclose()
+            await held.pop()[0].close()
+
+            async def b_streams() -> bool:
+                async with http.stream("GET", b.http + "/sse?channel=chat:limits", headers=headers) as reply:
+                    return reply.status_code == 200
+
+            await async_until(b_streams, what="node B streams to bob once one left node A")
+        for client, _ in held:
+            await client.close()
+        await all_released(redis_server.url)
+
+
 # ------------------------------------------------------------------ per IP, every route
 
 
