@@ -361,20 +361,15 @@ class RedisConnectionLeases(ConnectionLeases):
                 self._recovered()
 
     async def _set_many(self, broker: RedisBroker, states: Iterable[_Held]) -> None:
-        ttl_ms, node = self._ttl_ms, self.node
-        calls = [(self._key(broker, state.name), [node, state.count, ttl_ms]) for state in states]
-        script = self._script(broker, _SET)
-        client = broker.client
-        pipeline = getattr(client, "pipeline", None)
-        if len(calls) > 1 and _plain_redis(client) and pipeline is not None:
-            # One round trip for the batch; redis-py loads the script first if needed.
-            pipe = pipeline(transaction=False)
-            for key, args in calls:
-                await script(keys=[key], args=args, client=pipe)
-            await broker._call(pipe.execute)
-            return
-        # A cluster client routes each key to its slot's master: one call per key.
-        await asyncio.gather(*(broker._call(script, keys=[key], args=args) for key, args in calls))
+        # Concurrent script calls share the broker's pipelines (one round trip per batch on
+        # one Redis; a cluster client routes each key to its slot's master).
+        ttl_ms, node, script = self._ttl_ms, self.node, self._script(broker, _SET)
+        await asyncio.gather(
+            *(
+                broker.run_script(script, [self._key(broker, state.name)], [node, state.count, ttl_ms])
+                for state in states
+            )
+        )
 
     # ------------------------------------------------------------ Redis
 
@@ -396,7 +391,7 @@ class RedisConnectionLeases(ConnectionLeases):
 
     async def _run(self, name: str, source: str, args: list[Any]) -> Any:
         broker = self.broker_for(name)
-        return await broker._call(self._script(broker, source), keys=[self._key(broker, name)], args=args)
+        return await broker.run_script(self._script(broker, source), [self._key(broker, name)], args)
 
     def _after_write(self, state: _Held) -> None:
         if state.idle() and self._held.get(state.name) is state:
@@ -421,13 +416,6 @@ class RedisConnectionLeases(ConnectionLeases):
 
 def _name(kind: str, key: str) -> str:
     return f"conns:{kind}:{key}"
-
-
-def _plain_redis(client: Any) -> bool:
-    """Whether ``client`` is a single-server client (whose pipelines run scripts)."""
-    from redis.asyncio import Redis
-
-    return isinstance(client, Redis)
 
 
 __all__ = ["IP", "REFRESH_BATCH", "USER", "ConnectionLeases", "RedisConnectionLeases"]

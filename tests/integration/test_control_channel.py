@@ -22,7 +22,7 @@ from herald.brokers.base import Publication
 from herald.control import DISCONNECT_TIMEOUT
 from herald.membership import PEER_TIMEOUT
 
-from ..helpers import ProtocolClient, ServerProcess, async_until, http_get
+from ..helpers import ProtocolClient, ServerProcess, async_until, async_wait_for, http_get
 from ..servers import NatsServer, RedisServer, nats_server_fixture, redis_server_fixture
 
 API_KEY = "control-key"
@@ -223,15 +223,22 @@ async def test_admin_snapshots_are_published_only_while_a_page_is_open_somewhere
 
     listener = aioredis.Redis.from_url(redis_server.url)
     pubsub = listener.pubsub()
-    await pubsub.psubscribe("*:$admin")
-    published: list[tuple[float, str]] = []  # (when, node id)
+    await pubsub.psubscribe("*:$admin", "*:$herald:control")
+    published: list[tuple[float, str]] = []  # (when, node id) of each snapshot
+    heartbeats: list[tuple[float, str]] = []  # (when, node id) of each heartbeat
 
     async def follow() -> None:
         async for message in pubsub.listen():
-            if message["type"] == "pmessage":
-                publication = envelope.decode("$admin", message["data"])
-                assert isinstance(publication, Publication)
-                published.append((time.monotonic(), json.loads(publication.data)["node"]))
+            if message["type"] != "pmessage":
+                continue
+            admin = bytes(message["channel"]).endswith(b"$admin")
+            publication = envelope.decode("$admin" if admin else "$herald:control", message["data"])
+            assert isinstance(publication, Publication)
+            body = json.loads(publication.data)
+            if admin:
+                published.append((time.monotonic(), body["node"]))
+            elif body.get("op") == "alive":
+                heartbeats.append((time.monotonic(), body["node"]))
 
     follower = asyncio.create_task(follow())
     try:
@@ -239,9 +246,22 @@ async def test_admin_snapshots_are_published_only_while_a_page_is_open_somewhere
             a = nodes[0]
             await all_know_each_other(nodes)
             quiet_from = time.monotonic()
-            # Each node's snapshot loop ran at least twice (SNAPSHOT_INTERVAL is 1 s), and the
-            # first snapshot of a node always differs from none: any publish shows here.
-            await asyncio.sleep(2.5)
+
+            def beats_since_quiet() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for when, node in heartbeats:
+                    if when >= quiet_from:
+                        counts[node] = counts.get(node, 0) + 1
+                return counts
+
+            # Three heartbeats of each node (1 s apart) span two of its snapshot checks
+            # (SNAPSHOT_INTERVAL is 1 s); the first snapshot of a node always differs from
+            # none, so a node that published without a page would show here.
+            await async_wait_for(
+                lambda: len(beats_since_quiet()) == 2 and min(beats_since_quiet().values()) >= 3,
+                10,
+                what="three heartbeats of each node",
+            )
             assert [node for when, node in published if when >= quiet_from] == []
 
             async with websockets.connect(a.ws("/admin/ws")) as page:
