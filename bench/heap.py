@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conns", type=int, default=500)
     parser.add_argument("--path", default="/connect", choices=["/connect", "/ws_broadcast", "/ws"])
     parser.add_argument("--asgi", action="store_true", help="serve Herald's routes through ASGI")
+    parser.add_argument(
+        "--lines", type=int, default=0, help="also print the N source lines that allocated most"
+    )
     args = parser.parse_args(argv)
 
     app = create_app(Settings(demos=False, metrics=False, admin=False, native_routes=not args.asgi))
@@ -102,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     for package, size in sorted(by_package.items(), key=lambda item: -item[1]):
         if abs(size) / args.conns >= 50:
             print(f"  {size / args.conns:8.0f}  {package}")
+    if args.lines:
+        by_line = after.filter_traces(ignore).compare_to(before.filter_traces(ignore), "lineno")
+        for stat in by_line[: args.lines]:
+            frame = stat.traceback[0]
+            where = f"{package_of(frame.filename)}/{os.path.basename(frame.filename)}:{frame.lineno}"
+            print(
+                f"  {stat.size_diff / args.conns:8.0f} B {stat.count_diff / args.conns:5.2f} blocks  {where}"
+            )
     for sock in clients + warm:
         sock.close()
     server.should_exit = True

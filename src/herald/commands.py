@@ -85,10 +85,10 @@ class CommandHandler:
 
     # One per open connection: no per-instance dict.
     __slots__ = (
+        "_expiry",
         "_rpc_tasks",
         "connection",
         "context",
-        "expiry",
         "gate",
         "node",
         "rate",
@@ -101,11 +101,24 @@ class CommandHandler:
         # The gate reads the connection's channels (kept by the hub): one owner of subscriptions.
         self.gate = CommandGate(connection.channels, max_subscriptions=settings.max_subscriptions)
         self.context = ClientContext(client=connection.client_id, handshake=handshake)
-        self._rpc_tasks: set[asyncio.Task[None]] = set()
+        # RPC and renewal tasks, and the token timers: created on first use.  Most
+        # connections never need them, and an idle connection's every object is memory
+        # and a walk of each full collection (issue 19's 10,000-connection runs).
+        self._rpc_tasks: set[asyncio.Task[None]] | None = None
         self.rate = CommandRateLimiter(
             settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
         )
-        self.expiry = TokenExpiry(node, connection, self._end_subscription, self._renew)
+        self._expiry: TokenExpiry | None = None
+
+    @property
+    def expiry(self) -> TokenExpiry:
+        """The timers of this connection's tokens (:class:`TokenExpiry`)."""
+        expiry = self._expiry
+        if expiry is None:
+            expiry = self._expiry = TokenExpiry(
+                self.node, self.connection, self._end_subscription, self._renew
+            )
+        return expiry
 
     # ------------------------------------------------------------ entry points
 
@@ -199,15 +212,22 @@ class CommandHandler:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task cancelled with the connection, like RPCs."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._rpc_tasks.add(task)
-        task.add_done_callback(self._rpc_tasks.discard)
+        self._track(asyncio.get_running_loop().create_task(work))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        tasks = self._rpc_tasks
+        if tasks is None:
+            tasks = self._rpc_tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _arm_expiry(self, hook_expiry: float | None = None) -> None:
         """Arm the timer that asks for a refresh when the connection expires: at the
         connection token's ``exp`` or the connect hooks' expiry, whichever comes first."""
         claims = self.context.claims
-        self.expiry.arm(earliest_expiry((), claims.expires_at if claims is not None else None, hook_expiry))
+        expires_at = earliest_expiry((), claims.expires_at if claims is not None else None, hook_expiry)
+        if expires_at is not None or self._expiry is not None:
+            self.expiry.arm(expires_at)
 
     def _renew(self, channel: str | None) -> bool:
         """An expiry arrived (the connection's, or ``channel``'s subscription's): when
@@ -260,18 +280,20 @@ class CommandHandler:
 
     async def _release(self, channel: str, emptied: bool) -> None:
         node = self.node
-        self.expiry.disarm_channel(channel)
+        if self._expiry is not None:
+            self._expiry.disarm_channel(channel)
         if emptied:
             await node.release_broker_subscription(channel)
         await node.leave(channel, self.connection)
 
     async def close(self) -> None:
         """The connection ended: cancel RPCs, unsubscribe everything, run disconnect hooks."""
-        self.expiry.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         # Disconnect hooks are for clients that got through connect (and its hooks).
         connected = self.gate.phase is Phase.CONNECTED
         self.gate.close()
-        for task in list(self._rpc_tasks):
+        for task in list(self._rpc_tasks or ()):
             task.cancel()
         await self.node.unregister(self.connection, protocol_channels=True)
         if connected:
@@ -356,7 +378,7 @@ class CommandHandler:
             connection.send(frame)
 
     def _start_rpc(self, command: m.RpcRequest) -> None:
-        if len(self._rpc_tasks) >= self.node.settings.max_rpc_in_flight:
+        if len(self._rpc_tasks or ()) >= self.node.settings.max_rpc_in_flight:
             self.gate.finish(command.id)
             self.connection.send(
                 encode_error(command.id, "rpc", int(ErrorCode.LIMIT_EXCEEDED), "too many rpc calls in flight")
@@ -369,9 +391,7 @@ class CommandHandler:
             finally:
                 self.gate.finish(command.id)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._rpc_tasks.add(task)
-        task.add_done_callback(self._rpc_tasks.discard)
+        self._track(asyncio.get_running_loop().create_task(run()))
 
     # ------------------------------------------------------------ commands
 

@@ -75,7 +75,7 @@ class CommandRateLimiter:
     few seconds is disconnected.
     """
 
-    __slots__ = ("commands", "strikes")
+    __slots__ = ("_max_strikes", "_strikes", "commands")
 
     def __init__(
         self,
@@ -86,7 +86,20 @@ class CommandRateLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.commands = TokenBucket(rate, burst, clock=clock)
-        self.strikes = TokenBucket(max(strikes, 1) / 10.0 if rate > 0 else 0, strikes, clock=clock)
+        self._max_strikes = strikes
+        # Made at the first command over the rate: a bucket that starts full and is only
+        # ever taken from is full until then, and most connections never get there.
+        self._strikes: TokenBucket | None = None
+
+    @property
+    def strikes(self) -> TokenBucket:
+        """The strike bucket: a tenth of its capacity per second."""
+        strikes = self._strikes
+        if strikes is None:
+            commands = self.commands
+            rate = max(self._max_strikes, 1) / 10.0 if commands.rate > 0 else 0
+            strikes = self._strikes = TokenBucket(rate, self._max_strikes, clock=commands._clock)
+        return strikes
 
     def check(self) -> RateVerdict:
         if self.commands.take():

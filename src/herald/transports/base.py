@@ -35,6 +35,17 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
+class DirectWrites(Protocol):
+    """The fast path of a transport (:class:`~herald.transports.fastpath.BatchedWrites`):
+    synchronous, bounded writes of pre-framed frames, and what they left unwritten."""
+
+    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None: ...
+
+    def unwritten(self) -> tuple[int, int]: ...
+
+    async def drained(self) -> None: ...
+
+
 class Socket(Transport, Protocol):
     """One accepted (or being accepted) WebSocket, as a route's session uses it.
 
