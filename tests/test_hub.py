@@ -17,7 +17,7 @@ from herald.config import Settings
 from herald.connection import Connection
 from herald.context import AsgiHandshake, ClientContext
 from herald.demos import DEMO_NAMESPACES
-from herald.node import Node
+from herald.node import Node, heartbeat_tick
 
 from .helpers import async_wait_for
 from .recording import RecordingTransport
@@ -298,3 +298,19 @@ async def test_a_failing_subscribe_hook_fails_only_its_channel(node: Node) -> No
     assert items[1]["error"] == {"code": 100, "message": "internal error"}
     assert await node.presence_of("chat:fine")
     assert node.hub.subscriber_count("chat:broken") == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "tick"),
+    [
+        ({}, 2.5),  # shipped: a quarter of handshake_timeout (10 s), not every second
+        ({"ping_interval": 0.2}, 0.05),  # tests' short pings: never below 50 ms
+        ({"ping_interval": 1.0, "idle_timeout": 0.6}, 0.15),
+        ({"ping_interval": 120.0, "handshake_timeout": 60.0}, 5.0),  # at most 5 s late
+        ({"ping_interval": 0}, 2.5),
+    ],
+)
+async def test_liveness_walk_runs_a_quarter_of_the_shortest_period(
+    settings: dict[str, float], tick: float
+) -> None:
+    assert heartbeat_tick(Settings(**settings)) == pytest.approx(tick)

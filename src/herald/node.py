@@ -65,6 +65,18 @@ logger = logging.getLogger("herald.node")
 HEARTBEATS_PER_TURN = 1000
 
 
+def heartbeat_tick(settings: Settings) -> float:
+    """Seconds between two walks of the liveness checks over every connection.
+
+    A quarter of the shortest of ``ping_interval``, ``handshake_timeout`` and
+    ``idle_timeout``, between 50 ms and 5 s: a ping goes out, and a dead or idle client
+    is closed, at most that much later than its period says.  With the shipped settings that is 2.5 s: the walk was a fifth of an idle
+    node's CPU with 10,000 clients when it ran every second (issue 19).
+    """
+    intervals = [v for v in (settings.ping_interval, settings.handshake_timeout, settings.idle_timeout) if v > 0]
+    return min(max(min(intervals) / 4, 0.05), 5.0) if intervals else 5.0
+
+
 class Node:
     """This process's Herald engine.  Use :class:`herald.Herald` from applications."""
 
@@ -526,11 +538,7 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         """Ping protocol clients, close dead and idle ones, enforce the handshake timeout."""
-        settings = self.settings
-        intervals = [
-            v for v in (settings.ping_interval, settings.handshake_timeout, settings.idle_timeout) if v > 0
-        ]
-        tick = min(max(min(intervals) / 4, 0.05), 1.0) if intervals else 1.0
+        tick = heartbeat_tick(self.settings)
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
