@@ -96,7 +96,7 @@ def native_server() -> Iterator[ThreadServer]:
 
 
 def test_an_idle_protocol_connection_holds_few_tracked_objects(native_server: ThreadServer) -> None:
-    """Connected and subscribed to one channel: about 15 tracked objects (it was 33)."""
+    """Connected and subscribed to one channel: about 15 tracked objects (it was 26)."""
     warm = [open_client(native_server.port, "/connect") for _ in range(10)]
     time.sleep(0.3)  # the warm-up connections' handshake timers have fired
     gc.collect()

@@ -308,6 +308,8 @@ async def test_a_failing_subscribe_hook_fails_only_its_channel(node: Node) -> No
         ({"ping_interval": 1.0, "idle_timeout": 0.6}, 0.15),
         ({"ping_interval": 120.0, "handshake_timeout": 60.0}, 5.0),  # at most 5 s late
         ({"ping_interval": 0}, 2.5),
+        ({"pong_timeout": 2.0}, 1.0),  # a ping is never later than the client tolerates
+        ({"ping_interval": 0, "pong_timeout": 2.0}, 2.5),  # no pings: pong_timeout is moot
     ],
 )
 async def test_liveness_walk_runs_a_quarter_of_the_shortest_period(

@@ -53,11 +53,11 @@ class _Stream:
     epoch: str
     offset: int = 0
     # (offset, data, publisher's client id or None, its user id, its info, monotonic
-    # expiry time): flat, as a nested tuple is untracked one collection later.
-    # Plain tuples of strings, bytes and numbers, not Publication objects: the collector
-    # stops tracking such a tuple at its first young collection, so a full history
-    # (history_size entries in every channel) adds nothing to a full collection's walk
-    # (with objects, 2,000 channels of 100 entries made each one ~100 ms longer).
+    # expiry time).  Plain tuples of strings, bytes and numbers, not Publication
+    # objects: the collector stops tracking such a tuple at its first young collection,
+    # so a full history (history_size entries in every channel) adds nothing to a full
+    # collection's walk (with objects, 2,000 channels of 100 entries made each one
+    # ~100 ms longer).  Flat, because a nested tuple is untracked one collection later.
     entries: deque[_Entry] = field(default_factory=deque)
     expires_at: float = 0.0  # the whole stream is forgotten after this (0: never)
     ttl: float = 0.0  # the lifetime group (``_expiry`` key) it is in (0: none)
