@@ -51,7 +51,8 @@ def test_history_entries_are_not_tracked_by_the_collector() -> None:
     assert added < 50, f"{added} objects tracked for 1,000 history entries"
 
     async def read() -> None:
-        result = await broker.history("chat:a", since=StreamPosition(990, result_epoch))
+        epoch = (await broker.history("chat:a", limit=0)).position.epoch
+        result = await broker.history("chat:a", since=StreamPosition(990, epoch))
         assert [p.offset for p in result.publications] == list(range(991, 1001))
         assert all(p.info == ClientInfo("c1", "u1", None) for p in result.publications)
         assert [p.data for p in result.publications] == [b"%d" % n for n in range(990, 1000)]
@@ -60,8 +61,11 @@ def test_history_entries_are_not_tracked_by_the_collector() -> None:
             ("chat:b", 1000, newest.position.epoch),
             ("chat:b", 999, newest.position.epoch),
         ]
+        # A publication from the HTTP API has no publisher.
+        await broker.publish("chat:c", b"1", PublishOptions(history_size=10, history_ttl=600.0))
+        (anonymous,) = (await broker.history("chat:c")).publications
+        assert (anonymous.data, anonymous.info) == (b"1", None)
 
-    result_epoch = asyncio.run(broker.history("chat:a", limit=0)).position.epoch
     asyncio.run(read())
 
 
