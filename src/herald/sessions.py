@@ -265,6 +265,11 @@ class ProtocolSession(HandshakeTimeout, RouteSession):
         return self.handler.gate.phase is Phase.CONNECTING
 
     def on_text(self, text: str) -> Awaitable[None] | None:
+        if self.timer is not None and not self.handshake_pending():
+            # Connected: the deadline has nothing left to enforce.  Dropped at the next
+            # command (a subscribe, usually) rather than left to fire 10 s later: in a
+            # connect storm every connection held its timer (~300 bytes) until then.
+            self.cancel_handshake_timeout()
         self.burst += 1
         if self.burst >= COMMANDS_BETWEEN_YIELDS or self.connection.backlogged():
             self.burst = 0
