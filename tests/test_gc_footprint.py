@@ -11,12 +11,15 @@ tracking, and an idle connection creates its rarely used parts on first use.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import os
+import socket
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from bench.heap import open_client
+from bench.heap import masked_text, open_client
 
 from herald.brokers.base import ClientInfo, PublishOptions, StreamPosition
 from herald.brokers.memory import MemoryBroker
@@ -25,7 +28,17 @@ from herald.presence.memory import MemoryPresenceManager
 from herald.server import create_app
 from herald.transports.uvicorn import HeraldWebSocketProtocol
 
-from .helpers import ThreadServer
+from .helpers import ThreadServer, wait_for
+
+
+def handshake_deadlines() -> int:
+    """Handshake deadline timers alive in this process (their bound callbacks)."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if getattr(getattr(o, "__func__", None), "__name__", "") == "_handshake_deadline"
+    )
 
 
 def tracked() -> int:
@@ -89,8 +102,11 @@ def test_presence_entries_are_not_tracked_by_the_collector() -> None:
 
 
 @pytest.fixture
-def native_server() -> Iterator[ThreadServer]:
-    app = create_app(Settings(demos=False, metrics=False, admin=False))
+def native_server(request: pytest.FixtureRequest) -> Iterator[ThreadServer]:
+    """``herald serve``'s app in this process; ``native_routes`` from indirect
+    parametrization (default: served natively)."""
+    native = getattr(request, "param", True)
+    app = create_app(Settings(demos=False, metrics=False, admin=False, native_routes=native))
     server = ThreadServer(app, ws=HeraldWebSocketProtocol, lifespan="on").start()
     try:
         yield server
@@ -106,16 +122,7 @@ def test_an_idle_protocol_connection_holds_few_tracked_objects(native_server: Th
     count = 200
     clients = [open_client(native_server.port, "/connect") for _ in range(count)]
     try:
-        # The handshake deadline (10 s) is dropped once the client is connected and sends
-        # its next command (here the subscribe): no timer is left to fire later.
-        gc.collect()
-        deadlines = [
-            o
-            for o in gc.get_objects()
-            if getattr(getattr(o, "__func__", None), "__name__", "") == "_handshake_deadline"
-        ]
-        assert deadlines == []
-        gc.collect()
+        assert handshake_deadlines() == 0  # dropped at connect (see the next test); collects
         after = Counter(type(o).__qualname__ for o in gc.get_objects())
         grown = after - before
         per_connection = (sum(grown.values()) - count) / count  # minus the client's own socket
@@ -129,4 +136,42 @@ def test_an_idle_protocol_connection_holds_few_tracked_objects(native_server: Th
         )
     finally:
         for sock in clients + warm:
+            sock.close()
+
+
+def connected_client(port: int) -> socket.socket:
+    """A /connect client that sends ``connect`` and nothing else."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:  # a client sends no frame before the 101 (RFC 6455)
+        received += sock.recv(4096)
+    sock.sendall(masked_text('{"id":1,"type":"connect"}'))
+    while b'"id":1' not in received:
+        received += sock.recv(4096)
+    return sock
+
+
+@pytest.mark.parametrize("native_server", [True, False], ids=["native", "asgi"], indirect=True)
+def test_the_handshake_deadline_is_dropped_once_connected(native_server: ThreadServer) -> None:
+    """A client that connects and then only listens holds no timer (handshake_timeout is
+    10 s: one left behind would still be alive)."""
+    clients = [connected_client(native_server.port) for _ in range(20)]
+    try:
+        wait_for(lambda: handshake_deadlines() == 0, what="handshake deadlines dropped")
+        # One that has not sent its connect yet still has its deadline.
+        with socket.create_connection(("127.0.0.1", native_server.port)) as pending:
+            key = base64.b64encode(os.urandom(16)).decode()
+            pending.sendall(
+                f"GET /connect HTTP/1.1\r\nHost: 127.0.0.1:{native_server.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert b" 101 " in pending.recv(4096)
+            wait_for(lambda: handshake_deadlines() == 1, what="the unconnected client's deadline")
+    finally:
+        for sock in clients:
             sock.close()

@@ -265,11 +265,24 @@ class ProtocolSession(HandshakeTimeout, RouteSession):
         return self.handler.gate.phase is Phase.CONNECTING
 
     def on_text(self, text: str) -> Awaitable[None] | None:
-        if self.timer is not None and not self.handshake_pending():
-            # Connected: the deadline has nothing left to enforce.  Dropped at the next
-            # command (a subscribe, usually) rather than left to fire 10 s later: in a
-            # connect storm every connection held its timer (~300 bytes) until then.
+        result = self._receive(text)
+        if self.timer is None:
+            return result
+        # The deadline still runs: drop it as soon as the client is connected rather
+        # than leave the timer to fire handshake_timeout later for nothing (in a connect
+        # storm every connection held one, ~300 bytes, until then).
+        if result is not None:
+            return self._drop_deadline_after(result)
+        if not self.handshake_pending():
             self.cancel_handshake_timeout()
+        return None
+
+    async def _drop_deadline_after(self, handling: Awaitable[None]) -> None:
+        await handling
+        if not self.handshake_pending():
+            self.cancel_handshake_timeout()
+
+    def _receive(self, text: str) -> Awaitable[None] | None:
         self.burst += 1
         if self.burst >= COMMANDS_BETWEEN_YIELDS or self.connection.backlogged():
             self.burst = 0

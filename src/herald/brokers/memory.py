@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,10 +295,15 @@ class MemoryBroker(Broker):
         position = StreamPosition(stream.offset, stream.epoch)
         if limit == 0:
             return HistoryResult([], position)
-        entries: Iterable[_Entry] = stream.entries
+        entries = list(stream.entries)
         if since is not None and since.epoch == stream.epoch:
             after = since.offset
             entries = [entry for entry in entries if entry[0] > after]
+        if reverse:
+            entries.reverse()
+        if limit is not None:
+            entries = entries[:limit]
+        # Publication objects only for the entries read (see _Stream.entries).
         epoch = stream.epoch
         items = [
             Publication(
@@ -306,10 +311,6 @@ class MemoryBroker(Broker):
             )
             for offset, data, client, user, info, _ in entries
         ]
-        if reverse:
-            items.reverse()
-        if limit is not None:
-            items = items[:limit]
         return HistoryResult(items, position)
 
     async def remove_history(self, channel: str) -> None:
