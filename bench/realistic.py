@@ -308,7 +308,8 @@ def _py_spy() -> str | None:
 
 @contextlib.contextmanager
 def py_spy(pid: int, svg: Path, log: Path) -> Iterator[None]:
-    """Samples ``pid`` with py-spy (a flame graph in ``svg``) while the body runs.
+    """Samples ``pid`` with py-spy (a flame graph in ``svg``; collapsed stacks when it
+    ends in ``.txt``) while the body runs.
 
     py-spy runs on the load generator's core, so it steals a little from the load,
     never from the server; ``--nonblocking`` does not pause the server to sample it.
@@ -322,7 +323,8 @@ def py_spy(pid: int, svg: Path, log: Path) -> Iterator[None]:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [*base._prefix(base.LOADGEN_CPU, False), exe, "record", "--pid", str(pid), "--rate", "250",
-             "--nonblocking", "--format", "flamegraph", "--output", str(svg)],
+             "--nonblocking", "--format", "raw" if svg.suffix == ".txt" else "flamegraph",
+             "--output", str(svg)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -380,6 +382,7 @@ def run_job(
     log: Path,
     timeout: float,
     profile: Path | None = None,
+    profile_raw: bool = False,
 ) -> dict[str, Any]:
     workload = job.workload
     extra: dict[str, str] = {}
@@ -405,12 +408,15 @@ def run_job(
         argv = _loadgen(mode, params, nodes, nice, timeout)
         pids = [pid for _, pid in nodes]
         if profile is not None and peer.name.startswith("herald"):
-            stack.enter_context(py_spy(pids[0], profile / f"{workload}-{peer.name}.svg", log))
+            stack.enter_context(
+                py_spy(pids[0], profile / f"{workload}-{peer.name}.{'txt' if profile_raw else 'svg'}", log)
+            )
         rss0 = sum(base.proc_rss_kib(pid) for pid in pids)
         if mode == "storm":
             result = _run_storm(argv, pids, rss0, timeout)
         else:
             cpu0 = sum(base.proc_cpu_seconds(pid) for pid in pids)
+            writes0 = sum(base.proc_write_calls(pid) for pid in pids)
             budget = timeout + _expected_seconds(mode, params) + 120
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=budget, preexec_fn=base._raise_nofile
@@ -423,6 +429,8 @@ def run_job(
             result["server_cpu_s"] = sum(base.proc_cpu_seconds(pid) for pid in pids) - cpu0
             if mode == "fanout" and result.get("delivered"):
                 result["server_us_per_msg"] = 1e6 * result["server_cpu_s"] / result["delivered"]
+                writes = sum(base.proc_write_calls(pid) for pid in pids) - writes0
+                result["server_writes_per_msg"] = writes / result["delivered"]
         result["server_rss0_kib"] = rss0
         result["server_rss_end_kib"] = sum(base.proc_rss_kib(pid) for pid in pids)
         result["params"] = {k: v for k, v in params.items() if k != "tokens"}
@@ -593,7 +601,14 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             started = time.monotonic()
             try:
                 run = run_job(
-                    job, peer, sizes, nice=args.nice, log=log, timeout=args.timeout, profile=args.profile
+                    job,
+                    peer,
+                    sizes,
+                    nice=args.nice,
+                    log=log,
+                    timeout=args.timeout,
+                    profile=args.profile,
+                    profile_raw=args.profile_raw,
                 )
                 run["wall_s"] = round(time.monotonic() - started, 1)
                 entry["runs"].append(run)
@@ -632,7 +647,10 @@ def one_line(workload: str, entry: dict[str, Any]) -> str:
             f"{h['connects_per_s']:.0f} conn/s, p99 {h['p99']:.0f} ms, {h['us_per_conn']:.0f} us CPU/conn,"
             f" {h['kib_per_conn'] or 0:.1f} KiB/conn, failed {r['failed']} unfinished {r['unfinished']}"
         )
-    return f"{r.get('msgs_per_s', 0):.0f} msgs/s, lost {r.get('lost')}, {r.get('server_us_per_msg', 0):.2f} us/msg"
+    return (
+        f"{r.get('msgs_per_s', 0):.0f} msgs/s, lost {r.get('lost')}, {r.get('server_us_per_msg', 0):.2f} us/msg, "
+        f"{r.get('server_writes_per_msg', 0):.2f} writes/msg"
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -855,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         help="folder for py-spy flame graphs of every Herald server (<workload>-<target>.svg)",
+    )
+    parser.add_argument(
+        "--profile-raw", action="store_true", help="collapsed stacks (<workload>-<target>.txt), not SVG"
     )
     parser.add_argument("--setup-peers", action="store_true", help="install the peers' packages and exit")
     args = parser.parse_args(argv)

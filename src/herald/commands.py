@@ -31,6 +31,7 @@ from .exceptions import (
 from .hooks import earliest_expiry, first_answer
 from .limits import CommandRateLimiter, RateVerdict
 from .node import Node
+from .pipeline import PIPELINE_DEPTH, ReplyPipeline
 from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history, reply_byte_budget
 from .protocol import messages as m
 from .protocol.codec import decode_command
@@ -67,6 +68,11 @@ _DISCONNECT_ERRORS: dict[int, ErrorCode] = {
 }
 
 
+#: Commands that may be handled while pipelined publishes await their replies: another
+#: publish (it joins the pipeline), a pong (no reply) and an rpc (answered out of order).
+_OVERTAKING = frozenset({"publish", "pong", "rpc"})
+
+
 def _reason(code: int) -> str:
     """A counter label for an error code (hooks may raise codes Herald does not define)."""
     name = getattr(code, "name", None)
@@ -86,6 +92,7 @@ class CommandHandler:
     # One per open connection: no per-instance dict.
     __slots__ = (
         "_expiry",
+        "_pipeline",
         "_rpc_tasks",
         "connection",
         "context",
@@ -109,6 +116,8 @@ class CommandHandler:
             settings.rate_limit, settings.rate_limit_burst, settings.rate_limit_strikes
         )
         self._expiry: TokenExpiry | None = None
+        # Replies of publishes in flight (made by the first pipelined publish).
+        self._pipeline: ReplyPipeline | None = None
 
     @property
     def expiry(self) -> TokenExpiry:
@@ -142,16 +151,24 @@ class CommandHandler:
         if connection.is_closing:
             return None
         settings = self.node.settings
+        try:
+            command: m.Request | m.PongCommand | None = decode_command(
+                text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys
+            )
+        except ProtocolError as exc:
+            command, malformed = None, exc
+        pipeline = self._pipeline
+        if pipeline and (command is None or command.type not in _OVERTAKING):
+            # Publishes are in flight: this frame's reply must follow theirs.
+            return self._after_replies(pipeline, text)
         # Every frame costs a token, garbage included, so that a flood of anything is metered.
         verdict = self.rate.check()
-        try:
-            command = decode_command(text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
-        except ProtocolError as exc:
+        if command is None:
             if verdict is not RateVerdict.OK:
-                self._rate_limited(verdict, exc.command_id, None)
+                self._rate_limited(verdict, malformed.command_id, None)
                 return None
-            self.node.record_rejected_command(_reason(exc.code))
-            connection.send(encode_error(exc.command_id, None, int(exc.code), exc.message))
+            self.node.record_rejected_command(_reason(malformed.code))
+            connection.send(encode_error(malformed.command_id, None, int(malformed.code), malformed.message))
             return None
         # The tag narrows the union as isinstance would, for a fraction of the cost (pydantic
         # models' isinstance goes through ABCMeta): this runs for every frame.
@@ -167,7 +184,7 @@ class CommandHandler:
         try:
             self.gate.begin(command.id, command.type)
         except ProtocolError as exc:
-            connection.send(encode_error(command.id, command.type, int(exc.code), exc.message))
+            self._reply(None, encode_error(command.id, command.type, int(exc.code), exc.message))
             return None
         if command.type == "rpc":
             self._start_rpc(command)
@@ -177,7 +194,26 @@ class CommandHandler:
             connection.send(encode_ping_reply(command.id))
             self.gate.finish(command.id)
             return None
+        if command.type == "publish" and self.node.broker.pipelines_publishes:
+            return self._start_publish(command)
         return self._finish(command)
+
+    def _reply(self, command_id: int | None, frame: str) -> None:
+        """Send ``frame`` (the reply to command ``command_id``, whose id is then released;
+        None: no id was reserved) after the pipelined replies still pending."""
+        pipeline = self._pipeline
+        if pipeline:
+            pipeline.add_ready(command_id, frame)
+            return
+        self.connection.send(frame)
+        self.gate.finish(command_id)
+
+    async def _after_replies(self, pipeline: ReplyPipeline, text: str) -> None:
+        """Handle ``text`` once every pipelined reply before it is sent."""
+        await pipeline.wait_until(0)
+        pending = self.receive(text)
+        if pending is not None:
+            await pending
 
     async def _finish(self, command: m.Request) -> None:
         try:
@@ -198,7 +234,7 @@ class CommandHandler:
             connection.close(CloseCode.RATE_LIMIT, "rate limit exceeded")
             return
         self.node.record_rejected_command("rate_limited")
-        connection.send(encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded"))
+        self._reply(None, encode_error(command_id, kind, int(ErrorCode.RATE_LIMITED), "rate limit exceeded"))
 
     def _end_subscription(
         self, channel: str, code: int = ErrorCode.TOKEN_EXPIRED, reason: str = "subscription token expired"
@@ -346,36 +382,77 @@ class CommandHandler:
                 assert_never(command)
 
     async def _dispatch(self, command: m.Request) -> None:
-        connection = self.connection
         try:
             frame = await self._run(command)
-        except DisconnectError as exc:
+        except Exception as exc:
+            frame = self._error_reply(command, exc)
+        if frame is not None:
+            self.connection.send(frame)
+
+    def _error_reply(self, command: m.Request, exc: Exception) -> str | None:
+        """The reply to ``command``, which raised ``exc``; None when the error closed the
+        connection (a :class:`DisconnectError`: its error reply is sent with the close)."""
+        connection = self.connection
+        if isinstance(exc, DisconnectError):
             error = _DISCONNECT_ERRORS.get(exc.code, ErrorCode.UNAUTHORIZED)
             connection.send(encode_error(command.id, command.type, int(error), exc.reason))
             connection.close(exc.code, exc.reason)
-            return
-        except CommandError as exc:
+            return None
+        if isinstance(exc, CommandError):
             self.node.record_rejected_command(_reason(exc.code))
-            frame = encode_error(command.id, command.type, int(exc.code), exc.message)
-        except BrokerError as exc:
+            return encode_error(command.id, command.type, int(exc.code), exc.message)
+        if isinstance(exc, BrokerError):
             logger.warning(
                 "broker error on %s: %s",
                 command.type,
                 exc,
                 extra={"conn": connection.client_id, "channel": getattr(command, "channel", None)},
             )
-            frame = encode_error(
+            return encode_error(
                 command.id, command.type, int(ErrorCode.BROKER_UNAVAILABLE), "broker unavailable"
             )
-        except Exception:
-            logger.exception(
-                "command %s failed",
-                command.type,
-                extra={"conn": connection.client_id, "user": connection.user},
-            )
-            frame = encode_error(command.id, command.type, int(ErrorCode.INTERNAL), "internal error")
-        if frame is not None:
-            connection.send(frame)
+        logger.error(
+            "command %s failed",
+            command.type,
+            exc_info=exc,
+            extra={"conn": connection.client_id, "user": connection.user},
+        )
+        return encode_error(command.id, command.type, int(ErrorCode.INTERNAL), "internal error")
+
+    async def _start_publish(self, command: m.PublishRequest) -> None:
+        """Check ``command`` and start its publication without waiting for the broker;
+        the pipeline sends its reply in command order (see :mod:`herald.pipeline`).
+
+        Awaited by the transport like any command, so the checks (hooks included) run
+        in command order and each publication is started after the one before it; it
+        waits beyond them only while the pipeline is full (backpressure).
+        """
+        try:
+            grant, data = await self._publish_checks(command)
+        except Exception as exc:
+            frame = self._error_reply(command, exc)
+            if frame is None:
+                self.gate.finish(command.id)
+            else:
+                self._reply(command.id, frame)
+            return
+        pipeline = self._pipeline
+        if pipeline is None:
+            pipeline = self._pipeline = ReplyPipeline(self.connection.send, self.gate.finish)
+        # Tasks take their first step in the order they were made, and the publication is
+        # handed to the broker in that step (no await before): publications reach the
+        # broker in command order, and a broker that pipelines keeps that order.
+        reply = asyncio.get_running_loop().create_task(self._published(command, grant, data))
+        pipeline.add(command.id, reply)
+        if len(pipeline) >= PIPELINE_DEPTH:
+            await pipeline.wait_until(PIPELINE_DEPTH - 1)
+
+    async def _published(self, command: m.PublishRequest, grant: Grant, data: Any) -> str | None:
+        """The reply to a pipelined publish (errors mapped as for any command)."""
+        try:
+            return await self._publish(command, grant, data)
+        except Exception as exc:
+            return self._error_reply(command, exc)
 
     def _start_rpc(self, command: m.RpcRequest) -> None:
         if len(self._rpc_tasks or ()) >= self.node.settings.max_rpc_in_flight:
@@ -595,14 +672,27 @@ class CommandHandler:
         )
 
     async def _cmd_publish(self, command: m.PublishRequest) -> str:
-        node, connection = self.node, self.connection
+        grant, data = await self._publish_checks(command)
+        return await self._publish(command, grant, data)
+
+    async def _publish_checks(self, command: m.PublishRequest) -> tuple[Grant, Any]:
+        """The grant to publish ``command`` and the data to publish (the publish hooks may
+        change it)."""
         grant = await self._check(Operation.PUBLISH, command.channel)
-        channel = grant.channel
-        data = await node.policy.publish_data(self.context, channel, command.data)
+        return grant, await self.node.policy.publish_data(self.context, grant.channel, command.data)
+
+    async def _publish(self, command: m.PublishRequest, grant: Grant, data: Any) -> str:
+        """Publish checked ``data``: the broker call, then the reply.  Nothing is awaited
+        before the broker call (:meth:`_start_publish` relies on it)."""
+        connection = self.connection
         info = ClientInfo(connection.client_id, connection.user, connection.info)
         try:
-            position = await node.publish_json(
-                channel, orjson.dumps(data), grant.options, info=info, idempotency_key=command.idempotency_key
+            position = await self.node.publish_json(
+                grant.channel,
+                orjson.dumps(data),
+                grant.options,
+                info=info,
+                idempotency_key=command.idempotency_key,
             )
         except NotAvailableError as exc:
             # The broker cannot do this at all (an idempotency key on core NATS): say why.

@@ -9,13 +9,16 @@ what it is *sent* is still cut (tests/integration/test_reply_bounds.py and
 tests/test_fastpath.py keep that).
 
 Served three ways: the native driver, the ASGI driver with uvicorn's protocol and
-Herald's fast path, and the ASGI driver on the plain queue-and-writer path.
+Herald's fast path, and the ASGI driver on the plain queue-and-writer path; and on
+the first two again with a real Redis broker, where a client's publishes are in
+flight together (herald.pipeline) and the pipeline's bound must hold the same line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +33,7 @@ from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer
+from ..servers import RedisServer, redis_server_fixture
 
 pytestmark = pytest.mark.asyncio
 
@@ -40,14 +44,33 @@ CHANNEL = "chat:flood"
 PAGE = "p" * 1000  # history replies of ten of these: 10 KB each
 
 
-@pytest.fixture(scope="module", params=["native", "asgi-fast", "asgi-queue"])
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from redis_server_fixture()
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "native",
+        "asgi-fast",
+        "asgi-queue",
+        pytest.param("native-redis", marks=pytest.mark.redis),
+        pytest.param("asgi-fast-redis", marks=pytest.mark.redis),
+    ],
+)
 def server(request: pytest.FixtureRequest) -> Iterator[ThreadServer]:
+    broker = "memory"
+    if request.param.endswith("-redis"):
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        broker = f"{redis.url}?prefix=bp{secrets.token_hex(3)}"
     settings = Settings(
         demos=False,
+        broker=broker,
         rate_limit=0,  # the test is about replies, not the command rate limit
         max_queue_messages=QUEUE_MESSAGES,
         max_queue_bytes=QUEUE_BYTES,
-        native_routes=request.param == "native",
+        native_routes=request.param.startswith("native"),
         fast_path=request.param != "asgi-queue",
         namespaces={"": NamespaceOptions(), "chat": NamespaceOptions(join_leave=False)},
     )

@@ -158,6 +158,12 @@ class Broker(abc.ABC):
     _handler: BrokerHandler | None = None
     #: Messages whose handler raised (logged, then dropped; see the module docstring).
     handler_errors: int = 0
+    #: True when :meth:`publish` and :meth:`publish_idempotent` suspend on a round trip
+    #: *and* keep call order: calls whose coroutines first run in some order reach the
+    #: backend in that order (their publications of one channel get increasing offsets).
+    #: A node then keeps several of one client's publish commands in flight, so that
+    #: they share round trips (replies still go out in command order).
+    pipelines_publishes: bool = False
 
     def _deliver(self, message: BrokerMessage) -> None:
         """Hand ``message`` to the node: the one way every broker delivers.

@@ -192,6 +192,9 @@ class RedisBroker(RedisCatchUp, Broker):
         self.config = config or RedisBrokerConfig()
         prefix = self.config.prefix
         self._cluster = self.config.cluster
+        # One Redis: script calls are queued at once, in call order, on one pipeline
+        # (ScriptBatcher).  A cluster sends each on its own pooled connection: no order.
+        self.pipelines_publishes = not self._cluster
         #: The Pub/Sub command of the scripts and events: sharded on a cluster.
         self._fanout = "spublish" if self._cluster else "publish"
         self._channel_prefix = f"{prefix}:ch:"

@@ -64,6 +64,8 @@ class ShardedRedisBroker(Broker):
         #: The shards, in configuration order, and their names (what the hash uses).
         self.shards: tuple[RedisBroker, ...] = tuple(RedisBroker(shard.config) for shard in config.shards)
         self.names: tuple[str, ...] = tuple(shard.name for shard in config.shards)
+        # A channel's publishes all go to its one shard (routing does not await).
+        self.pipelines_publishes = all(shard.pipelines_publishes for shard in self.shards)
         # Each shard's hash state after its name: a lookup copies it and adds the channel.
         self._seeds = [hashlib.blake2b(name.encode() + b"\0", digest_size=8) for name in self.names]
         # Recent answers: a lookup hashes the name once per shard (a few microseconds with
