@@ -41,9 +41,12 @@ SPLIT = [
     ("parse and limits", "codec.py", "_check_limits"),
     ("validate (pydantic)", "", "validate_python"),  # a built-in method: no file
     ("policy", "policy.py", "check"),
-    ("history (memory broker)", "memory.py", "publish"),
+    ("policy", "policy.py", "check_now"),
+    ("history (memory broker)", "memory.py", "publish_now"),
     ("reply", "connection.py", "send"),
     ("metrics (publish latency)", "metrics.py", "observe"),
+    # Without hooks a publish is answered without a task (_publish_now); else awaited.
+    ("whole command", "commands.py", "_publish_now"),
     ("whole command", "commands.py", "_cmd_publish"),
 ]
 
@@ -131,7 +134,7 @@ def split(profile: str) -> list[tuple[str, float]]:
             if filename.endswith(file_part) and name == function:
                 totals[label] = totals.get(label, 0.0) + cumulative
                 if label == "whole command":
-                    calls = ncalls
+                    calls += ncalls
     return [
         (label, totals.get(label, 0.0) / max(calls, 1) * 1e6) for label in dict.fromkeys(s[0] for s in SPLIT)
     ]

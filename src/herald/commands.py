@@ -190,13 +190,41 @@ class CommandHandler:
             self._start_rpc(command)
             return None
         if command.type == "ping":
-            # The one command with nothing to wait for: answered here, without a task.
+            # Nothing to wait for: answered here, without a task.
             connection.send(encode_ping_reply(command.id))
             self.gate.finish(command.id)
             return None
-        if command.type == "publish" and self.node.broker.pipelines_publishes:
-            return self._start_publish(command)
+        if command.type == "publish":
+            broker = self.node.broker
+            if broker.pipelines_publishes:
+                return self._start_publish(command)
+            if broker.publishes_now and self._publish_now(command):
+                return None
         return self._finish(command)
+
+    def _publish_now(self, command: m.PublishRequest) -> bool:
+        """Answer ``command`` without a task when nothing in it awaits: the broker
+        publishes at once (memory), no hook is asked, no idempotency key.  False when it
+        needs the awaiting path (nothing was done then)."""
+        node = self.node
+        if command.idempotency_key is not None or node.hooks.has("publish"):
+            return False
+        try:
+            grant = node.policy.check_now(
+                self.context, Operation.PUBLISH, command.channel, subscriptions=self.connection.channels
+            )
+            if grant is None:
+                return False
+            position = node.publish_json_now(
+                grant.channel, orjson.dumps(command.data), grant.options, info=self._client_info()
+            )
+            frame: str | None = encode_publish_reply(command.id, position)
+        except Exception as exc:
+            frame = self._error_reply(command, exc)
+        if frame is not None:
+            self.connection.send(frame)
+        self.gate.finish(command.id)
+        return True
 
     def _reply(self, command_id: int | None, frame: str) -> None:
         """Send ``frame`` (the reply to command ``command_id``, whose id is then released;
@@ -684,20 +712,23 @@ class CommandHandler:
     async def _publish(self, command: m.PublishRequest, grant: Grant, data: Any) -> str:
         """Publish checked ``data``: the broker call, then the reply.  Nothing is awaited
         before the broker call (:meth:`_start_publish` relies on it)."""
-        connection = self.connection
-        info = ClientInfo(connection.client_id, connection.user, connection.info)
         try:
             position = await self.node.publish_json(
                 grant.channel,
                 orjson.dumps(data),
                 grant.options,
-                info=info,
+                info=self._client_info(),
                 idempotency_key=command.idempotency_key,
             )
         except NotAvailableError as exc:
             # The broker cannot do this at all (an idempotency key on core NATS): say why.
             raise CommandError(ErrorCode.NOT_AVAILABLE, str(exc)) from None
         return encode_publish_reply(command.id, position)
+
+    def _client_info(self) -> ClientInfo:
+        """Who publishes (kept with the publication)."""
+        connection = self.connection
+        return ClientInfo(connection.client_id, connection.user, connection.info)
 
     async def _cmd_rpc(self, command: m.RpcRequest) -> str:
         # RPC names no channel: who may call a method is the handler's decision (ctx.user).

@@ -290,14 +290,35 @@ class Node:
         except Exception as exc:
             self._broker_error("publish")
             raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
+        if not duplicate:  # a retry is not a publication
+            self._count_publication(channel, started)
+        return position
+
+    def publish_json_now(
+        self, channel: str, data_json: bytes, options: NamespaceOptions, *, info: ClientInfo | None = None
+    ) -> StreamPosition:
+        """:meth:`publish_json` without an idempotency key and without awaiting, on a
+        broker that can (``broker.publishes_now``: the memory broker)."""
+        started = time.perf_counter()
+        try:
+            position = self.broker.publish_now(
+                channel,
+                data_json,
+                PublishOptions(history_size=options.history_size, history_ttl=options.history_ttl, info=info),
+            )
+        except Exception as exc:
+            self._broker_error("publish")
+            raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
+        self._count_publication(channel, started)
+        return position
+
+    def _count_publication(self, channel: str, started: float) -> None:
         if self.observe_publish_latency is not None:
             self.observe_publish_latency(time.perf_counter() - started)
-        if not duplicate:  # a retry is not a publication
-            self.stats.publications += 1
-            namespace = namespace_of(channel)
-            by_namespace = self.publications_by_namespace
-            by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
-        return position
+        self.stats.publications += 1
+        namespace = namespace_of(channel)
+        by_namespace = self.publications_by_namespace
+        by_namespace[namespace] = by_namespace.get(namespace, 0) + 1
 
     async def publish_internal(
         self,

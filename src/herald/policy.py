@@ -119,21 +119,10 @@ class ChannelPolicy:
         ``trusted`` (the HTTP API, ``ctx`` None) applies only the feature checks.
         """
         node = self.node
-        name, options = node.check_channel(channel)
-        if not trusted:
-            flag, what = _PERMISSIONS[operation]
-            if not getattr(options, flag):
-                raise CommandError(ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace")
-        _check_feature(operation, options)
+        name, options = self._admit(ctx, operation, channel, trusted)
         if trusted:
             return Grant(name, options)
-        if ctx is None:
-            raise ValueError("an untrusted check needs the client's context")
-        if not options.allow_anonymous and not ctx.user:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not use this namespace")
-        users = allowed_users(name)
-        if users is not None and ctx.user not in users:
-            raise CommandError(ErrorCode.PERMISSION_DENIED, "channel is limited to other users")
+        assert ctx is not None  # _admit refused an untrusted check without one
         if operation is Operation.SUBSCRIBE:
             claims = await node.authorize_subscribe(ctx, name, token, private=options.private)
             results = await node.run_hooks("subscribe", ctx, name)
@@ -142,17 +131,65 @@ class ChannelPolicy:
         if operation is Operation.RECOVER or name in subscriptions:
             # Recovery is part of a subscribe that just passed; a subscription passed too.
             return Grant(name, options)
+        self._check_private(ctx, name, options)
+        if node.hooks.has("subscribe"):
+            await node.run_hooks("subscribe", ctx, name)
+        return Grant(name, options)
+
+    def check_now(
+        self,
+        ctx: ClientContext,
+        operation: Operation,
+        channel: object,
+        *,
+        subscriptions: Collection[str] = (),
+    ) -> Grant | None:
+        """:meth:`check` for a client, without awaiting: the grant (or ``CommandError``),
+        or None when the answer needs a hook (a subscribe, or ``subscribe`` hooks to ask
+        about a channel the client is not subscribed to): then use :meth:`check`."""
+        if operation is Operation.SUBSCRIBE:
+            return None
+        name, options = self._admit(ctx, operation, channel, False)
+        if operation is Operation.RECOVER or name in subscriptions:
+            return Grant(name, options)
+        self._check_private(ctx, name, options)
+        if self.node.hooks.has("subscribe"):
+            return None
+        return Grant(name, options)
+
+    def _admit(
+        self, ctx: ClientContext | None, operation: Operation, channel: object, trusted: bool
+    ) -> tuple[str, NamespaceOptions]:
+        """The channel's name and options, after the checks that need no hook."""
+        name, options = self.node.check_channel(channel)
+        if not trusted:
+            flag, what = _PERMISSIONS[operation]
+            if not getattr(options, flag):
+                raise CommandError(ErrorCode.PERMISSION_DENIED, f"{what} is not allowed in this namespace")
+        _check_feature(operation, options)
+        if trusted:
+            return name, options
+        if ctx is None:
+            raise ValueError("an untrusted check needs the client's context")
+        if not options.allow_anonymous and not ctx.user:
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "anonymous clients may not use this namespace")
+        users = allowed_users(name)
+        if users is not None and ctx.user not in users:
+            raise CommandError(ErrorCode.PERMISSION_DENIED, "channel is limited to other users")
+        return name, options
+
+    def _check_private(self, ctx: ClientContext, name: str, options: NamespaceOptions) -> None:
         if options.private and not (ctx.claims is not None and ctx.claims.grants(name)):
-            node.record_rejection("private_channel")
+            self.node.record_rejection("private_channel")
             raise CommandError(
                 ErrorCode.PERMISSION_DENIED,
                 "private channel: subscribe to it (with a subscription token) first",
             )
-        await node.run_hooks("subscribe", ctx, name)
-        return Grant(name, options)
 
     async def publish_data(self, ctx: ClientContext, channel: str, data: Any) -> Any:
         """The data to publish after the ``on_publish`` hooks (each may refuse or replace it)."""
+        if not self.node.hooks.has("publish"):
+            return data
         for replaced in await self.node.run_hooks("publish", ctx, channel, data):
             if replaced is not None:
                 data = replaced

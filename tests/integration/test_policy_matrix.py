@@ -346,6 +346,54 @@ async def test_policy_cell(
     assert await attempt(policy_env, client, who, op, channel) == expected
 
 
+# ---------------------------------------------------------------- publishes answered at once
+
+#: Without an on_publish hook, a publish on the memory broker is answered without a task
+#: (commands._publish_now, policy.check_now) unless a subscribe hook must be asked: the
+#: same rules must hold there, with no publish hook and with only the subscribe hook.
+PUBLISH_CELLS = [
+    pytest.param(channel, who, rule, outcomes["publish"], id=f"{rule}-{who}")
+    for rule, channel, who, outcomes in MATRIX
+]
+
+
+@pytest.fixture(scope="module", params=["no-hooks", "subscribe-hook-only"])
+def quick_env(request: pytest.FixtureRequest) -> Iterator[tuple[Env, bool]]:
+    herald = Herald(settings())
+    calls: list[tuple[str, str, str]] = []
+    with_hook = request.param == "subscribe-hook-only"
+    if with_hook:
+
+        @herald.on_subscribe
+        async def team_members_only(ctx: ClientContext, channel: str) -> None:
+            calls.append(("subscribe", ctx.user, channel))
+            if channel.startswith("team:") and ctx.user != "alice":
+                raise PermissionDeniedError("not a member of this team")
+
+    server = serve_seeded(herald)
+    try:
+        yield Env(server, calls), with_hook
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("channel", "who", "rule", "expected"), PUBLISH_CELLS)
+async def test_publish_cell_without_publish_hooks(
+    quick_env: tuple[Env, bool],
+    clients: list[ProtocolClient],
+    channel: str,
+    who: str,
+    rule: str,
+    expected: Outcome,
+) -> None:
+    env, with_subscribe_hook = quick_env
+    if rule == "on_publish" or (rule == "on_subscribe" and not with_subscribe_hook):
+        expected = OK  # the hook that refused is not there
+    client = await open_client(env, who)
+    clients.append(client)
+    assert await attempt(env, client, who, "publish", channel) == expected
+
+
 # ---------------------------------------------------------------- rules beyond the cells
 
 

@@ -164,6 +164,8 @@ class Broker(abc.ABC):
     #: A node then keeps several of one client's publish commands in flight, so that
     #: they share round trips (replies still go out in command order).
     pipelines_publishes: bool = False
+    #: True when :meth:`publish_now` publishes without awaiting (the memory broker).
+    publishes_now: bool = False
 
     def _deliver(self, message: BrokerMessage) -> None:
         """Hand ``message`` to the node: the one way every broker delivers.
@@ -204,6 +206,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
         """Append to history (if enabled) and fan out; return the new stream top."""
+
+    def publish_now(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+        """:meth:`publish` without awaiting, for a broker with :attr:`publishes_now` (a
+        node then answers a client's publish without a task)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot publish without awaiting")
 
     @abc.abstractmethod
     async def publish_idempotent(

@@ -203,7 +203,12 @@ class MemoryBroker(Broker):
 
     # ------------------------------------------------------------ publishing
 
+    publishes_now = True
+
     async def publish(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
+        return self.publish_now(channel, data, options)
+
+    def publish_now(self, channel: str, data: bytes, options: PublishOptions) -> StreamPosition:
         now = self._clock()
         stream = self._live(channel, now) or self._create(channel)
         stream.offset += 1
@@ -230,7 +235,7 @@ class MemoryBroker(Broker):
     ) -> tuple[StreamPosition, bool]:
         """Publish once per ``(channel, key)`` within ``window`` seconds (see the base class).
 
-        One process, one event loop: :meth:`publish` never suspends, so nothing can
+        One process, one event loop: :meth:`publish_now` does not suspend, so nothing can
         publish the same key between the lookup and the record.  At most
         ``max_idempotency_keys`` keys are remembered; beyond that the oldest is
         forgotten before its window ends (counted in ``idempotency_evicted``).
@@ -246,7 +251,7 @@ class MemoryBroker(Broker):
         entry = remembered.get((channel, key))
         if entry is not None and entry[1] > now:
             return entry[0], True
-        position = await self.publish(channel, data, options)
+        position = self.publish_now(channel, data, options)
         remembered.pop((channel, key), None)
         remembered[(channel, key)] = (position, now + window)
         while len(remembered) > self.max_idempotency_keys:
