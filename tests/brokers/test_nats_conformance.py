@@ -95,3 +95,43 @@ class TestNatsJetStreamBroker(BrokerConformance):
         engine = _engine(config, lose_data=True)
         yield engine
         await engine.close()
+
+
+async def test_a_subscription_is_on_the_wire_before_the_round_trip_that_confirms_it(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``start`` and ``subscribe`` return once the server registered the SUB: it is written
+    before the PING whose PONG they wait for (a connection's commands are processed in
+    order).  nats-py's ``flush()`` alone writes its PING ahead of a SUB still in its
+    pending buffer; then another node's publication could miss this node (a presence
+    "add" lost, test_presence_across_nodes failing now and then)."""
+    from nats.aio.transport import TcpTransport
+
+    written: list[tuple[TcpTransport, bytes]] = []
+    write, writelines = TcpTransport.write, TcpTransport.writelines
+
+    def record_write(self: TcpTransport, payload: bytes) -> None:
+        written.append((self, bytes(payload)))
+        write(self, payload)
+
+    def record_writelines(self: TcpTransport, payload: list[bytes]) -> None:
+        written.append((self, b"".join(payload)))
+        writelines(self, payload)
+
+    monkeypatch.setattr(TcpTransport, "write", record_write)
+    monkeypatch.setattr(TcpTransport, "writelines", record_writelines)
+
+    def assert_confirmed(broker: NatsBroker, subject: str) -> None:
+        wire = b"".join(data for transport, data in written if transport is broker._nc._transport)
+        sub, ping = wire.find(b"SUB %s " % subject.encode()), wire.rfind(b"PING\r\n")
+        assert 0 <= sub < ping, wire
+
+    broker = NatsBroker(NatsBrokerConfig(url=nats_server.url, prefix=f"t{secrets.token_hex(4)}"))
+    await broker.start(lambda message: None)
+    try:
+        assert await broker.ready()
+        assert_confirmed(broker, broker.presence_subject)
+        await broker.subscribe("room")
+        assert_confirmed(broker, broker.subject("room"))
+    finally:
+        await broker.close()

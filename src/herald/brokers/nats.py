@@ -106,6 +106,22 @@ _NO_HISTORY = (
 )
 
 
+async def _round_trip(nc: Any, timeout: int) -> None:
+    """Return once the server has processed every command this connection sent so far
+    (so a SUB sent before is registered: other connections' messages reach it).
+
+    ``nc.flush()`` alone does not promise that with nats-py: SUB, UNSUB and PUB wait
+    in nats-py's pending buffer until its flusher task writes them, but ``flush()``
+    writes its PING straight to the socket, ahead of them.  The PONG can then come
+    back before the server saw a SUB made just before, and a message another node
+    publishes meanwhile misses this node.  So hand the pending buffer to the socket
+    first (nats-py's own flusher, in order), then make the PING round trip.
+    """
+    # Bounded: the forced flush waits for the flusher task, which stops while disconnected.
+    await asyncio.wait_for(nc._flush_pending(force_flush=True), timeout)
+    await nc.flush(timeout=timeout)
+
+
 @dataclass(slots=True)
 class _Order:
     """A subscribed channel's delivery state on this node (JetStream mode)."""
@@ -226,7 +242,7 @@ class NatsBroker(JetStreamHistory, Broker):
                 )
             for channel in list(self._subscriptions):
                 self._subscriptions[channel] = await self._subscribe_subject(channel)
-            await self._nc.flush()
+            await _round_trip(self._nc, max(int(cfg.connect_timeout), 1))
             self._connected.set()
             if cfg.jetstream:
                 try:
@@ -307,7 +323,7 @@ class NatsBroker(JetStreamHistory, Broker):
         nc = self._connection()
         try:
             self._subscriptions[channel] = await self._subscribe_subject(channel)
-            await nc.flush(timeout=max(int(self.config.connect_timeout), 1))
+            await _round_trip(nc, max(int(self.config.connect_timeout), 1))
         except Exception as exc:
             raise BrokerUnavailableError(f"NATS subscribe failed: {exc!r}") from exc
         if self.config.jetstream:
