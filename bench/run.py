@@ -265,9 +265,14 @@ def proc_cpu_seconds(pid: int) -> float:
 
 def proc_write_calls(pid: int) -> int:
     """Write system calls made so far by ``pid`` (``syscw`` in ``/proc/PID/io``; 0 when unreadable)."""
+    return _proc_value(f"/proc/{pid}/io", "syscw:")
+
+
+def _proc_value(path: str, key: str) -> int:
+    """The first number after ``key`` at the start of a line of ``path``; 0 when absent."""
     try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith("syscw:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -275,13 +280,7 @@ def proc_write_calls(pid: int) -> int:
 
 
 def proc_rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_value(f"/proc/{pid}/status", "VmRSS:")
 
 
 class RssSampler:

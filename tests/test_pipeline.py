@@ -21,13 +21,19 @@ class Recorder:
         return ReplyPipeline(self.sent.append, self.finished.append)
 
 
+def pending(pipeline: ReplyPipeline, count: int) -> list[asyncio.Future[str | None]]:
+    """``count`` replies in flight, added in order with ids 0, 1, ..."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[str | None]] = [loop.create_future() for _ in range(count)]
+    for i, future in enumerate(futures):
+        pipeline.add(i, future)
+    return futures
+
+
 async def test_replies_leave_in_the_order_they_were_added_whatever_finishes_first() -> None:
     r = Recorder()
     pipeline = r.pipeline()
-    loop = asyncio.get_running_loop()
-    futures = [loop.create_future() for _ in range(3)]
-    for i, future in enumerate(futures):
-        pipeline.add(i, future)
+    futures = pending(pipeline, 3)
     futures[2].set_result("c")
     futures[1].set_result("b")
     await asyncio.sleep(0)  # done callbacks run on the loop
@@ -73,10 +79,7 @@ async def test_a_cancelled_or_silent_reply_sends_nothing_and_frees_its_id() -> N
 async def test_wait_until_returns_once_few_enough_replies_are_pending() -> None:
     r = Recorder()
     pipeline = r.pipeline()
-    loop = asyncio.get_running_loop()
-    futures = [loop.create_future() for _ in range(3)]
-    for i, future in enumerate(futures):
-        pipeline.add(i, future)
+    futures = pending(pipeline, 3)
     waiter = asyncio.ensure_future(pipeline.wait_until(1))
     await asyncio.sleep(0)
     futures[0].set_result("a")

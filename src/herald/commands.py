@@ -230,7 +230,7 @@ class CommandHandler:
         """Send ``frame`` (the reply to command ``command_id``, whose id is then released;
         None: no id was reserved) after the pipelined replies still pending."""
         pipeline = self._pipeline
-        if pipeline:
+        if pipeline is not None:
             pipeline.add_ready(command_id, frame)
             return
         self.connection.send(frame)

@@ -86,6 +86,11 @@ def heartbeat_tick(settings: Settings) -> float:
     return min(max(min(periods), 0.05), 5.0) if periods else 5.0
 
 
+def _publish_options(options: NamespaceOptions, info: ClientInfo | None) -> PublishOptions:
+    """What a broker needs of a channel's namespace to publish in it."""
+    return PublishOptions(history_size=options.history_size, history_ttl=options.history_ttl, info=info)
+
+
 class Node:
     """This process's Herald engine.  Use :class:`herald.Herald` from applications."""
 
@@ -270,9 +275,7 @@ class Node:
         """
         if options is None:
             options = self.namespace(channel)
-        publish_options = PublishOptions(
-            history_size=options.history_size, history_ttl=options.history_ttl, info=info
-        )
+        publish_options = _publish_options(options, info)
         duplicate = False
         if idempotency_key is not None:
             idempotency_key = check_idempotency_key(idempotency_key)
@@ -301,11 +304,7 @@ class Node:
         broker that can (``broker.publishes_now``: the memory broker)."""
         started = time.perf_counter()
         try:
-            position = self.broker.publish_now(
-                channel,
-                data_json,
-                PublishOptions(history_size=options.history_size, history_ttl=options.history_ttl, info=info),
-            )
+            position = self.broker.publish_now(channel, data_json, _publish_options(options, info))
         except Exception as exc:
             self._broker_error("publish")
             raise BrokerUnavailableError(f"broker publish failed: {exc}") from exc
