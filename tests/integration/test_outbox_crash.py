@@ -180,6 +180,49 @@ async def in_batch(db: asyncpg.Connection, server: ServerProcess) -> bool:
     )
 
 
+#: The advisory lock the test's trigger makes every delete from the outbox wait on.
+HOLD_DELETES = 4242
+
+
+async def hold_deletes_trigger(db: asyncpg.Connection) -> None:
+    """A statement trigger on the outbox: a delete waits while the test holds HOLD_DELETES."""
+    await db.execute(
+        "CREATE FUNCTION hold_deletes() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_advisory_xact_lock_shared({HOLD_DELETES}); RETURN NULL; END $$"
+    )
+    await db.execute(
+        f"CREATE TRIGGER hold_deletes BEFORE DELETE ON {TABLE} FOR EACH STATEMENT EXECUTE FUNCTION hold_deletes()"
+    )
+
+
+async def kill_between_publish_and_commit(
+    db: asyncpg.Connection, server: ServerProcess, writers: Writers
+) -> None:
+    """Kill ``server`` -9 while its consumer waits to delete rows it has just published.
+
+    The consumer deletes a batch's rows only after publishing them, in the batch's
+    transaction: with the deletes held, the first batch of ``server`` that reaches its
+    delete has published everything and committed nothing.  Killed there, its
+    transaction is rolled back once the delete is let go (PostgreSQL then finds the
+    client gone), and its rows go to the other consumer.
+    """
+    assert server.proc is not None
+    await db.execute("SELECT pg_advisory_lock($1)", HOLD_DELETES)
+    try:
+        deadline = time.monotonic() + 20
+        while not await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1 "
+            "AND wait_event_type = 'Lock' AND wait_event = 'advisory')",
+            f"herald-outbox pid={server.proc.pid}",
+        ):
+            assert time.monotonic() < deadline, "the node to kill never reached a delete"
+            writers.check()
+            await asyncio.sleep(0.005)
+        server.kill()
+    finally:
+        await db.execute("SELECT pg_advisory_unlock($1)", HOLD_DELETES)
+
+
 async def drained(db: asyncpg.Connection, timeout: float = 30) -> None:
     """Wait until every committed outbox row has been consumed."""
     deadline = time.monotonic() + timeout
@@ -209,6 +252,7 @@ async def test_two_nodes_publish_every_committed_row_once_in_commit_order_despit
     await db.execute("CREATE TABLE commit_order (channel text PRIMARY KEY, n int NOT NULL)")
     await db.execute("CREATE TABLE commits (channel text, n int, txn int, PRIMARY KEY (channel, n))")
     await db.executemany("INSERT INTO commit_order VALUES ($1, 0)", [(c,) for c in CHANNELS])
+    await hold_deletes_trigger(db)
     env = {
         "HERALD_BROKER": redis_server.url,
         "HERALD_OUTBOX": postgres.dsn,
@@ -229,36 +273,39 @@ async def test_two_nodes_publish_every_committed_row_once_in_commit_order_despit
             assert "error" not in reply["result"]["channels"][0], reply
             writers.start(WRITERS)
 
-            # Kill a consuming node -9 in the middle of a batch (it holds channel locks and
-            # is publishing), let the other node take over, restart it; again until the
-            # other node has published rows the killed one had published already
-            # (recognised by their keys, so no second publication).
-            victim = first
+            # 1. Kill a consuming node -9 after it published a batch and before it
+            # deleted those rows (its delete waits on a lock the test holds): the other
+            # node takes the rows over and publishes them again, and the broker recognises
+            # every one by its key (no second publication).
+            while writers.committed_rows < ROWS * 0.1:
+                writers.check()
+                await asyncio.sleep(0.02)
+            await kill_between_publish_and_commit(db, first, writers)
+            await writers.pause()
+            await drained(db)
             repeats = 0.0
-            for cycle in range(1, 10):  # usually the first kill or two suffice
-                while writers.committed_rows < ROWS * 0.1 * cycle:
-                    writers.check()
-                    await asyncio.sleep(0.02)
-                deadline = time.monotonic() + 20
-                while not await in_batch(db, victim):
-                    assert time.monotonic() < deadline, "the node to kill never consumed"
-                    writers.check()
-                    await asyncio.sleep(0.002)
-                victim.kill()
-                # Everything committed so far is published by the survivor, alone.
-                await writers.pause()
-                await drained(db)
-                deadline = time.monotonic() + 1
-                while repeats <= 0 and time.monotonic() < deadline:
-                    repeats = recognised_repeats(second)
-                    await asyncio.sleep(0.05)
-                victim = ServerProcess(env=env)
-                restarts.append(victim)
-                await asyncio.to_thread(victim.start)
-                writers.resume()
-                if repeats > 0:
-                    break
-            assert repeats > 0, "no kill landed between a publish and its commit, or a repeat was published"
+            deadline = time.monotonic() + 5
+            while repeats <= 0 and time.monotonic() < deadline:
+                repeats = recognised_repeats(second)
+                await asyncio.sleep(0.05)
+            assert repeats > 0, "the survivor published the killed node's rows again, or did not take them"
+            # 2. Restart it, and kill it again at a random point of a batch (while it
+            # publishes: some of the batch's rows may be out, others not).
+            victim = ServerProcess(env=env)
+            restarts.append(victim)
+            await asyncio.to_thread(victim.start)
+            writers.resume()
+            while writers.committed_rows < ROWS * 0.3:
+                writers.check()
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 20
+            while not await in_batch(db, victim):
+                assert time.monotonic() < deadline, "the node to kill never consumed"
+                writers.check()
+                await asyncio.sleep(0.002)
+            victim.kill()
+            restarts.append(ServerProcess(env=env))
+            await asyncio.to_thread(restarts[-1].start)
 
             while writers.committed_rows < ROWS:
                 writers.check()
