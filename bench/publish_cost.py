@@ -5,6 +5,8 @@ rate limit off, logging at warning), connects one client on ``/connect`` and sen
 ``publish`` commands to ``chat:nobody``: pipelined in batches (the server's cost per
 command) and one at a time (adding a system-call round trip per command).  The
 server's CPU time is read from ``/proc/<pid>/stat`` before and after each run.
+``--broker redis://HOST:PORT`` runs the server on that broker instead (one at a time,
+a publish is then a lone script call: the Redis round trip a paced publisher pays).
 
 ``--profile`` runs the server under cProfile instead and prints where a publish
 command's time goes (parse and limits, validation, policy, history, reply, metrics);
@@ -88,8 +90,8 @@ def measure(port: int, pid: int, count: int, batch: int) -> tuple[float, float]:
     return (after - before) / count * 1e6, count / (ended - started)
 
 
-def serve(port: int, profile_to: str | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **ENV}
+def serve(port: int, profile_to: str | None = None, broker: str = "memory") -> subprocess.Popen[bytes]:
+    env = {**os.environ, **ENV, "HERALD_BROKER": broker}
     args = ["serve", "--port", str(port), "--log-level", "warning"]
     if profile_to is None:
         command = [sys.executable, "-m", "herald", *args]
@@ -144,23 +146,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=40_000)
     parser.add_argument("--profile", action="store_true", help="print the cProfile split instead")
+    parser.add_argument("--broker", default="memory", help="memory (default) or a broker URL (redis://...)")
     args = parser.parse_args()
     port = free_port()
     print(
         f"# bench.publish_cost, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"broker {args.broker}"
     )
     if args.profile:
         with tempfile.TemporaryDirectory() as scratch:
             out = str(Path(scratch) / "profile.out")
-            server = serve(port, out)
+            server = serve(port, out, args.broker)
             asyncio.run(publish(port, args.count, 200, 2))
             server.send_signal(signal.SIGUSR1)
             server.wait(30)
             for label, micros in split(out):
                 print(f"{label:28} {micros:6.1f} µs per command (under cProfile)")
         return
-    server = serve(port)
+    server = serve(port, broker=args.broker)
     try:
         for batch, label in ((200, "pipelined, 200 per write"), (1, "one at a time")):
             cost, rate = measure(port, server.pid, args.count if batch > 1 else args.count // 4, batch)

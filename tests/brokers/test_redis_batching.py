@@ -198,6 +198,56 @@ async def test_events_and_publications_keep_their_order(redis_server: RedisServe
         await broker.close()
 
 
+async def test_batches_keep_one_connection_out_of_the_pool(broker: RedisBroker) -> None:
+    batcher = broker._batcher
+    pool = broker.client.connection_pool
+    first = await batcher.execute("CLIENT", "ID")
+    # Kept between batches (not checked out and released each time): the pool counts it
+    # in use while no batch is in flight, and every batch goes on it.
+    assert len(pool._in_use_connections) == 1
+    assert [await batcher.execute("CLIENT", "ID") for _ in range(3)] == [first] * 3
+    assert (await broker.client.ping()) is True  # other commands use the rest of the pool
+    assert len(pool._in_use_connections) == 1
+
+
+async def test_the_kept_connection_goes_back_to_its_pool(redis_server: RedisServer) -> None:
+    clients = [aioredis.Redis.from_url(redis_server.url), aioredis.Redis.from_url(redis_server.url)]
+    current = [clients[0]]
+    batcher = ScriptBatcher(lambda: current[0])
+    try:
+        first = await batcher.execute("CLIENT", "ID")
+        assert len(clients[0].connection_pool._in_use_connections) == 1
+        # The client was replaced: the next batch goes on the new one's pool, the old
+        # connection back to its own.
+        current[0] = clients[1]
+        second = await batcher.execute("CLIENT", "ID")
+        assert second != first
+        assert not clients[0].connection_pool._in_use_connections
+        assert len(clients[1].connection_pool._in_use_connections) == 1
+        await batcher.close()
+        assert not clients[1].connection_pool._in_use_connections
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_batch_after_the_kept_connection_dropped_reconnects(
+    broker: RedisBroker, redis_server: RedisServer
+) -> None:
+    batcher = broker._batcher
+    first = await batcher.execute("CLIENT", "ID")
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin.client_kill_filter(_id=first)
+    finally:
+        await admin.aclose()
+    # The first write after the kill may still succeed; its reply cannot: one retry on
+    # the same, reconnected connection.
+    position = await broker.publish("after-kill", b"1", OPTIONS)
+    assert position.offset == 1
+    assert await batcher.execute("CLIENT", "ID") != first
+
+
 def test_batch_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         ScriptBatcher(lambda: aioredis.Redis(), max_batch=0)

@@ -18,6 +18,13 @@ Guarantees:
   :class:`~herald.exceptions.BrokerUnavailableError`).  redis-py retries a batch
   once on a fresh connection, as it does a single command after a restart.
 * Bounded: at most ``max_batch`` calls per pipeline.
+* One connection: the batcher takes a connection from the client's pool once and keeps
+  it between batches (one batch is in flight at a time, so it never needs two).  A
+  pool checkout and release per batch cost more than a lone call's own packing: with
+  the blocking pool, a lock, a condition and a timeout each way.  A batch that fails
+  or is interrupted disconnects it (a reply half read must not reach the next batch);
+  the next batch connects it again.  Given back to its pool by :meth:`ScriptBatcher.close`,
+  or when the broker's client (so its pool) was replaced.
 * ``NOSCRIPT`` (Redis restarted or its script cache flushed): the scripts are
   loaded and the calls that met it are sent again, in their order (after the calls
   of their batch that did run: only then may two calls of one channel with
@@ -66,6 +73,8 @@ class ScriptBatcher:
         self.max_batch = max_batch
         self._queue: deque[_Call] = deque()
         self._sender: asyncio.Task[None] | None = None
+        #: The pool and the connection taken from it that batches are sent on.
+        self._held: tuple[Any, Any] | None = None
         #: Pipelines sent and calls they carried (tests, metrics).
         self.batches = 0
         self.calls = 0
@@ -147,12 +156,11 @@ class ScriptBatcher:
         return await self._pipeline(batch)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        """Send ``batch`` on one pooled connection and read every reply (an error reply
-        is returned as its exception).  Retried once on a fresh connection when the
-        connection fails (a pooled connection may be stale after a Redis restart)."""
-        pool = self._client().connection_pool
+        """Send ``batch`` on the kept connection and read every reply (an error reply is
+        returned as its exception).  Retried once, connected again, when the connection
+        fails (it may be stale after a Redis restart)."""
         packed = b"".join(_pack(call.args) for call in batch)
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = await self._connection()
         try:
             try:
                 return await self._exchange(connection, packed, len(batch))
@@ -160,11 +168,28 @@ class ScriptBatcher:
                 await connection.disconnect()
                 return await self._exchange(connection, packed, len(batch))
         except BaseException:
-            # A reply half read (timeout, cancellation) must not reach the next user.
+            # A reply half read (timeout, cancellation) must not reach the next batch.
             await connection.disconnect()
             raise
-        finally:
-            await pool.release(connection)
+
+    async def _connection(self) -> Any:
+        """The connection batches go on: kept from the current client's pool."""
+        pool = self._client().connection_pool
+        held = self._held
+        if held is not None:
+            if held[0] is pool:
+                return held[1]
+            await self._release()  # the client was replaced: back to its old pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        self._held = (pool, connection)
+        return connection
+
+    async def _release(self) -> None:
+        """Give the kept connection back to its pool."""
+        held, self._held = self._held, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].release(held[1])
 
     async def _exchange(self, connection: Any, packed: bytes, count: int) -> list[Any]:
         await connection.send_packed_command(packed, check_health=False)
@@ -191,6 +216,7 @@ class ScriptBatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
         self.fail_all(ConnectionError("redis broker closed"))
+        await self._release()
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
