@@ -19,7 +19,7 @@ from herald.brokers.redis import RedisBroker, RedisBrokerConfig
 from herald.brokers.redis_batch import ScriptBatcher
 from herald.exceptions import BrokerError, BrokerUnavailableError
 
-from ..helpers import async_wait_for
+from ..helpers import async_until, async_wait_for
 from ..servers import RedisServer, redis_server_fixture
 
 pytestmark = pytest.mark.redis
@@ -198,34 +198,77 @@ async def test_events_and_publications_keep_their_order(redis_server: RedisServe
         await broker.close()
 
 
-async def test_batches_keep_one_connection_out_of_the_pool(broker: RedisBroker) -> None:
+async def _client_ids(url: str) -> set[int]:
+    admin = aioredis.Redis.from_url(url)
+    try:
+        return {int(c["id"]) for c in await admin.client_list()}
+    finally:
+        await admin.aclose()
+
+
+async def test_batches_share_one_connection_of_their_own(
+    broker: RedisBroker, redis_server: RedisServer
+) -> None:
     batcher = broker._batcher
     pool = broker.client.connection_pool
     first = await batcher.execute("CLIENT", "ID")
-    # Kept between batches (not checked out and released each time): the pool counts it
-    # in use while no batch is in flight, and every batch goes on it.
-    assert len(pool._in_use_connections) == 1
+    # Every batch goes on it, and it is none of the pool's (no checkout per batch).
     assert [await batcher.execute("CLIENT", "ID") for _ in range(3)] == [first] * 3
-    assert (await broker.client.ping()) is True  # other commands use the rest of the pool
-    assert len(pool._in_use_connections) == 1
+    assert not pool._in_use_connections
+    assert (await broker.client.ping()) is True  # other commands use the pool
+    assert not pool._in_use_connections
+    assert first in await _client_ids(redis_server.url)
+    # No socket timeout of its own (redis-py would wrap each send in a task): the batch's
+    # deadline is the pool's socket timeout.
+    connection, timeout = await batcher._connection()
+    assert connection.socket_timeout is None
+    assert timeout == pool.connection_kwargs["socket_timeout"] == broker.config.command_timeout
 
 
-async def test_the_kept_connection_goes_back_to_its_pool(redis_server: RedisServer) -> None:
+async def test_a_batch_that_outlives_the_socket_timeout_fails_and_the_next_one_works(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(
+        RedisBrokerConfig(url=redis_server.url, prefix=f"b{secrets.token_hex(4)}", command_timeout=0.3)
+    )
+    await broker.start(lambda message: None)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await broker.publish("slow", b"0", OPTIONS)
+        # Redis holds the batch's replies past the deadline.
+        await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        with pytest.raises((BrokerUnavailableError, BrokerError)):
+            await asyncio.wait_for(broker.publish("slow", b"1", OPTIONS), 0.9)
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        # The timed-out connection was dropped (its reply could reach the next batch):
+        # the next batch reads its own reply.
+        assert (await broker.history("slow", limit=0)).position.offset in (1, 2)
+        position = await broker.publish("slow", b"2", OPTIONS)
+        assert position.offset == (await broker.history("slow", limit=0)).position.offset
+    finally:
+        await admin.aclose()
+        await broker.close()
+
+
+async def test_the_batches_connection_follows_the_client_and_closes(redis_server: RedisServer) -> None:
     clients = [aioredis.Redis.from_url(redis_server.url), aioredis.Redis.from_url(redis_server.url)]
     current = [clients[0]]
     batcher = ScriptBatcher(lambda: current[0])
     try:
         first = await batcher.execute("CLIENT", "ID")
-        assert len(clients[0].connection_pool._in_use_connections) == 1
-        # The client was replaced: the next batch goes on the new one's pool, the old
-        # connection back to its own.
+        # The client was replaced: the next batch goes on a connection made like the new
+        # client's, and the old one is closed.
         current[0] = clients[1]
         second = await batcher.execute("CLIENT", "ID")
         assert second != first
-        assert not clients[0].connection_pool._in_use_connections
-        assert len(clients[1].connection_pool._in_use_connections) == 1
+
+        async def gone(client_id: int) -> bool:
+            return client_id not in await _client_ids(redis_server.url)
+
+        await async_until(lambda: gone(first), what="the first connection closed")
+        assert second in await _client_ids(redis_server.url)
         await batcher.close()
-        assert not clients[1].connection_pool._in_use_connections
+        await async_until(lambda: gone(second), what="the batches' connection closed")
     finally:
         for client in clients:
             await client.aclose()

@@ -293,8 +293,7 @@ class RedisBroker(RedisCatchUp, Broker):
                 # with "Too many connections" as redis-py's default pool (100) does.
                 pool = aioredis.BlockingConnectionPool.from_url(
                     cfg.url,
-                    # One more for the connection the script batcher keeps (redis_batch).
-                    max_connections=cfg.max_connections + 1,
+                    max_connections=cfg.max_connections,
                     timeout=cfg.command_timeout,
                     socket_connect_timeout=cfg.connect_timeout,
                     socket_timeout=cfg.command_timeout,

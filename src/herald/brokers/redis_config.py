@@ -31,9 +31,8 @@ class RedisBrokerConfig:
     no history (0: forever; with history the key lives as long as the history,
     ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
     the backoff between reconnect attempts (doubled each failure, with jitter).
-    ``max_connections``: command connections per node (plus the one the script
-    batcher keeps on one Redis); more concurrent commands wait (up to
-    ``command_timeout``) for a free one.  ``max_held``: live
+    ``max_connections``: command connections per node; more concurrent commands
+    wait (up to ``command_timeout``) for a free one.  ``max_held``: live
     publications held per channel while it catches up after a link blip; beyond
     it the gap is reported as lost.  :meth:`from_url` reads these from the URL.
     """
