@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from herald.brokers import redis_batch
 from herald.brokers.base import ClientInfo, PresenceEvent, Publication, PublishOptions, StreamPosition
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
 from herald.brokers.redis_batch import ScriptBatcher
@@ -289,6 +290,20 @@ async def test_a_batch_after_the_kept_connection_dropped_reconnects(
     position = await broker.publish("after-kill", b"1", OPTIONS)
     assert position.offset == 1
     assert await batcher.execute("CLIENT", "ID") != first
+
+
+def test_commands_are_packed_in_the_redis_protocol_with_or_without_hiredis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = ("EVALSHA", "é", 3, b"\x00\r\n", memoryview(b"mv"), 1.5)
+    expected = (
+        b"*6\r\n$7\r\nEVALSHA\r\n$2\r\n\xc3\xa9\r\n$1\r\n3\r\n$3\r\n\x00\r\n\r\n$2\r\nmv\r\n$3\r\n1.5\r\n"
+    )
+    assert redis_batch._pack(args) == expected
+    # What hiredis refuses goes through the Python packer, as it did before hiredis.
+    assert redis_batch._pack(("SET", True)) == b"*2\r\n$3\r\nSET\r\n$4\r\nTrue\r\n"
+    monkeypatch.setattr(redis_batch, "_c_pack", None)
+    assert redis_batch._pack(args) == expected
 
 
 def test_batch_bound_must_be_positive() -> None:
