@@ -136,11 +136,14 @@ async def test_a_burst_of_publishes_shares_pipelines_and_keeps_command_order(
     for i, name in enumerate(channels):
         offsets = [frame["result"]["offset"] for n, frame in enumerate(got) if n % 4 == i]
         assert offsets == list(range(1, count // 4 + 1)), (name, offsets)
-    # They shared round trips: one at a time gives one call per pipeline (how many share
-    # one depends on the machine's speed; two per pipeline on average at least).
+    # They shared round trips; one at a time gives one call per pipeline.  How many share
+    # one depends on how fast a round trip is against a publish's checks (1.8-3.7 calls
+    # per pipeline on average were seen; a largest pipeline of 6): only "fewer pipelines
+    # than calls" is asserted here.  test_a_client_has_at_most_pipeline_depth_publishes_in_flight
+    # makes them share for certain (Redis paused).
     pipelines, calls = served.pipelines()
     assert calls - calls0 >= count
-    assert pipelines - pipelines0 <= (calls - calls0) // 2, (pipelines - pipelines0, calls - calls0)
+    assert pipelines - pipelines0 < calls - calls0, (pipelines - pipelines0, calls - calls0)
     # And every subscriber got them in command order.
     received = [await watcher.push("publication") for _ in range(count)]
     for i, name in enumerate(channels):

@@ -15,8 +15,9 @@ Guarantees:
 * Errors per call: a script that fails (a Redis error reply) fails only its caller.
 * A connection failure (Redis down, restarted mid-batch) fails every call of the
   batch with the connection error (the broker maps it to
-  :class:`~herald.exceptions.BrokerUnavailableError`).  redis-py retries a batch
-  once on a fresh connection, as it does a single command after a restart.
+  :class:`~herald.exceptions.BrokerUnavailableError`).  Before that, a batch whose
+  connection failed is sent once more on it, connected again, as redis-py does with
+  a single command after a restart.
 * Bounded: at most ``max_batch`` calls per pipeline.
 * One connection of its own: one batch is in flight at a time, so the batcher keeps one
   connection, made as the client's pool makes its connections (same address, options
