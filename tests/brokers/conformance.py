@@ -139,9 +139,6 @@ class BrokerConformance:
     shared_offsets = True
     #: Several independent broker instances share one backend.
     multi_node = True
-    #: A new subscription may miss other nodes' publications for a moment (core NATS:
-    #: the server may route a publisher's messages by a stale interest cache briefly).
-    subscriptions_settle = False
     #: Publishes once per idempotency key across nodes (else refuses the key).
     idempotent = True
 
@@ -221,8 +218,6 @@ class BrokerConformance:
         await node.broker.unsubscribe(channel)
         assert channel not in node.broker.channels()
         await node.broker.subscribe(channel)  # a channel left can be subscribed again
-        if self.subscriptions_settle:
-            await _settle([node], channel)
         await node.broker.publish(channel, b"4", HISTORY)
         await async_wait_for(lambda: b"4" in {p.data for p in node.publications(channel)}, TIMEOUT)
 
@@ -233,9 +228,6 @@ class BrokerConformance:
         publisher = await engine.node() if self.multi_node else node
         channel = channel_name()
         await node.broker.subscribe(channel)
-        if publisher is not node and self.subscriptions_settle:
-            await publisher.broker.subscribe(channel)
-            await _settle([node, publisher], channel)
         node.fail_on = {b"boom"}
         assert node.broker.handler_errors == 0
         with caplog.at_level("ERROR", logger="herald.broker"):
@@ -262,8 +254,6 @@ class BrokerConformance:
         # still delivering to the closed node would have delivered it too.
         witness = await engine.node()
         await witness.broker.subscribe(channel)
-        if self.subscriptions_settle:
-            await _settle([witness], channel)
         await witness.broker.publish(channel, b"after", HISTORY)
         await async_wait_for(lambda: b"after" in {p.data for p in witness.publications(channel)}, TIMEOUT)
         assert [p.data for p in node.publications(channel)] == [b"before"]
@@ -448,9 +438,6 @@ class BrokerConformance:
         publisher = await engine.node() if self.multi_node else node
         channel = channel_name()
         await node.broker.subscribe(channel)
-        if self.subscriptions_settle:
-            await publisher.broker.subscribe(channel)
-            await _settle([node, publisher], channel)
         no_history = PublishOptions()  # what a node misses cannot be read back
         await publisher.broker.publish(channel, b'"before"', no_history)
         await node.wait_publications(channel, 1)
@@ -497,8 +484,6 @@ class BrokerConformance:
         channel = channel_name()
         for node in nodes:
             await node.broker.subscribe(channel)
-        if self.subscriptions_settle:
-            await _settle(nodes, channel)
         per_node = 40
 
         async def publish_all(index: int, node: NodeEngines) -> list[StreamPosition]:
@@ -749,27 +734,6 @@ class BrokerConformance:
             assert channel not in broker.channels()
         finally:
             await node.close()
-
-
-async def _settle(nodes: list[NodeEngines], channel: str) -> None:
-    """Probe until every node receives every other node's publications, then forget the probes."""
-    probe = PublishOptions()
-
-    def settled() -> bool:
-        return all(
-            {p.data for p in node.publications(channel)} >= {b"%d" % i for i in range(len(nodes))}
-            for node in nodes
-        )
-
-    for _ in range(100):
-        for index, node in enumerate(nodes):
-            await node.broker.publish(channel, b"%d" % index, probe)
-        await asyncio.sleep(0.02)
-        if settled():
-            break
-    assert settled(), "subscriptions never settled"
-    for node in nodes:
-        node.received.clear()
 
 
 async def _presence_is(node: NodeEngines, channel: str, expected: dict[str, ClientInfo]) -> bool:

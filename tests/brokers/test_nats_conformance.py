@@ -75,7 +75,6 @@ def _engine(config: NatsBrokerConfig, lose_data: bool = False) -> Engine:
 class TestNatsBroker(BrokerConformance):
     has_history = False
     shared_offsets = False
-    subscriptions_settle = True
     idempotent = False
 
     @pytest.fixture
