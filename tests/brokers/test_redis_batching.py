@@ -285,11 +285,83 @@ async def test_a_batch_after_the_kept_connection_dropped_reconnects(
         await admin.client_kill_filter(_id=first)
     finally:
         await admin.aclose()
-    # The first write after the kill may still succeed; its reply cannot: one retry on
-    # the same, reconnected connection.
+    # Closed by Redis while idle: the next batch sees it closed and connects again first.
     position = await broker.publish("after-kill", b"1", OPTIONS)
     assert position.offset == 1
     assert await batcher.execute("CLIENT", "ID") != first
+
+
+class ReplyCutter:
+    """A TCP proxy to Redis that, once armed, cuts the first connection that sends an
+    ``EVALSHA`` as soon as Redis answers it: the script ran, its reply is lost."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = False
+        self.cut = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        doomed = asyncio.Event()
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and b"EVALSHA" in data:
+                    self.armed = False
+                    doomed.set()
+                upstream_w.write(data)
+                await upstream_w.drain()
+
+        async def down() -> None:
+            while data := await upstream_r.read(65536):
+                if doomed.is_set():
+                    self.cut += 1
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        client_w.close()
+        upstream_w.close()
+
+
+async def test_a_batch_whose_reply_was_lost_is_not_sent_again(redis_server: RedisServer) -> None:
+    proxy = ReplyCutter(redis_server.port)
+    await proxy.start()
+    prefix = f"b{secrets.token_hex(4)}"
+    broker = RedisBroker(RedisBrokerConfig(url=f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix))
+    await broker.start(lambda message: None)
+    direct = RedisBroker(RedisBrokerConfig(url=redis_server.url, prefix=prefix))
+    await direct.start(lambda message: None)
+    try:
+        assert (await broker.publish("cut", b"0", OPTIONS)).offset == 1
+        proxy.armed = True
+        # Redis ran the script; the node cannot know: it must fail the call, not publish
+        # it a second time behind the caller's back.
+        with pytest.raises(BrokerUnavailableError):
+            await broker.publish("cut", b"1", OPTIONS)
+        assert proxy.cut == 1
+        history = await direct.history("cut")
+        assert [p.data for p in history.publications] == [b"0", b"1"]
+        # The next batch goes on a new connection and works.
+        assert (await broker.publish("cut", b"2", OPTIONS)).offset == 3
+    finally:
+        await broker.close()
+        await direct.close()
+        await proxy.close()
 
 
 def test_commands_are_packed_in_the_redis_protocol_with_or_without_hiredis(

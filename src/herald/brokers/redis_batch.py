@@ -13,11 +13,13 @@ Guarantees:
   batch is in flight at a time; calls made meanwhile go in the next one).  So two
   publications to a channel issued one after the other get increasing offsets.
 * Errors per call: a script that fails (a Redis error reply) fails only its caller.
-* A connection failure (Redis down, restarted mid-batch) fails every call of the
-  batch with the connection error (the broker maps it to
-  :class:`~herald.exceptions.BrokerUnavailableError`).  Before that, a batch whose
-  connection failed is sent once more on it, connected again, as redis-py does with
-  a single command after a restart.
+* A connection failure (Redis down, restarted mid-batch, the link cut) fails every
+  call of the batch with the connection error (the broker maps it to
+  :class:`~herald.exceptions.BrokerUnavailableError`).  A batch is never sent twice:
+  the failure may have come after Redis ran its scripts, and sending them again would
+  publish twice what the caller is told once (a caller with an idempotency key may
+  retry safely).  A connection known to be closed or out of step before a batch (Redis
+  restarted while it was idle) is connected again first.
 * Bounded: at most ``max_batch`` calls per pipeline.
 * One connection of its own: one batch is in flight at a time, so the batcher keeps one
   connection, made as the client's pool makes its connections (same address, options
@@ -170,16 +172,22 @@ class ScriptBatcher:
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         """Send ``batch`` on the kept connection and read every reply (an error reply is
-        returned as its exception).  Retried once, connected again, when the connection
-        fails (it may be stale after a Redis restart)."""
+        returned as its exception); never sent twice (see the module docstring)."""
         packed = b"".join(_pack(call.args) for call in batch)
         connection, timeout = await self._connection()
-        try:
+        if connection.is_connected:
+            # Closed by Redis (EOF seen) or holding bytes nobody asked for: start afresh
+            # rather than send on it.  (hiredis: no system call.  redis-py 8 renamed
+            # can_read_destructive, which it now deprecates, to can_read.)
+            check = getattr(connection, "can_read", None) or connection.can_read_destructive
             try:
-                return await self._exchange(connection, timeout, packed, len(batch))
+                stale = await check()
             except RedisConnectionError:
+                stale = True
+            if stale:
                 await connection.disconnect()
-                return await self._exchange(connection, timeout, packed, len(batch))
+        try:
+            return await self._exchange(connection, timeout, packed, len(batch))
         except BaseException:
             # A reply half read (timeout, cancellation) must not reach the next batch.
             await connection.disconnect()
