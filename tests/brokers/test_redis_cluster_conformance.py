@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from herald.brokers.base import PublishOptions, StreamGap, StreamPosition
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
@@ -164,6 +167,52 @@ async def test_a_master_killed_fails_only_its_channels_then_reports_the_lost_str
         if not cluster.nodes[index].running:
             cluster.nodes[index].start()
         cluster.wait_ok()
+
+
+async def test_a_publish_whose_reply_was_lost_is_not_sent_again(
+    cluster: RedisClusterServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the script and the reply never came back (the link broke in between):
+    the broker fails the call rather than let redis-py send it again, which would
+    publish twice what the caller is told once."""
+    broker = RedisBroker(_config(cluster))
+    await broker.start(lambda message: None)
+    history = PublishOptions(history_size=10, history_ttl=60)
+    sent = ClusterNode.execute_command
+    lost = []
+
+    async def reply_lost(node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        reply = await sent(node, *args, **kwargs)
+        if args[0] == "EVALSHA" and not lost:
+            lost.append(reply)
+            raise RedisConnectionError("the reply was lost")
+        return reply
+
+    try:
+        assert (await broker.publish("lost", b"0", history)).offset == 1
+        monkeypatch.setattr(ClusterNode, "execute_command", reply_lost)
+        with pytest.raises(BrokerUnavailableError):
+            await broker.publish("lost", b"1", history)
+        assert len(lost) == 1  # it ran once
+        monkeypatch.undo()
+        assert [p.data for p in (await broker.history("lost")).publications] == [b"0", b"1"]
+        # The next call finds the masters again and works.
+        assert (await broker.publish("lost", b"2", history)).offset == 3
+    finally:
+        await broker.close()
+
+
+async def test_scripts_flushed_from_the_masters_are_loaded_again(cluster: RedisClusterServers) -> None:
+    broker = RedisBroker(_config(cluster))
+    await broker.start(lambda message: None)
+    history = PublishOptions(history_size=10, history_ttl=60)
+    try:
+        assert (await broker.publish("flushed", b"0", history)).offset == 1
+        await _on_every_master(cluster, "SCRIPT", "FLUSH")
+        assert (await broker.publish("flushed", b"1", history)).offset == 2
+        assert [p.data for p in (await broker.history("flushed")).publications] == [b"0", b"1"]
+    finally:
+        await broker.close()
 
 
 # ---------------------------------------------------------------- the URL

@@ -70,6 +70,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     MaxConnectionsError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -959,10 +960,34 @@ class RedisBroker(RedisCatchUp, Broker):
         On one Redis it goes out in a pipeline with the other calls of the moment
         (:class:`~.redis_batch.ScriptBatcher`: one round trip for many callers, in the
         order they were made); on a cluster on its own, to the master of its keys' slot.
+        Either way a call is sent once: after a connection error Redis may have run it.
         """
         if self._cluster:
-            return await self._call(script, keys=keys, args=args)
+            return await self._call(self._run_on_master, script, keys, args)
         return await self._call(self._batcher.run, script, keys, args)
+
+    async def _run_on_master(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        """Run ``script`` on the cluster master that owns ``keys[0]``'s slot, sent once.
+
+        Named as the target, the master gets the call without redis-py's retry: on a
+        connection error RedisCluster sends a command again (after finding the masters
+        anew), which for a publish Redis already ran publishes it twice.  Redirections
+        (``MOVED``, ``ASK``: the script did not run) are still followed, and a master
+        that lacks the script (``NOSCRIPT``: a new master) gets it loaded and the call
+        again.  After a connection error the next call finds the masters anew.
+        """
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        # Learns the masters when it has not yet, or again after a connection error (as
+        # redis-py does at the start of every command, before the target is chosen).
+        await client.initialize()
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await client.execute_command(*command, target_nodes=self._master_of(keys[0]))
+        except NoScriptError:
+            master = self._master_of(keys[0])  # after a MOVED, the new one
+            await client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=master)
+            return await client.execute_command(*command, target_nodes=master)
 
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a Redis call, mapping connection trouble to :class:`BrokerUnavailableError`."""
