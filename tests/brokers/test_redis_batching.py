@@ -221,9 +221,9 @@ async def test_batches_share_one_connection_of_their_own(
     assert first in await _client_ids(redis_server.url)
     # No socket timeout of its own (redis-py would wrap each send in a task): the batch's
     # deadline is the pool's socket timeout.
-    connection, timeout = await batcher._connection()
-    assert connection.socket_timeout is None
-    assert timeout == pool.connection_kwargs["socket_timeout"] == broker.config.command_timeout
+    used_pool, connection = await batcher._connection()
+    assert used_pool is pool and connection.socket_timeout is None
+    assert pool.connection_kwargs["socket_timeout"] == broker.config.command_timeout
 
 
 async def test_a_batch_that_outlives_the_socket_timeout_fails_and_the_next_one_works(
@@ -280,11 +280,15 @@ async def test_a_batch_after_the_kept_connection_dropped_reconnects(
 ) -> None:
     batcher = broker._batcher
     first = await batcher.execute("CLIENT", "ID")
+    _, connection = await batcher._connection()
     admin = aioredis.Redis.from_url(redis_server.url)
     try:
         await admin.client_kill_filter(_id=first)
     finally:
         await admin.aclose()
+    # Until the node has read the end of the stream (a batch sent before that would fail:
+    # nothing is sent twice).
+    await async_until(connection.can_read, what="the kill seen")
     # Closed by Redis while idle: the next batch sees it closed and connects again first.
     position = await broker.publish("after-kill", b"1", OPTIONS)
     assert position.offset == 1

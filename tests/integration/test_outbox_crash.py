@@ -1,7 +1,9 @@
 """The outbox's promise under fire: two `herald serve` nodes on one Redis consume one table
-while writers commit (and roll back) 10,000 rows, and one node is killed -9 mid-way and
-restarted.  Every committed row is published exactly once, each channel in commit
-order, and no rolled-back row ever is.
+while writers commit (and roll back) 10,000 rows, and one node is killed -9 and
+restarted twice: once after publishing a batch and before committing it (the other node
+must publish those rows again, recognised by their keys), once at a random point of a
+batch.  Every committed row is published exactly once, each channel in commit order, and
+no rolled-back row ever is.
 
 How the test knows the commit order: each writing transaction, after its outbox rows,
 bumps a per-channel counter row (``UPDATE ... RETURNING n``).  The counter's row lock

@@ -87,9 +87,8 @@ class ScriptBatcher:
         self.max_batch = max_batch
         self._queue: deque[_Call] = deque()
         self._sender: asyncio.Task[None] | None = None
-        #: The pool whose options the batches' connection was made with, the connection,
-        #: and the deadline of a batch (the pool's socket timeout; None: none).
-        self._held: tuple[Any, Any, float | None] | None = None
+        #: The pool whose options the batches' connection was made with, and the connection.
+        self._held: tuple[Any, Any] | None = None
         #: Pipelines sent and calls they carried (tests, metrics).
         self.batches = 0
         self.calls = 0
@@ -174,7 +173,29 @@ class ScriptBatcher:
         """Send ``batch`` on the kept connection and read every reply (an error reply is
         returned as its exception); never sent twice (see the module docstring)."""
         packed = b"".join(_pack(call.args) for call in batch)
-        connection, timeout = await self._connection()
+        pool, connection = await self._connection()
+        try:
+            # One deadline for the batch: the pool's socket timeout (see the module docstring).
+            timeout = pool.connection_kwargs.get("socket_timeout")
+            return await self._exchange(connection, timeout, packed, len(batch))
+        except BaseException:
+            # A reply half read (timeout, cancellation) must not reach the next batch.
+            await connection.disconnect()
+            raise
+
+    async def _connection(self) -> tuple[Any, Any]:
+        """The current client's pool and the batches' connection, made like the pool's
+        (connected by the first send), disconnected first if Redis closed it."""
+        pool = self._client().connection_pool
+        held = self._held
+        if held is not None and held[0] is not pool:
+            await self._drop()  # the client was replaced: follow it
+            held = None
+        if held is None:
+            connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+            self._held = (pool, connection)
+            return pool, connection
+        connection = held[1]
         if connection.is_connected:
             # Closed by Redis (EOF seen) or holding bytes nobody asked for: start afresh
             # rather than send on it.  (hiredis: no system call.  redis-py 8 renamed
@@ -186,26 +207,7 @@ class ScriptBatcher:
                 stale = True
             if stale:
                 await connection.disconnect()
-        try:
-            return await self._exchange(connection, timeout, packed, len(batch))
-        except BaseException:
-            # A reply half read (timeout, cancellation) must not reach the next batch.
-            await connection.disconnect()
-            raise
-
-    async def _connection(self) -> tuple[Any, float | None]:
-        """The batches' connection (made like the current client's pooled ones; connected
-        by the first send) and a batch's deadline in seconds."""
-        pool = self._client().connection_pool
-        held = self._held
-        if held is not None:
-            if held[0] is pool:
-                return held[1], held[2]
-            await self._drop()  # the client was replaced: follow it
-        options = pool.connection_kwargs
-        connection = pool.connection_class(**{**options, "socket_timeout": None})
-        self._held = (pool, connection, options.get("socket_timeout"))
-        return connection, self._held[2]
+        return pool, connection
 
     async def _drop(self) -> None:
         """Close the batches' connection."""
