@@ -227,7 +227,11 @@ def build_loadgen() -> Path:
     if gcc is None:
         raise SystemExit("bench: a C compiler (gcc) is needed to build bench/loadgen.c")
     BUILD_DIR.mkdir(exist_ok=True)
-    subprocess.run([gcc, "-O2", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True)
+    # Built under a name of its own, then renamed: two harnesses may build at once (the
+    # test workers), and neither may run the other's half-written binary.
+    partial = BUILD_DIR / f"loadgen.{os.getpid()}.partial"
+    subprocess.run([gcc, "-O2", "-o", str(partial), str(LOADGEN_SRC)], check=True)
+    os.replace(partial, LOADGEN)
     return LOADGEN
 
 
