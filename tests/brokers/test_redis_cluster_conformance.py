@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from herald.brokers.base import PublishOptions, StreamGap, StreamPosition
+from herald.brokers.base import ClientInfo, PresenceEvent, PublishOptions, StreamGap, StreamPosition
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
 from herald.config import Settings
 from herald.exceptions import BrokerUnavailableError, ConfigError
@@ -200,6 +200,42 @@ async def test_a_publish_whose_reply_was_lost_is_not_sent_again(
         assert (await broker.publish("lost", b"2", history)).offset == 3
     finally:
         await broker.close()
+
+
+async def test_a_presence_event_whose_reply_was_lost_is_not_pushed_twice(
+    cluster: RedisClusterServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a publish: an SPUBLISH that Redis ran but whose reply was lost fails, and
+    is not sent again (redis-py's resend would push the join to every node twice)."""
+    broker = RedisBroker(_config(cluster))
+    node = NodeEngines(broker, RedisPresenceManager(broker))
+    await node.broker.start(node.handler)
+    sent = ClusterNode.execute_command
+    lost = []
+
+    async def reply_lost(cluster_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        reply = await sent(cluster_node, *args, **kwargs)
+        if args[0] == "SPUBLISH" and not lost:
+            lost.append(reply)
+            raise RedisConnectionError("the reply was lost")
+        return reply
+
+    def event(kind: str, user: str) -> PresenceEvent:
+        return PresenceEvent("room", kind, ClientInfo(f"c-{user}", user))
+
+    try:
+        await node.broker.subscribe("room")
+        monkeypatch.setattr(ClusterNode, "execute_command", reply_lost)
+        with pytest.raises(BrokerUnavailableError):
+            await node.broker.publish_event(event("join", "lost"))
+        assert lost == [1]  # Redis pushed it, to the one subscribed node
+        monkeypatch.undo()
+        # Same shard channel, same connection: a resent join would arrive before this leave.
+        await node.broker.publish_event(event("leave", "marker"))
+        await async_wait_for(lambda: len(node.events("room")) >= 2, 10, what="the marker event")
+        assert node.events("room") == [event("join", "lost"), event("leave", "marker")]
+    finally:
+        await node.broker.close()
 
 
 async def test_scripts_flushed_from_the_masters_are_loaded_again(cluster: RedisClusterServers) -> None:

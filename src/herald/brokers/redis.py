@@ -820,9 +820,10 @@ class RedisBroker(RedisCatchUp, Broker):
 
     async def publish_event(self, event: PresenceEvent) -> None:
         name, payload = self.pubsub_channel(event.channel), envelope.encode_event(event)
-        client = self.client
-        if isinstance(client, RedisCluster):
-            await self._call(client.spublish, name, payload)
+        if self._cluster:
+            # Sent once, as scripts are (_run_on_master): redis-py's resend after a lost
+            # reply would push the join or leave twice.
+            await self._call(self._send_to_master, name, "SPUBLISH", name, payload)
         else:
             await self._call(self._batcher.execute, "PUBLISH", name, payload)
 
@@ -976,18 +977,24 @@ class RedisBroker(RedisCatchUp, Broker):
         that lacks the script (``NOSCRIPT``: a new master) gets it loaded and the call
         again.  After a connection error the next call finds the masters anew.
         """
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self._send_to_master(keys[0], *command)
+        except NoScriptError:
+            client = self.client
+            master = self._master_of(keys[0])  # after a MOVED, the new one
+            await client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=master)
+            return await client.execute_command(*command, target_nodes=master)
+
+    async def _send_to_master(self, key: str, *command: Any) -> Any:
+        """Send ``command`` once to the cluster master that owns ``key``'s slot (see
+        :meth:`_run_on_master`)."""
         client = self.client
         assert isinstance(client, RedisCluster)
         # Learns the masters when it has not yet, or again after a connection error (as
         # redis-py does at the start of every command, before the target is chosen).
         await client.initialize()
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return await client.execute_command(*command, target_nodes=self._master_of(keys[0]))
-        except NoScriptError:
-            master = self._master_of(keys[0])  # after a MOVED, the new one
-            await client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=master)
-            return await client.execute_command(*command, target_nodes=master)
+        return await client.execute_command(*command, target_nodes=self._master_of(key))
 
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a Redis call, mapping connection trouble to :class:`BrokerUnavailableError`."""
