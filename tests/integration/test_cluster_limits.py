@@ -300,6 +300,14 @@ async def test_the_per_ip_limit_holds_across_nodes_on_every_route(
             await all_released(redis_server.url)
         finally:
             await streams.aclose()
+        # The sockets the cluster refused were accepted first: counted as connections
+        # of their route, then as ended with 4503 (docs/operations.md).
+        refused_after_accept = [
+            float(line.rsplit(" ", 1)[1])
+            for line in http_get(a.http + "/metrics")[1].decode().splitlines()
+            if line.startswith("herald_disconnects_total{") and 'code="4503"' in line and "ws_json" in line
+        ]
+        assert refused_after_accept == [len(WS_ROUTES + http_routes)]
         for node in (a, b):
             metrics = http_get(node.http + "/metrics")[1].decode()
             assert 'herald_handshakes_rejected_total{reason="ip_limit"}' in metrics
