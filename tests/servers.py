@@ -178,12 +178,15 @@ def nats_server_fixture(jetstream: bool = False) -> Iterator[NatsServer]:
 
 
 class RedisClusterServers:
-    """A real Redis Cluster of ``masters`` masters (no replicas) on free ports, each node
-    in its own temp dir.  ``cluster-require-full-coverage no``: while one master is down
-    the others keep serving their slots (see docs/scaling.md, Redis Cluster)."""
+    """A real Redis Cluster of ``masters`` masters, each with ``replicas`` replicas, on
+    free ports, each node in its own temp dir.  ``cluster-require-full-coverage no``:
+    while one master is down the others keep serving their slots (see docs/scaling.md,
+    Redis Cluster).  With replicas, a master killed is failed over to its replica after
+    the node timeout (2 s)."""
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [_ClusterNode() for _ in range(masters)]
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [_ClusterNode() for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -194,17 +197,34 @@ class RedisClusterServers:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
-        )
+        )  # fmt: skip
         self.wait_ok()
+        if self.replicas:
+            wait_for(
+                lambda: (
+                    sum(b"master_link_status:up" in node.info(b"replication") for node in self.nodes)
+                    == len(self.nodes) // (1 + self.replicas) * self.replicas
+                ),
+                20,
+                what="every replica in sync with its master",
+            )
         return self
 
     def wait_ok(self, timeout: float = 20.0) -> None:
-        """Until every node answers ``cluster_state:ok`` (all slots served)."""
-        wait_for(lambda: all(node.cluster_ok() for node in self.nodes), timeout, what="cluster_state:ok")
+        """Until every running node answers ``cluster_state:ok`` (all slots served)."""
+        wait_for(
+            lambda: all(node.cluster_ok() for node in self.nodes if node.running),
+            timeout,
+            what="cluster_state:ok",
+        )
+
+    def node_on(self, port: int) -> _ClusterNode:
+        """The node listening on ``port``."""
+        return next(node for node in self.nodes if node.port == port)
 
     def cleanup(self) -> None:
         for node in self.nodes:
@@ -233,18 +253,25 @@ class _ClusterNode(RedisServer):
         ]
 
     def cluster_ok(self) -> bool:
+        return b"cluster_state:ok" in self._ask(b"CLUSTER INFO")
+
+    def info(self, section: bytes) -> bytes:
+        """``INFO section``'s text (empty when the node does not answer)."""
+        return self._ask(b"INFO " + section)
+
+    def _ask(self, command: bytes) -> bytes:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"CLUSTER INFO\r\n")
-                return b"cluster_state:ok" in sock.recv(4096)
+                sock.sendall(command + b"\r\n")
+                return sock.recv(8192)
         except OSError:
-            return False
+            return b""
 
 
-def redis_cluster_fixture(masters: int = 3) -> Iterator[RedisClusterServers]:
+def redis_cluster_fixture(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterServers]:
     require("redis-server")
     require("redis-cli")
-    cluster = RedisClusterServers(masters)
+    cluster = RedisClusterServers(masters, replicas)
     try:
         yield cluster.start()
     finally:

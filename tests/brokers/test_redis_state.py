@@ -4,6 +4,7 @@ namespace without history expire (issue 13, item 6), on a redis-server the test 
 from __future__ import annotations
 
 import secrets
+import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 from herald.brokers.base import PublishOptions, StreamPosition
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
 
+from ..helpers import async_until
 from ..servers import RedisServer, redis_server_fixture, require
 
 pytestmark = pytest.mark.redis
@@ -137,3 +139,54 @@ async def test_a_restarted_redis_never_reproduces_an_empty_epoch() -> None:
     finally:
         await broker.close()
         server.cleanup()
+
+
+async def test_a_replica_promoted_before_it_had_every_write_never_repeats_an_offset() -> None:
+    """Replication is asynchronous: a replica promoted after its master died may lack the
+    last acknowledged publications, and its copy of the stream is stamped by a master
+    that kept every write.  A promoted run (``second_repl_offset`` set) never counts as
+    keeping every write, however it is configured (here: append-only, fsync always, as
+    its master), so the stream starts a new epoch instead of handing out an offset the
+    clients already hold for another publication (docs/scaling.md, Rollbacks)."""
+    require("redis-server")
+    master, replica = RedisServer(persistent=True), RedisServer(persistent=True)
+    master.start()
+    replica.start()
+    config = RedisBrokerConfig(url=master.url, prefix=f"t{secrets.token_hex(4)}")
+    history = PublishOptions(history_size=10, history_ttl=60)
+    on_master = RedisBroker(config)
+    await on_master.start(lambda message: None)
+    on_replica = RedisBroker(RedisBrokerConfig(url=replica.url, prefix=config.prefix))
+    to_master = aioredis.Redis.from_url(master.url)
+    to_replica = aioredis.Redis.from_url(replica.url)
+    try:
+        await to_replica.execute_command("REPLICAOF", "127.0.0.1", str(master.port))
+
+        async def linked() -> bool:
+            return (await to_replica.info("replication")).get("master_link_status") == "up"
+
+        await async_until(linked, what="the replica's link to its master")
+        for data in (b"1", b"2"):
+            told = await on_master.publish("chat:p", data, history)
+        assert await to_master.execute_command("WAIT", 1, 5000) == 1  # the replica has 1 and 2
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGSTOP)  # it lags from here
+        lost = await on_master.publish("chat:p", b"3", history)
+        assert lost == StreamPosition(3, told.epoch)  # acknowledged by a master that fsyncs
+        master.kill()
+        replica.proc.send_signal(signal.SIGCONT)
+        await to_replica.execute_command("REPLICAOF", "NO", "ONE")  # the failover
+
+        await on_replica.start(lambda message: None)
+        top = (await on_replica.history("chat:p", limit=0)).position
+        assert top.epoch != told.epoch and top.offset == 0  # not (2, epoch): 3 would come again
+        assert await on_replica.publish("chat:p", b"4", history) == StreamPosition(1, top.epoch)
+    finally:
+        for client in (to_master, to_replica):
+            await client.aclose()
+        for broker in (on_master, on_replica):
+            await broker.close()
+        if replica.proc is not None and replica.running:
+            replica.proc.send_signal(signal.SIGCONT)
+        for server in (master, replica):
+            server.cleanup()
