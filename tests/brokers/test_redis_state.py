@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from herald.brokers.base import PublishOptions, StreamPosition
 from herald.brokers.redis import RedisBroker, RedisBrokerConfig
+from herald.exceptions import BrokerUnavailableError
 
 from ..helpers import async_until
 from ..servers import RedisServer, redis_server_fixture, require
@@ -190,3 +191,71 @@ async def test_a_replica_promoted_before_it_had_every_write_never_repeats_an_off
             replica.proc.send_signal(signal.SIGCONT)
         for server in (master, replica):
             server.cleanup()
+
+
+class _ConfiguredRedis(RedisServer):
+    """A persistent redis-server (append-only, fsync always) with ``extra`` arguments."""
+
+    def __init__(self, extra: list[str]) -> None:
+        super().__init__(persistent=True)
+        self.extra = extra
+
+    def command(self) -> list[str]:
+        return [*super().command(), *self.extra]
+
+
+EVERYSEC = ["--appendfsync", "everysec"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "continued"),
+    [
+        ([], [], True),  # keeps every acknowledged write: the stream goes on
+        (EVERYSEC, EVERYSEC, False),  # a crash of the machine could lose the last second
+        (["--rename-command", "CONFIG", ""], [], False),  # appendfsync cannot be read: cannot tell
+        (["--appendonly", "no"], ["--appendonly", "no"], False),  # snapshots only (the one taken below)
+        (EVERYSEC, [], False),  # the run that wrote the stream made no promise
+    ],
+    ids=["fsync-always", "fsync-everysec", "config-refused", "rdb-only", "everysec-then-always"],
+)
+async def test_a_stream_outlives_a_redis_restart_in_its_epoch_only_when_every_write_is_kept(
+    before: list[str], after: list[str], continued: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``SAVE``, kill -9 and restart.  Nothing is written after the snapshot and the
+    process's writes reach the append-only file either way (only a crash of the machine
+    loses what was not fsynced), so every case comes back with the stream whole: what
+    differs is whether Redis *promised* to keep every write, and only then is the epoch
+    continued (docs/scaling.md, Rollbacks)."""
+    require("redis-server")
+    server = _ConfiguredRedis(before)
+    server.start()
+    broker = await _broker(server.url)
+    history = PublishOptions(history_size=10, history_ttl=60)
+    try:
+        told = await broker.publish("chat:r", b"1", history)
+        direct = aioredis.Redis.from_url(server.url)
+        try:
+            await direct.save()
+        finally:
+            await direct.aclose()
+        server.extra = after
+        server.restart()
+        answers: list[StreamPosition] = []
+
+        async def published() -> bool:
+            try:
+                answers.append(await broker.publish("chat:r", b"2", history))
+            except BrokerUnavailableError:
+                return False  # the pool has not reconnected yet
+            return True
+
+        await async_until(published, what="a publish after the restart")
+        if continued:
+            assert answers == [StreamPosition(2, told.epoch)]
+        else:
+            assert answers[0].epoch != told.epoch and answers[0].offset == 1
+        refused = "refused CONFIG GET appendfsync" in caplog.text
+        assert refused == ("CONFIG" in before)
+    finally:
+        await broker.close()
+        server.cleanup()
