@@ -13,12 +13,13 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from herald.brokers.base import Publication, PublishOptions, StreamGap, StreamPosition
 from herald.brokers.nats import NatsBroker, NatsBrokerConfig
-from herald.exceptions import ConfigError
+from herald.exceptions import BrokerUnavailableError, ConfigError
 
 from ..helpers import async_until, async_wait_for
 from ..servers import NatsServer, nats_server_fixture
@@ -28,9 +29,18 @@ pytestmark = pytest.mark.nats
 
 
 class _DiesAfterStore(NatsBroker):
-    """A publisher whose next fan-out never happens, as if it died right after JetStream's ack."""
+    """A publisher whose next fan-out never happens, as if it died right after JetStream's
+    ack; or whose next append's ack is lost (JetStream stored it, the reply never came)."""
 
     drop_next_fan_out = False
+    lose_next_ack = False
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+        reply = await super()._request(subject, payload, headers)
+        if self.lose_next_ack and not subject.startswith("$JS."):  # an append, not an API call
+            self.lose_next_ack = False
+            raise BrokerUnavailableError("NATS request failed: the reply was lost")
+        return reply
 
     async def _publish(self, subject: str, payload: bytes) -> None:
         if self.drop_next_fan_out and subject.startswith(f"{self.config.prefix}.c."):
@@ -77,6 +87,26 @@ async def test_lost_fan_out_is_read_from_the_stream_in_order(engine: Engine) -> 
     # Offset 3 arrived first, but 2 was read from the stream and delivered before it.
     assert [(p.offset, p.data) for p in received] == [(1, b"1"), (2, b"2"), (3, b"3")]
     assert isinstance(receiver.broker, NatsBroker) and receiver.broker.gaps_filled == 1
+
+
+async def test_an_append_whose_ack_was_lost_is_not_sent_again(engine: Engine) -> None:
+    """JetStream stored the publication and its ack was lost: the publish fails (121),
+    nothing sends it again, and it is in the stream once, at its offset; the nodes read
+    it from there (its fan-out never happened) and the next publish continues after it."""
+    receiver, publisher = await engine.node(), await engine.node()
+    broker = publisher.broker
+    assert isinstance(broker, _DiesAfterStore)
+    channel = channel_name()
+    await receiver.broker.subscribe(channel)
+    assert (await broker.publish(channel, b"0", HISTORY)).offset == 1
+    broker.lose_next_ack = True
+    with pytest.raises(BrokerUnavailableError):
+        await broker.publish(channel, b"1", HISTORY)
+    assert not broker.lose_next_ack  # the append was made, and its reply dropped
+    assert (await broker.publish(channel, b"2", HISTORY)).offset == 3
+    received = await receiver.wait_publications(channel, 3)
+    assert [(p.offset, p.data) for p in received] == [(1, b"0"), (2, b"1"), (3, b"2")]
+    assert [p.data for p in (await broker.history(channel)).publications] == [b"0", b"1", b"2"]
 
 
 async def test_offset_missing_from_history_is_reported_as_a_gap(engine: Engine) -> None:
