@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -230,3 +231,51 @@ async def test_a_killed_shard_fails_only_its_channels_and_reports_a_gap_on_retur
     finally:
         for node in nodes:
             await node.broker.close()
+
+
+@pytest.mark.redis
+async def test_nodes_that_disagree_on_the_shard_list_are_found(
+    redis_shards: list[RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling change of the shard list leaves nodes that place some channels on
+    different shards (their publications to those channels never meet).  Each node
+    records its list on every shard and finds the other's on a shard they share; nodes
+    that agree find nothing, and a list gone from every shard stops being reported."""
+    caplog.set_level(logging.ERROR, logger="herald.brokers.sharded")
+    prefix = "prefix=placements"
+    urls = [
+        shards_url(redis_shards, prefix),
+        shards_url(redis_shards, prefix),
+        shards_url(redis_shards[:2], prefix),
+    ]
+    brokers = [ShardedRedisBroker(ShardedRedisConfig.from_url(url)) for url in urls]
+    for broker in brokers:
+        broker.placement_check_interval = 0.1  # each list kept 0.3 s
+        await broker.start(lambda message: None)
+    full, same, partial = brokers
+    try:
+        assert full.placement == same.placement != partial.placement
+        # The order of the URLs changes no placement, so it is no disagreement.
+        reordered = ShardedRedisBroker(ShardedRedisConfig.from_url(shards_url(redis_shards[::-1], prefix)))
+        assert reordered.placement == full.placement
+        await async_wait_for(
+            lambda: all(b.placement_mismatches for b in brokers), 5, what="every node to find the other list"
+        )
+        for broker in brokers:
+            await broker.check_placement()  # a list already reported is not counted again
+            assert broker.counters()["placement_mismatches"] == 1
+        assert full.foreign_placements == same.foreign_placements == {partial.placement}
+        assert partial.foreign_placements == {full.placement}
+        errors = [r.getMessage() for r in caplog.records if "other Redis shards" in r.getMessage()]
+        assert len(errors) == 3 and all("same shard list" in error for error in errors)
+
+        await partial.close()
+        await async_wait_for(
+            lambda: not full.foreign_placements and not same.foreign_placements,
+            5,
+            what="the other list to expire",
+        )
+        assert full.placement_mismatches == 1
+    finally:
+        for broker in brokers:
+            await broker.close()

@@ -24,6 +24,12 @@ so a client resuming across the change is told ``recovered: false``, and presenc
 rebuilt by the nodes' refresh within ``presence_ttl``.  Change the shard list on every
 node at once (a rolling change leaves nodes disagreeing about where a channel is).
 
+Nodes that disagree on the shard list are found: each node records its list (the shard
+names, sorted) on every shard every :data:`PLACEMENT_CHECK_INTERVAL` seconds, kept for three
+intervals, and reads the lists recorded there; a list other than its own is logged as an
+error and counted (``placement_mismatches``).  Two nodes are found when they share at
+least one shard.
+
 Faults are per shard: while one Redis is down, calls for its channels raise
 :class:`~herald.exceptions.BrokerUnavailableError` and its link reconnects on its own;
 on return its subscribed channels catch up or get a :class:`StreamGap`, as with one
@@ -33,8 +39,11 @@ Redis.  The other shards' channels are not affected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 from collections import Counter
+from typing import Any
 
 from .base import (
     Broker,
@@ -49,6 +58,21 @@ from .sharded_config import ShardedRedisConfig
 
 #: Placements remembered at most (about 100 bytes each).
 _PLACED_MAX = 65_536
+#: Seconds between two records of this node's shard list on every shard.
+PLACEMENT_CHECK_INTERVAL = 10.0
+
+logger = logging.getLogger("herald.brokers.sharded")
+
+# KEYS[1]: the shard lists of the nodes (a sorted set scored by expiry, Redis's clock).
+# ARGV[1]: this node's list; ARGV[2]: how long it is kept (ms).  Returns every list kept.
+_RECORD_PLACEMENT = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+redis.call('zadd', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('pexpire', KEYS[1], ARGV[2])
+return redis.call('zrange', KEYS[1], 0, -1)
+"""
 
 
 class ShardedRedisBroker(Broker):
@@ -71,6 +95,14 @@ class ShardedRedisBroker(Broker):
         # Recent answers: a lookup hashes the name once per shard (a few microseconds with
         # five shards), and the same channels are looked up on every call.
         self._placed: dict[str, RedisBroker] = {}
+        #: This node's shard list as recorded on the shards (names sorted: order changes nothing).
+        self.placement = ",".join(sorted(self.names))
+        #: Other nodes' shard lists seen at the last check (empty: every node agrees).
+        self.foreign_placements: set[str] = set()
+        #: Shard lists other than this node's found so far (each counted once when it appears).
+        self.placement_mismatches = 0
+        self.placement_check_interval = PLACEMENT_CHECK_INTERVAL
+        self._placement_task: asyncio.Task[None] | None = None
 
     def shard_for(self, name: str) -> RedisBroker:
         """The shard that owns ``name`` (a channel, or any other key that must live with
@@ -98,10 +130,61 @@ class ShardedRedisBroker(Broker):
         that is down keeps reconnecting in the background)."""
         self._handler = handler
         await asyncio.gather(*(shard.start(self._deliver) for shard in self.shards))
+        self._placement_task = asyncio.get_running_loop().create_task(self._check_placement_forever())
 
     async def close(self) -> None:
         self._handler = None
+        task, self._placement_task = self._placement_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await asyncio.gather(*(shard.close() for shard in self.shards))
+
+    async def _check_placement_forever(self) -> None:
+        while True:
+            try:
+                await self.check_placement()
+            except Exception as exc:  # never stop checking over one failed round
+                logger.debug("shard list check failed: %r", exc)
+            await asyncio.sleep(self.placement_check_interval)
+
+    async def check_placement(self) -> set[str]:
+        """Record this node's shard list on every shard and return the other lists that
+        nodes recorded there lately (three check intervals).
+
+        A node with another list places some channels on other shards than this node:
+        what one publishes to such a channel never reaches the other's subscribers, and
+        their offsets and histories part.  Each list not seen at the previous check is
+        logged as an error and counted in ``placement_mismatches``.  A shard that does
+        not answer is skipped (its own errors are reported by its links).
+        """
+        ttl_ms = str(int(self.placement_check_interval * 3000))
+        key = f"{self.shards[0].config.prefix}:placements"
+
+        async def record(shard: RedisBroker) -> Any:
+            return await shard.client.eval(_RECORD_PLACEMENT, 1, key, self.placement, ttl_ms)
+
+        answers = await asyncio.gather(*(record(shard) for shard in self.shards), return_exceptions=True)
+        seen: set[str] = set()
+        for answer in answers:
+            if isinstance(answer, Exception):
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            seen.update(value.decode() if isinstance(value, bytes) else str(value) for value in answer)
+        foreign = seen - {self.placement}
+        for placement in sorted(foreign - self.foreign_placements):
+            self.placement_mismatches += 1
+            logger.error(
+                "another node spreads channels over other Redis shards (%s; this node: %s): "
+                "publications between nodes that disagree are lost for the channels placed "
+                "differently; give every node the same shard list (docs/scaling.md)",
+                placement,
+                self.placement,
+            )
+        self.foreign_placements = foreign
+        return foreign
 
     async def ready(self) -> bool:
         """True while at least one shard is ready.
@@ -123,6 +206,7 @@ class ShardedRedisBroker(Broker):
         total: Counter[str] = Counter(super().counters())
         for shard in self.shards:
             total.update(shard.counters())
+        total["placement_mismatches"] = self.placement_mismatches
         return dict(total)
 
     # ------------------------------------------------------------ routed by channel
