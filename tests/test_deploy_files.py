@@ -389,11 +389,13 @@ def test_broker_event_names_in_the_files_are_events_a_broker_counts() -> None:
     from herald.brokers.memory import MemoryBroker
     from herald.brokers.nats import NatsBroker, NatsBrokerConfig
     from herald.brokers.redis import RedisBroker, RedisBrokerConfig
+    from herald.brokers.sharded import ShardedRedisBroker, ShardedRedisConfig
 
     events = set(MemoryBroker().counters())
     events |= set(RedisBroker(RedisBrokerConfig()).counters()) | set(
         NatsBroker(NatsBrokerConfig()).counters()
     )
+    events |= set(ShardedRedisBroker(ShardedRedisConfig.from_url("redis://a,redis://b")).counters())
     named = {
         selector.matchers["event"]
         for query in rule_queries() + dashboard_queries()
