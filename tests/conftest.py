@@ -78,12 +78,3 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     finally:
         if watchdog is not None:
             watchdog.cancel()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with slow tests run first.  scripts/test's two workers (xdist, ``--dist
-    loadfile --no-loadscope-reorder``) are handed whole files in this order: the long
-    files then run side by side early, instead of one of them ending the run while the
-    other worker idles."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: a file's order kept

@@ -209,7 +209,7 @@ class RedisClusterServers:
                     sum(b"master_link_status:up" in node.info(b"replication") for node in self.nodes)
                     == len(self.nodes) // (1 + self.replicas) * self.replicas
                 ),
-                20,
+                60,
                 what="every replica in sync with its master",
             )
         return self

@@ -127,8 +127,10 @@ def test_an_idle_protocol_connection_holds_few_tracked_objects(native_server: Th
         grown = after - before
         per_connection = (sum(grown.values()) - count) / count  # minus the client's own socket
         # Created on first use only: token timers, the strike bucket, command-id and RPC sets.
+        # (A few of any type may come from elsewhere in this process meanwhile: another
+        # test's threads, the loop.  One per connection more would be ``count`` more.)
         for lazy in ("TokenExpiry", "set"):
-            assert grown[lazy] <= count, (lazy, grown[lazy])
+            assert grown[lazy] <= count + count // 10, (lazy, grown[lazy])
         assert grown["TokenBucket"] == count  # the command bucket only
         assert grown["tuple"] < count  # the parsed request headers are not kept
         assert per_connection <= 18, (

@@ -50,7 +50,7 @@ async def test_a_master_failed_over_to_its_replica(cluster: RedisClusterServers)
         # The replica holds publication 1: even so, a promoted run is not trusted.
         to_victim = aioredis.Redis(host="127.0.0.1", port=victim.port)
         try:
-            assert await to_victim.execute_command("WAIT", 1, 5000) == 1
+            assert await to_victim.execute_command("WAIT", 1, 30000) == 1
         finally:
             await to_victim.aclose()
 
@@ -66,7 +66,7 @@ async def test_a_master_failed_over_to_its_replica(cluster: RedisClusterServers)
                 return False  # not failed over yet (node timeout 2 s, then the election)
             return True
 
-        await async_until(published, 20, what="a publish on the promoted replica")
+        await async_until(published, 60, what="a publish on the promoted replica")
         assert answers[0].epoch != told.epoch and answers[0].offset == 1
         # The subscriber's node followed the slots to the new master and was told that
         # the stream it read is gone (its clients are closed with 4005 and resume).

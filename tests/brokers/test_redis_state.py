@@ -166,10 +166,11 @@ async def test_a_replica_promoted_before_it_had_every_write_never_repeats_an_off
         async def linked() -> bool:
             return (await to_replica.info("replication")).get("master_link_status") == "up"
 
-        await async_until(linked, what="the replica's link to its master")
+        # A full sync (fork, snapshot, load): seconds on a busy machine.
+        await async_until(linked, 60, what="the replica's link to its master")
         for data in (b"1", b"2"):
             told = await on_master.publish("chat:p", data, history)
-        assert await to_master.execute_command("WAIT", 1, 5000) == 1  # the replica has 1 and 2
+        assert await to_master.execute_command("WAIT", 1, 30000) == 1  # the replica has 1 and 2
         assert replica.proc is not None
         replica.proc.send_signal(signal.SIGSTOP)  # it lags from here
         lost = await on_master.publish("chat:p", b"3", history)
