@@ -142,7 +142,11 @@ def test_chat_with_websocket_blocked_falls_back_and_survives_a_cut(
         wait_message(bob, "Hello over plain HTTP")
         bob.fill("#text", "Loud and clear")
         bob.press("#text", "Enter")
-        wait_message(ada, "Loud and clear")
+        # Both pages show both messages (pages show what their subscription delivered, their
+        # own messages too), so what they recover below is exactly the three they miss.
+        for page in (ada, bob):
+            wait_message(page, "Hello over plain HTTP")
+            wait_message(page, "Loud and clear")
 
         # Every connection is cut: both pages notice, and reconnect once the network is back.
         proxy.cut()
