@@ -216,10 +216,12 @@ def test_expired_token_is_refreshed_from_the_token_function(
     herald_server: ServerProcess, new_page: Any
 ) -> None:
     user = "user-" + secrets.token_hex(3)
-    now = int(time.time())
-    short = jwt.encode({"sub": user, "exp": now + 2}, TOKEN_SECRET, algorithm="HS256")
-    long = jwt.encode({"sub": user, "exp": now + 3600}, TOKEN_SECRET, algorithm="HS256")
     page = client_page(new_page, herald_server)
+    # Made once the page is up (loading it can take seconds on a busy machine): the short
+    # token must still be valid when the client connects with it.
+    now = int(time.time())
+    short = jwt.encode({"sub": user, "exp": now + 3}, TOKEN_SECRET, algorithm="HS256")
+    long = jwt.encode({"sub": user, "exp": now + 3600}, TOKEN_SECRET, algorithm="HS256")
     run_js(
         page,
         """
@@ -236,7 +238,7 @@ def test_expired_token_is_refreshed_from_the_token_function(
         [short, long],
     )
     # At expiry the server pushes `refresh`; the client answers with the function's next token.
-    page.wait_for_function("window.refreshed !== undefined", timeout=10_000)
+    page.wait_for_function("window.refreshed !== undefined", timeout=15_000)
     refreshed = page.evaluate("window.refreshed")
     assert refreshed["expires_at"] >= now + 3600
     assert page.evaluate("window.calls") == 2
