@@ -98,14 +98,18 @@ class RedisServer(_ServerBase):
 
     With ``persistent`` every write goes to an append-only file in the server's
     directory before it is acknowledged (``appendfsync always``), so even a
-    SIGKILL and restart brings every acknowledged write back.
+    SIGKILL and restart brings every acknowledged write back.  ``extra`` arguments
+    come last (so they win), and are read again at each (re)start.
     """
 
     binary = "redis-server"
 
-    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, persistent: bool = False, extra: list[str] | None = None
+    ) -> None:
         super().__init__(port)
         self.persistent = persistent
+        self.extra = extra or []
 
     @property
     def url(self) -> str:
@@ -126,6 +130,7 @@ class RedisServer(_ServerBase):
             "always",
             "--dir",
             str(self.dir),
+            *self.extra,
         ]
 
     def is_ready(self) -> bool:

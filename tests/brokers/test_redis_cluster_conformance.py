@@ -169,6 +169,24 @@ async def test_a_master_killed_fails_only_its_channels_then_reports_the_lost_str
         cluster.wait_ok()
 
 
+def lose_first_reply(monkeypatch: pytest.MonkeyPatch, command: str) -> list[object]:
+    """From now on, the first ``command`` any cluster node runs has its reply lost after
+    Redis ran it (as when the link breaks in between).  Returns the lost replies (one at
+    most); ``monkeypatch.undo()`` ends it."""
+    sent = ClusterNode.execute_command
+    lost: list[object] = []
+
+    async def reply_lost(node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        reply = await sent(node, *args, **kwargs)
+        if args[0] == command and not lost:
+            lost.append(reply)
+            raise RedisConnectionError("the reply was lost")
+        return reply
+
+    monkeypatch.setattr(ClusterNode, "execute_command", reply_lost)
+    return lost
+
+
 async def test_a_publish_whose_reply_was_lost_is_not_sent_again(
     cluster: RedisClusterServers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,19 +196,9 @@ async def test_a_publish_whose_reply_was_lost_is_not_sent_again(
     broker = RedisBroker(_config(cluster))
     await broker.start(lambda message: None)
     history = PublishOptions(history_size=10, history_ttl=60)
-    sent = ClusterNode.execute_command
-    lost = []
-
-    async def reply_lost(node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
-        reply = await sent(node, *args, **kwargs)
-        if args[0] == "EVALSHA" and not lost:
-            lost.append(reply)
-            raise RedisConnectionError("the reply was lost")
-        return reply
-
     try:
         assert (await broker.publish("lost", b"0", history)).offset == 1
-        monkeypatch.setattr(ClusterNode, "execute_command", reply_lost)
+        lost = lose_first_reply(monkeypatch, "EVALSHA")
         with pytest.raises(BrokerUnavailableError):
             await broker.publish("lost", b"1", history)
         assert len(lost) == 1  # it ran once
@@ -210,22 +218,13 @@ async def test_a_presence_event_whose_reply_was_lost_is_not_pushed_twice(
     broker = RedisBroker(_config(cluster))
     node = NodeEngines(broker, RedisPresenceManager(broker))
     await node.broker.start(node.handler)
-    sent = ClusterNode.execute_command
-    lost = []
-
-    async def reply_lost(cluster_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
-        reply = await sent(cluster_node, *args, **kwargs)
-        if args[0] == "SPUBLISH" and not lost:
-            lost.append(reply)
-            raise RedisConnectionError("the reply was lost")
-        return reply
 
     def event(kind: str, user: str) -> PresenceEvent:
         return PresenceEvent("room", kind, ClientInfo(f"c-{user}", user))
 
     try:
         await node.broker.subscribe("room")
-        monkeypatch.setattr(ClusterNode, "execute_command", reply_lost)
+        lost = lose_first_reply(monkeypatch, "SPUBLISH")
         with pytest.raises(BrokerUnavailableError):
             await node.broker.publish_event(event("join", "lost"))
         assert lost == [1]  # Redis pushed it, to the one subscribed node

@@ -194,17 +194,6 @@ async def test_a_replica_promoted_before_it_had_every_write_never_repeats_an_off
             server.cleanup()
 
 
-class _ConfiguredRedis(RedisServer):
-    """A persistent redis-server (append-only, fsync always) with ``extra`` arguments."""
-
-    def __init__(self, extra: list[str]) -> None:
-        super().__init__(persistent=True)
-        self.extra = extra
-
-    def command(self) -> list[str]:
-        return [*super().command(), *self.extra]
-
-
 EVERYSEC = ["--appendfsync", "everysec"]
 
 
@@ -228,7 +217,7 @@ async def test_a_stream_outlives_a_redis_restart_in_its_epoch_only_when_every_wr
     differs is whether Redis *promised* to keep every write, and only then is the epoch
     continued (docs/scaling.md, Rollbacks)."""
     require("redis-server")
-    server = _ConfiguredRedis(before)
+    server = RedisServer(persistent=True, extra=before)  # append-only, fsync always, then ``before``
     server.start()
     broker = await _broker(server.url)
     history = PublishOptions(history_size=10, history_ttl=60)

@@ -231,7 +231,9 @@ async def kill_between_publish_and_commit(
 
 
 async def waiting_at_delete(db: asyncpg.Connection) -> set[str]:
-    """The application names of the sessions whose delete waits on HOLD_DELETES."""
+    """The application names of the sessions waiting on an advisory lock: a consumer
+    waits there only at its delete (HOLD_DELETES); writers that wait on each other's
+    channel locks have names of their own."""
     rows = await db.fetch(
         "SELECT application_name FROM pg_stat_activity "
         "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"

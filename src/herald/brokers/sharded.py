@@ -45,6 +45,7 @@ import logging
 from collections import Counter
 from typing import Any
 
+from ..periodic import every
 from .base import (
     Broker,
     BrokerHandler,
@@ -53,7 +54,7 @@ from .base import (
     PublishOptions,
     StreamPosition,
 )
-from .redis import RedisBroker
+from .redis import RedisBroker, _text
 from .sharded_config import ShardedRedisConfig
 
 #: Placements remembered at most (about 100 bytes each).
@@ -102,7 +103,7 @@ class ShardedRedisBroker(Broker):
         #: Shard lists other than this node's found so far (each counted once when it appears).
         self.placement_mismatches = 0
         self.placement_check_interval = PLACEMENT_CHECK_INTERVAL
-        self._placement_task: asyncio.Task[None] | None = None
+        self._checks = contextlib.AsyncExitStack()
 
     def shard_for(self, name: str) -> RedisBroker:
         """The shard that owns ``name`` (a channel, or any other key that must live with
@@ -130,24 +131,14 @@ class ShardedRedisBroker(Broker):
         that is down keeps reconnecting in the background)."""
         self._handler = handler
         await asyncio.gather(*(shard.start(self._deliver) for shard in self.shards))
-        self._placement_task = asyncio.get_running_loop().create_task(self._check_placement_forever())
+        await self._checks.enter_async_context(
+            every(self.placement_check_interval, self.check_placement, name="herald-shard-lists")
+        )
 
     async def close(self) -> None:
         self._handler = None
-        task, self._placement_task = self._placement_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._checks.aclose()
         await asyncio.gather(*(shard.close() for shard in self.shards))
-
-    async def _check_placement_forever(self) -> None:
-        while True:
-            try:
-                await self.check_placement()
-            except Exception as exc:  # never stop checking over one failed round
-                logger.debug("shard list check failed: %r", exc)
-            await asyncio.sleep(self.placement_check_interval)
 
     async def check_placement(self) -> set[str]:
         """Record this node's shard list on every shard and return the other lists that
@@ -166,13 +157,9 @@ class ShardedRedisBroker(Broker):
             return await shard.client.eval(_RECORD_PLACEMENT, 1, key, self.placement, ttl_ms)
 
         answers = await asyncio.gather(*(record(shard) for shard in self.shards), return_exceptions=True)
-        seen: set[str] = set()
-        for answer in answers:
-            if isinstance(answer, Exception):
-                continue
-            if isinstance(answer, BaseException):
-                raise answer
-            seen.update(value.decode() if isinstance(value, bytes) else str(value) for value in answer)
+        seen = {
+            _text(value) for answer in answers if not isinstance(answer, BaseException) for value in answer
+        }
         foreign = seen - {self.placement}
         for placement in sorted(foreign - self.foreign_placements):
             self.placement_mismatches += 1
