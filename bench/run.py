@@ -3,7 +3,9 @@
 Every run starts a fresh server pinned to one core (``taskset -c 0``) and drives it
 with the C load generator (``bench/loadgen.c``, built on first use) pinned to the
 other core; the targets are measured in the same session so that the ratios stay
-meaningful on a shared, noisy machine.
+meaningful on a shared, noisy machine.  ``HERALD_BENCH_PIN=0`` leaves the processes to
+the scheduler (the test suite's smoke runs do, so they do not starve the other test
+worker; their figures mean nothing anyway).
 
 Targets
     tutorial          the seed tutorial's code under ``uvicorn tutorial_main:app`` (defaults)
@@ -249,10 +251,16 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
 
 
+def pin_argv(cpu: str) -> list[str]:
+    """``taskset -c CPU`` where pinning is possible and wanted (``HERALD_BENCH_PIN``), else nothing."""
+    wanted = os.environ.get("HERALD_BENCH_PIN", "1").strip().lower() not in ("0", "false", "no", "off")
+    if wanted and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", cpu]
+    return []
+
+
 def _prefix(cpu: str, nice: bool) -> list[str]:
-    argv: list[str] = []
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        argv += ["taskset", "-c", cpu]
+    argv = pin_argv(cpu)
     if nice:
         argv += ["nice", "-n", "19"]
     return argv

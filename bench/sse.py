@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .run import HERALD_ENV, free_port, herald_argv, proc_cpu_seconds, proc_rss_kib
+from .run import HERALD_ENV, free_port, herald_argv, pin_argv, proc_cpu_seconds, proc_rss_kib
 
 CHANNEL = "bench:sse"
 MARKER = re.compile(rb"#(\d+):(\d+)#")
@@ -66,7 +66,7 @@ SERVER_ENV: dict[str, str] = {}
 @contextlib.contextmanager
 def server(port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, **HERALD_ENV, "HERALD_DEMOS": "false", "HERALD_PING_INTERVAL": "25", **SERVER_ENV}
-    prefix = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    prefix = pin_argv("0")
     argv = [part.replace("{port}", str(port)) for part in herald_argv()]
     log = open(Path("/tmp") / f"herald-bench-sse-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([*prefix, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -358,7 +358,7 @@ def machine() -> dict[str, str]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1000)), hard))
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+    if hasattr(os, "sched_setaffinity") and pin_argv("1"):
         os.sched_setaffinity(0, {1})
     port = free_port()
     results: dict[str, Any] = {"machine": machine(), "params": vars(args), "S1": {}, "S2": {}, "S4": {}}

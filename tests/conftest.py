@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import Generator, Iterator
@@ -10,6 +11,11 @@ import pytest
 
 from . import wire_schema
 from .helpers import ServerProcess
+
+# The benchmark smoke runs (tests/test_bench_*) would pin their server and load generator
+# to cores 0 and 1 for a minute or more, starving the other test worker's servers; their
+# figures mean nothing at that size, so they are left to the scheduler.
+os.environ.setdefault("HERALD_BENCH_PIN", "0")
 
 
 @pytest.fixture(scope="session")
