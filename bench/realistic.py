@@ -307,7 +307,7 @@ def _py_spy() -> str | None:
 
 
 @contextlib.contextmanager
-def py_spy(pid: int, svg: Path, log: Path) -> Iterator[None]:
+def py_spy(pid: int, svg: Path, log: Path, rate: int = 250) -> Iterator[None]:
     """Samples ``pid`` with py-spy (a flame graph in ``svg``; collapsed stacks when it
     ends in ``.txt``) while the body runs.
 
@@ -322,7 +322,7 @@ def py_spy(pid: int, svg: Path, log: Path) -> Iterator[None]:
     svg.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [*base._prefix(base.LOADGEN_CPU, False), exe, "record", "--pid", str(pid), "--rate", "250",
+            [*base._prefix(base.LOADGEN_CPU, False), exe, "record", "--pid", str(pid), "--rate", str(rate),
              "--nonblocking", "--format", "raw" if svg.suffix == ".txt" else "flamegraph",
              "--output", str(svg)],
             stdout=out,
@@ -383,6 +383,7 @@ def run_job(
     timeout: float,
     profile: Path | None = None,
     profile_raw: bool = False,
+    profile_rate: int = 250,
 ) -> dict[str, Any]:
     workload = job.workload
     extra: dict[str, str] = {}
@@ -409,7 +410,12 @@ def run_job(
         pids = [pid for _, pid in nodes]
         if profile is not None and peer.name.startswith("herald"):
             stack.enter_context(
-                py_spy(pids[0], profile / f"{workload}-{peer.name}.{'txt' if profile_raw else 'svg'}", log)
+                py_spy(
+                    pids[0],
+                    profile / f"{workload}-{peer.name}.{'txt' if profile_raw else 'svg'}",
+                    log,
+                    profile_rate,
+                )
             )
         rss0 = sum(base.proc_rss_kib(pid) for pid in pids)
         if mode == "storm":
@@ -609,6 +615,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                     timeout=args.timeout,
                     profile=args.profile,
                     profile_raw=args.profile_raw,
+                    profile_rate=args.profile_rate,
                 )
                 run["wall_s"] = round(time.monotonic() - started, 1)
                 entry["runs"].append(run)
@@ -876,6 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile-raw", action="store_true", help="collapsed stacks (<workload>-<target>.txt), not SVG"
+    )
+    parser.add_argument(
+        "--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)"
     )
     parser.add_argument("--setup-peers", action="store_true", help="install the peers' packages and exit")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ from herald.config import Settings
 from herald.presence.memory import MemoryPresenceManager
 from herald.server import create_app
 from herald.transports.uvicorn import HeraldWebSocketProtocol
+from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from .helpers import ThreadServer, wait_for
 
@@ -103,11 +104,13 @@ def test_presence_entries_are_not_tracked_by_the_collector() -> None:
 
 @pytest.fixture
 def native_server(request: pytest.FixtureRequest) -> Iterator[ThreadServer]:
-    """``herald serve``'s app in this process; ``native_routes`` from indirect
-    parametrization (default: served natively)."""
+    """``herald serve``'s app and protocol classes in this process; ``native_routes`` from
+    indirect parametrization (default: served natively)."""
     native = getattr(request, "param", True)
     app = create_app(Settings(demos=False, metrics=False, admin=False, native_routes=native))
-    server = ThreadServer(app, ws=HeraldWebSocketProtocol, lifespan="on").start()
+    server = ThreadServer(
+        app, http=HeaderTimeoutHTTPProtocol, ws=HeraldWebSocketProtocol, lifespan="on"
+    ).start()
     try:
         yield server
     finally:
@@ -177,3 +180,125 @@ def test_the_handshake_deadline_is_dropped_once_connected(native_server: ThreadS
     finally:
         for sock in clients:
             sock.close()
+
+
+# ---------------------------------------------------------------- connections that end
+
+
+def _read_until(sock: socket.socket, marker: bytes, received: bytes = b"") -> bytes:
+    sock.settimeout(10)
+    while marker not in received:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"closed before {marker!r}: {received!r}")
+        received += chunk
+    return received
+
+
+def _upgraded(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    _read_until(sock, b"\r\n\r\n")
+    return sock
+
+
+def _masked_close() -> bytes:
+    mask = os.urandom(4)
+    payload = (1000).to_bytes(2, "big")
+    return bytes((0x88, 0x82)) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _close_and_wait(sock: socket.socket) -> None:
+    """The closing handshake from the client's side: close frame, the echo, then EOF."""
+    sock.sendall(_masked_close())
+    sock.settimeout(10)
+    while sock.recv(4096):
+        pass
+    sock.close()
+
+
+def _subscribed(port: int) -> socket.socket:
+    sock = _upgraded(port, "/connect")
+    sock.sendall(masked_text('{"id":1,"type":"connect"}'))
+    sock.sendall(masked_text('{"id":2,"type":"subscribe","channels":[{"channel":"chat:gc"}]}'))
+    _read_until(sock, b'"id":2')
+    return sock
+
+
+def _flow(name: str, port: int) -> None:
+    if name == "subscribed, closed by the client":
+        _close_and_wait(_subscribed(port))
+    elif name == "subscribed, socket dropped":
+        _subscribed(port).close()  # no close frame: the server sees the socket end (1006)
+    elif name == "malformed frames":
+        sock = _subscribed(port)
+        sock.sendall(masked_text("not json"))
+        sock.sendall(masked_text('{"id":3,"type":"nope"}'))
+        _read_until(sock, b'"id":3')
+        _close_and_wait(sock)
+    elif name == "closed by the server":
+        sock = _subscribed(port)
+        # A frame over max_message_size (64 KiB): the server closes with 1009.
+        size = 70_000
+        sock.sendall(bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big") + os.urandom(4) + bytes(size))
+        _read_until(sock, b"\x03\xf1message larger")  # the server's close frame, 1009
+        _close_and_wait(sock)  # the client's echo, then the server closes the socket
+    elif name == "/ws_broadcast":
+        _close_and_wait(_upgraded(port, "/ws_broadcast"))
+    elif name == "/ws_json":
+        sock = _upgraded(port, "/ws_json")
+        sock.sendall(masked_text("{bad"))
+        _read_until(sock, b"malformed JSON")
+        _close_and_wait(sock)
+    else:
+        raise AssertionError(name)
+
+
+def _all_gone(server: ThreadServer) -> bool:
+    """No connection open (uvicorn's set: natively served ones leave it at connection_lost)
+    and no session cleanup running."""
+    state = server.server.server_state
+    return not state.connections and not state.tasks
+
+
+@pytest.mark.parametrize(
+    "flow",
+    [
+        "subscribed, closed by the client",
+        "subscribed, socket dropped",
+        "malformed frames",
+        "closed by the server",
+        "/ws_broadcast",
+        "/ws_json",
+    ],
+)
+def test_an_ended_connection_leaves_nothing_for_the_cyclic_collector(
+    native_server: ThreadServer, flow: str
+) -> None:
+    """A connection that ends is freed by reference counting, at once.
+
+    Each of these held a whole connection (protocol, session, transport: ~18 objects, and
+    ~25 more for uvicorn's HTTP protocol at every upgrade) until the cyclic collector
+    walked every live connection to find it: the protocol and its session pointed at each
+    other; uvicorn's HTTP protocol and its parser did; a malformed frame's error was kept
+    in the frame that caught it, which its traceback held.
+    """
+    port = native_server.port
+    for _ in range(3):  # first-use caches, lazily built types
+        _flow(flow, port)
+    wait_for(lambda: _all_gone(native_server), what="the warm-up connections gone")
+    gc.collect()
+    count = 30
+    gc.disable()
+    try:
+        for _ in range(count):
+            _flow(flow, port)
+        wait_for(lambda: _all_gone(native_server), what="every connection gone")
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < count, f"{found} objects in cycles after {count} connections ({flow})"

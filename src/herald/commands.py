@@ -156,7 +156,10 @@ class CommandHandler:
                 text, max_depth=settings.max_json_depth, max_keys=settings.max_json_keys
             )
         except ProtocolError as exc:
-            command, malformed = None, exc
+            # What the reply needs, not the error itself: its traceback (and its context's)
+            # holds this frame, so keeping it here made a cycle that held the connection
+            # for the cyclic collector.
+            command, malformed = None, (exc.command_id, exc.code, exc.message)
         pipeline = self._pipeline
         if pipeline and (command is None or command.type not in _OVERTAKING):
             # Publishes are in flight: this frame's reply must follow theirs.
@@ -164,11 +167,12 @@ class CommandHandler:
         # Every frame costs a token, garbage included, so that a flood of anything is metered.
         verdict = self.rate.check()
         if command is None:
+            command_id, code, message = malformed
             if verdict is not RateVerdict.OK:
-                self._rate_limited(verdict, malformed.command_id, None)
+                self._rate_limited(verdict, command_id, None)
                 return None
-            self.node.record_rejected_command(_reason(malformed.code))
-            connection.send(encode_error(malformed.command_id, None, int(malformed.code), malformed.message))
+            self.node.record_rejected_command(_reason(code))
+            connection.send(encode_error(command_id, None, int(code), message))
             return None
         # The tag narrows the union as isinstance would, for a fraction of the cost (pydantic
         # models' isinstance goes through ABCMeta): this runs for every frame.

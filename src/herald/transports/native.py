@@ -290,11 +290,13 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         self._wake_writers()
-        if state is _HANDSHAKE or self.session is None:
+        if state is _HANDSHAKE:
             return
         self.server_state.connections.discard(self)
         if self._keepalive is not None:
             self._keepalive.discard(self)
+        if self.session is None:
+            return  # refused at the handshake, or the session was already told (_report_lost)
         if self.peer_close is not None:
             self._end(self.peer_close[0], self.peer_close[1], True)
         else:
@@ -597,6 +599,11 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         session = self.session
         if session is None:
             return
+        # The session is told once and never used again here.  Letting go of it breaks the
+        # cycle protocol -> session -> connection -> protocol, so that a closed connection
+        # is freed by reference counting instead of waiting for the cyclic collector
+        # (which walks every live connection to find it).
+        self.session = None
         try:
             result = session.lost(*args)
         except Exception:
