@@ -312,7 +312,15 @@ async def _traffic(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def exposition() -> Iterator[Exposition]:
-    server = ServerProcess(env={"HERALD_API_KEY": API_KEY, "HERALD_DEMOS": "false"}).start()
+    server = ServerProcess(
+        env={
+            "HERALD_API_KEY": API_KEY,
+            "HERALD_DEMOS": "false",
+            # A proxy hook, so the proxy's series exist (at 0, with their labels) for the
+            # label checks; never called: the traffic sends no rpc.
+            "HERALD_PROXY_RPC_URL": "http://127.0.0.1:9/rpc",
+        }
+    ).start()
     try:
         asyncio.run(_traffic(server))
 
@@ -369,6 +377,7 @@ def test_the_files_cover_what_an_operator_needs() -> None:
         "probe_success",
         "herald_handshakes_rejected_total",
         "herald_stream_gaps_total",
+        "herald_proxy_calls_total",
     ):
         assert metric in alerts, f"no alert on {metric}"
     shown = set().union(*(query.metrics for query in dashboard_queries()))
@@ -379,6 +388,9 @@ def test_the_files_cover_what_an_operator_needs() -> None:
         "herald_event_loop_lag_seconds_bucket",
         "herald_handshakes_rejected_total",
         "herald_broker_publish_seconds_bucket",
+        "herald_proxy_calls_total",
+        "herald_proxy_call_duration_seconds_bucket",
+        "herald_proxy_in_flight",
     ):
         assert metric in shown, f"no panel shows {metric}"
 

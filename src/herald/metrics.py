@@ -4,13 +4,16 @@ The hot path never touches prometheus-client: the node, the routes' sessions and
 connections keep plain ints (:class:`herald.stats.NodeStats`, its per-route
 :class:`herald.stats.RouteStats`, ``connection.frames_out`` ...) and :class:`Metrics`
 copies them into prometheus-client counters and gauges when ``/metrics`` is
-scraped (:meth:`Metrics.sync`).  Only the broker publish latency histogram is
-observed directly, once per publication (not per subscriber).
+scraped (:meth:`Metrics.sync`).  Only two histograms are observed directly: the
+broker publish latency, once per publication (not per subscriber), and the proxy
+hooks' call duration, once per HTTP call to the backend (milliseconds each).
 
 What WebSockets do (connections, disconnects, messages and bytes each way) carries a
 ``route`` label from a fixed set (:data:`herald.stats.ROUTE_LABELS`: every route
 Herald serves, ``other`` for the rest), so the label stays bounded and a sum over
-it is the node's total.
+it is the node's total.  The proxy hooks' metrics (:mod:`herald.proxy`) carry
+``event`` and ``outcome`` from fixed sets too (:data:`herald.proxy.PROXY_EVENTS`,
+:data:`herald.proxy.PROXY_OUTCOMES`).
 
 With several worker processes (``herald serve --workers N``) prometheus-client's
 multiprocess mode is used: ``PROMETHEUS_MULTIPROC_DIR`` names a directory where
@@ -34,12 +37,14 @@ from .codes import CloseCode
 from .looplag import LAG_BUCKETS, LoopLagMonitor
 from .outbox.stats import totals as outbox_totals
 from .periodic import every
+from .proxy import PROXY_OUTCOMES
 from .stats import ROUTE_LABELS
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from .node import Node
+    from .proxy import HttpProxy
 
 #: Broker publish latency buckets (seconds): memory is ~10 µs, Redis on a LAN ~0.1-1 ms.
 LATENCY_BUCKETS = (
@@ -179,6 +184,27 @@ class Metrics:
         self.outbox_lag = gauge(
             "herald_outbox_lag_seconds", "Age of the oldest pending outbox row.", (), "livemax"
         )
+        # The proxy hooks' (herald.proxy): registered on every node, like the outbox's;
+        # without a proxy the labelled ones have no series and in-flight stays 0.
+        self.proxy_calls = counter(
+            "herald_proxy_calls",
+            "Proxy hook calls to the backend, by event and outcome.",
+            ("event", "outcome"),
+        )
+        self.proxy_in_flight = gauge(
+            "herald_proxy_in_flight", "Proxy hook calls waiting for the backend now."
+        )
+        # A backend call takes milliseconds, up to proxy_timeout (1 s by default, 60 s at
+        # most): the loop-lag buckets (0.5 ms .. 10 s) fit.
+        self.proxy_seconds = Histogram(
+            "herald_proxy_call_duration_seconds",
+            "Time a proxy hook call to the backend took (answered, failed or timed out), by event.",
+            ("event",),
+            registry=registry,
+            buckets=LAG_BUCKETS,
+        )
+        if node.proxy is not None:
+            self._watch_proxy(node.proxy)
         self.publish_seconds = Histogram(
             "herald_broker_publish_seconds",
             "Time the broker took to accept a publication.",
@@ -210,6 +236,24 @@ class Metrics:
                 per_route.labels(label)
         # Last values copied, per (counter, labels): counters only ever grow by the difference.
         self._copied: dict[tuple[int, tuple[str, ...]], int] = {}
+
+    def _watch_proxy(self, proxy: HttpProxy) -> None:
+        """Show the proxy's events from the first scrape, at 0 (every outcome: an alert's
+        ratio of failures needs the series before the first failure), and have it report
+        each call's duration to the histogram."""
+        observers: dict[str, Any] = {}
+        for event in proxy.events():
+            observers[event] = self.proxy_seconds.labels(event).observe
+            for outcome in PROXY_OUTCOMES:
+                self.proxy_calls.labels(event, outcome)
+
+        def observe(event: str, seconds: float) -> None:
+            child = observers.get(event)
+            if child is None:
+                child = observers[event] = self.proxy_seconds.labels(event).observe
+            child(seconds)
+
+        proxy.observe_duration = observe
 
     # ------------------------------------------------------------ copying
 
@@ -266,6 +310,11 @@ class Metrics:
         advance(self.outbox_failed, outbox.rows_failed)
         self.outbox_pending.set(outbox.pending_rows)
         self.outbox_lag.set(outbox.lag_seconds)
+        proxy = node.proxy
+        if proxy is not None:
+            for (event, outcome), count in list(proxy.calls.items()):
+                advance(self.proxy_calls, count, event, outcome)
+            self.proxy_in_flight.set(proxy.in_flight)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this node (or of every worker, in multiprocess mode)."""

@@ -23,6 +23,11 @@ status, a body that is not such an object, a field of the wrong type) denies: er
 100 with the message ``proxy timeout``, ``proxy unavailable`` or ``proxy answer
 invalid``; a call beyond ``proxy_max_in_flight`` is refused at once with ``proxy
 busy``.  Nothing fails open.
+
+Every call ends in one outcome (:data:`PROXY_OUTCOMES`), counted in plain ints
+(:attr:`HttpProxy.calls`, :attr:`HttpProxy.in_flight`) that :mod:`herald.metrics`
+copies at scrape time; each call that reached the backend reports its duration to
+:attr:`HttpProxy.observe_duration` (set by :mod:`herald.metrics`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ logger = logging.getLogger("herald.proxy")
 PROXY_EVENTS = ("connect", "refresh", "subscribe", "sub_refresh", "publish", "rpc")
 #: The events a namespace can send elsewhere (or nowhere) with ``proxy_<event>``.
 NAMESPACE_EVENTS = ("subscribe", "publish", "sub_refresh")
+#: How a call ends, one of these per call: the backend ``allowed`` (a ``result``),
+#: ``denied`` (an ``error``, or a refresh's ``expired``), asked for a ``disconnect``;
+#: or gave no usable answer (``timeout``, ``unavailable``, ``invalid``); or the call
+#: was refused before it reached the backend (``busy``).
+PROXY_OUTCOMES = ("allowed", "denied", "disconnect", "timeout", "unavailable", "invalid", "busy")
 
 #: The largest answer read from a backend; a longer one is an invalid answer.
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -168,7 +178,11 @@ class DataResult(_Answer):
 
 class HttpProxy:
     """The backend calls of one node: one pooled HTTP client, a bound on calls in
-    flight, and the hooks :meth:`install` registers."""
+    flight, and the hooks :meth:`install` registers.
+
+    What the metrics need is kept in plain numbers on the call path (``calls``,
+    ``in_flight``); only the duration goes to ``observe_duration`` as it is measured.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -178,9 +192,14 @@ class HttpProxy:
         self.max_in_flight = settings.proxy_max_in_flight
         self.header_names = frozenset(settings.proxy_headers)
         self.cookie_names = frozenset(settings.proxy_cookies)
+        #: Calls sent to the backend and not yet over (answered, failed or timed out).
         self.in_flight = 0
-        #: Calls by (event, outcome): allowed, denied, disconnect, busy, timeout, unavailable, invalid.
+        #: Calls by (event, outcome), one outcome of :data:`PROXY_OUTCOMES` per call.
         self.calls: dict[tuple[str, str], int] = {}
+        #: Called with (event, seconds) once per call that reached the backend (every
+        #: outcome but ``busy``): the time from sending the request to its answer, its
+        #: failure or its timeout.  Set by herald.metrics.
+        self.observe_duration: Callable[[str, float], None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._warned: dict[str, float] = {}
@@ -243,8 +262,7 @@ class HttpProxy:
     async def on_connect(self, ctx: ClientContext) -> ExpiresAt | None:
         url = self.urls["connect"]
         assert url is not None
-        answer = await self.call("connect", url, ctx, self.body(ctx, name=ctx.name))
-        result = self._parse(ConnectResult, answer, "connect", ctx)
+        result = await self.call("connect", url, ctx, self.body(ctx, name=ctx.name), ConnectResult)
         if result.user is not None:
             ctx.user = result.user
         if "info" in result.model_fields_set:
@@ -254,37 +272,34 @@ class HttpProxy:
     async def on_refresh(self, ctx: ClientContext) -> ExpiresAt:
         url = self.urls["refresh"]
         assert url is not None
-        return self._renewal(
-            self._parse(RefreshResult, await self.call("refresh", url, ctx, self.body(ctx)), "refresh", ctx)
-        )
+        return self._renewal(await self.call("refresh", url, ctx, self.body(ctx), RefreshResult))
 
     async def on_subscribe(self, ctx: ClientContext, channel: str) -> ExpiresAt | None:
         url = self.namespace_url("subscribe", channel)
         if url is None:
             return None
-        answer = await self.call("subscribe", url, ctx, self.body(ctx, channel=channel))
-        result = self._parse(SubscribeResult, answer, "subscribe", ctx)
+        result = await self.call("subscribe", url, ctx, self.body(ctx, channel=channel), SubscribeResult)
         return ExpiresAt(result.expires_at) if result.expires_at is not None else None
 
     async def on_sub_refresh(self, ctx: ClientContext, channel: str) -> ExpiresAt | None:
         url = self.namespace_url("sub_refresh", channel)
         if url is None:
             return None
-        answer = await self.call("sub_refresh", url, ctx, self.body(ctx, channel=channel))
-        return self._renewal(self._parse(RefreshResult, answer, "sub_refresh", ctx))
+        answer = await self.call("sub_refresh", url, ctx, self.body(ctx, channel=channel), RefreshResult)
+        return self._renewal(answer)
 
     async def on_publish(self, ctx: ClientContext, channel: str, data: Any) -> Any:
         url = self.namespace_url("publish", channel)
         if url is None:
             return None
-        answer = await self.call("publish", url, ctx, self.body(ctx, channel=channel, data=data))
-        return self._parse(DataResult, answer, "publish", ctx).data
+        body = self.body(ctx, channel=channel, data=data)
+        return (await self.call("publish", url, ctx, body, DataResult)).data
 
     async def on_rpc(self, ctx: ClientContext, method: str, params: Any) -> Any:
         url = self.urls["rpc"]
         assert url is not None
-        answer = await self.call("rpc", url, ctx, self.body(ctx, method=method, data=params))
-        return self._parse(DataResult, answer, "rpc", ctx).data
+        body = self.body(ctx, method=method, data=params)
+        return (await self.call("rpc", url, ctx, body, DataResult)).data
 
     @staticmethod
     def _renewal(result: RefreshResult) -> ExpiresAt:
@@ -333,15 +348,20 @@ class HttpProxy:
             headers.append(("cookie", "; ".join(cookies)))
         return headers
 
-    async def call(self, event: str, url: str, ctx: ClientContext, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``url``; the answer's ``result`` (``{}`` when absent).
+    async def call(
+        self, event: str, url: str, ctx: ClientContext, body: dict[str, Any], model: type[_A]
+    ) -> _A:
+        """POST ``body`` to ``url``; the answer's ``result`` (``{}`` when absent) as ``model``.
 
         Raises ``CommandError`` for an ``error`` answer, ``DisconnectError`` for a
-        ``disconnect`` one, and :class:`ProxyFailure` when there is no usable answer.
+        ``disconnect`` one, and :class:`ProxyFailure` when there is no usable answer
+        (a ``result`` that ``model`` refuses included).  Counts the call
+        once, under its outcome, and reports its duration unless it was ``busy``.
         """
         if self.in_flight >= self.max_in_flight:
             raise self._failed(event, ctx, "busy", BUSY, f"{self.in_flight} calls in flight")
         self.in_flight += 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 status, raw = await self._post(url, ctx, body)
@@ -357,6 +377,9 @@ class HttpProxy:
             ) from None
         finally:
             self.in_flight -= 1
+            observe = self.observe_duration
+            if observe is not None:
+                observe(event, time.perf_counter() - started)
         if status != 200:
             outcome, message = ("unavailable", UNAVAILABLE) if status >= 500 else ("invalid", INVALID)
             raise self._failed(event, ctx, outcome, message, f"HTTP {status}")
@@ -374,8 +397,14 @@ class HttpProxy:
                 code = DEFAULT_DENY_CODE.get(event, ErrorCode.PERMISSION_DENIED)
             # An app code (1000-1999) goes to the client as it is, like a hook's own.
             raise CommandError(code, answer.error.message or None)  # type: ignore[arg-type]
-        self._count(event, "allowed")
-        return answer.result or {}
+        try:
+            parsed = model.model_validate(answer.result or {})
+        except ValidationError as exc:
+            raise self._failed(event, ctx, "invalid", INVALID, _short(exc)) from None
+        # A refresh answered {"result": {"expired": true}} is that refresh's deny.
+        expired = isinstance(parsed, RefreshResult) and parsed.expired
+        self._count(event, "denied" if expired else "allowed")
+        return parsed
 
     async def _post(self, url: str, ctx: ClientContext, body: dict[str, Any]) -> tuple[int, bytes]:
         content = orjson.dumps(body)
@@ -396,13 +425,6 @@ class HttpProxy:
             return 200, b"".join(chunks)
         finally:
             await response.aclose()
-
-    def _parse(self, model: type[_A], result: dict[str, Any], event: str, ctx: ClientContext) -> _A:
-        """``result`` as ``model``, or the invalid-answer failure."""
-        try:
-            return model.model_validate(result)
-        except ValidationError as exc:
-            raise self._failed(event, ctx, "invalid", INVALID, _short(exc)) from None
 
     def _count(self, event: str, outcome: str) -> None:
         key = (event, outcome)
@@ -460,6 +482,7 @@ __all__ = [
     "INVALID",
     "MAX_ANSWER_BYTES",
     "PROXY_EVENTS",
+    "PROXY_OUTCOMES",
     "TIMEOUT",
     "UNAVAILABLE",
     "HttpProxy",
