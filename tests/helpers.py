@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -69,6 +70,31 @@ async def async_until(check: Any, timeout: float = DEFAULT_TIMEOUT, what: str = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what or check}")
         await asyncio.sleep(0.05)
+
+
+def read_until(sock: socket.socket, marker: bytes, received: bytes = b"", timeout: float = 10.0) -> bytes:
+    """Read from a blocking socket until ``marker`` arrived (everything read so far)."""
+    sock.settimeout(timeout)
+    while marker not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed before {marker!r}: {received!r}")
+        received += chunk
+    return received
+
+
+def raw_websocket(port: int, path: str) -> socket.socket:
+    """A plain socket that completed a WebSocket handshake on ``path`` (frames are the
+    caller's: see bench.heap.masked_text)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = read_until(sock, b"\r\n\r\n")
+    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    return sock
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -360,6 +360,98 @@ async def test_nothing_is_written_after_the_close_frame() -> None:
     assert transport.write_nowait("later", 1 << 20, 100) is None  # the caller queues (and drops) it
 
 
+# ------------------------------------------------------------------ write delay (in-process)
+
+DELAY = 0.3
+
+
+async def _turns(count: int = 3) -> None:
+    """Let the event loop go round ``count`` times (end-of-turn flushes run)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_delayed_frames_of_several_turns_leave_in_one_write_after_the_delay() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert transport.write_nowait("a", 1 << 20, 100, DELAY) is True
+    await _turns()
+    assert transport.write_nowait("b", 1 << 20, 100, DELAY) is True
+    await _turns()
+    assert wire.log == []  # not at the end of either turn: they wait for the delay
+    await async_wait_for(lambda: wire.log != [])
+    waited = loop.time() - started
+    assert wire.log == [("write", frame_text(b"a") + frame_text(b"b"))]
+    # The first frame waited the delay (the timer's), not a turn, and not much longer.
+    assert DELAY * 0.9 <= waited < DELAY + 1.0, waited
+
+
+async def test_a_reply_takes_the_waiting_frames_with_it_at_the_end_of_its_turn() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    assert transport.write_nowait("pub1", 1 << 20, 100, DELAY) is True
+    assert transport.write_nowait("pub2", 1 << 20, 100, DELAY) is True
+    await _turns()
+    assert wire.log == []
+    assert transport.write_nowait("reply", 1 << 20, 100) is True  # no delay: a reply
+    assert wire.log == []  # still batched until the end of this turn
+    await _turns()
+    assert wire.log == [("write", frame_text(b"pub1") + frame_text(b"pub2") + frame_text(b"reply"))]
+    # The delay's timer then finds nothing left to write.
+    await asyncio.sleep(DELAY + 0.1)
+    assert len(wire.log) == 1
+
+
+async def test_a_frame_after_a_reply_waits_for_the_delay_again() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    assert transport.write_nowait("reply", 1 << 20, 100) is True
+    await _turns()
+    assert wire.log == [("write", frame_text(b"reply"))]
+    assert transport.write_nowait("pub", 1 << 20, 100, DELAY) is True
+    await _turns()
+    assert len(wire.log) == 1  # the new batch waits for the delay, not the turn
+    await async_wait_for(lambda: len(wire.log) == 2)
+    assert wire.log[1] == ("write", frame_text(b"pub"))
+
+
+async def test_an_asgi_send_or_close_writes_the_delayed_batch_first() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    assert transport.write_nowait("first", 1 << 20, 100, DELAY) is True
+    await transport.send("second")
+    assert wire.log == [("write", frame_text(b"first")), ("asgi", "second")]
+
+
+async def test_the_bounds_count_the_frames_waiting_for_the_delay() -> None:
+    wire = _Wire()
+    transport, _ = _fast(wire)
+    assert transport.write_nowait("x", 1 << 20, 3, DELAY) is True
+    await _turns()
+    assert transport.write_nowait("x", 1 << 20, 3, DELAY) is True
+    await _turns()
+    assert transport.write_nowait("x", 1 << 20, 3, DELAY) is True
+    assert transport.write_nowait("x", 1 << 20, 3, DELAY) is False  # a slow consumer now
+    assert transport.unwritten() == (3, 3 * len(frame_text(b"x")))
+
+
+async def test_each_delayed_batch_waits_at_most_its_own_delay() -> None:
+    slow_wire, quick_wire = _Wire(), _Wire()
+    slow, _ = _fast(slow_wire)
+    quick, _ = _fast(quick_wire)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert slow.write_nowait("slow", 1 << 20, 100, 5.0) is True
+    assert quick.write_nowait("quick", 1 << 20, 100, 0.05) is True
+    await async_wait_for(lambda: quick_wire.log != [])
+    # The shorter delay re-armed the shared timer; the other batch left with it (early
+    # is allowed, late is not).
+    assert loop.time() - started < 2.0
+    assert slow_wire.log == [("write", frame_text(b"slow"))]
+
+
 class _RefusingTransport(RecordingTransport):
     """A transport with a fast path that is unusable while ``usable`` is False."""
 
@@ -368,7 +460,7 @@ class _RefusingTransport(RecordingTransport):
         self.usable = False
         self.direct: list[str] = []
 
-    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
+    def write_nowait(self, frame: str, max_bytes: int, max_messages: int, delay: float = 0.0) -> bool | None:
         if not self.usable:
             return None
         self.direct.append(frame)

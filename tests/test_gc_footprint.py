@@ -29,7 +29,7 @@ from herald.server import create_app
 from herald.transports.uvicorn import HeraldWebSocketProtocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from .helpers import ThreadServer, wait_for
+from .helpers import ThreadServer, raw_websocket, read_until, wait_for
 
 
 def handshake_deadlines() -> int:
@@ -185,27 +185,6 @@ def test_the_handshake_deadline_is_dropped_once_connected(native_server: ThreadS
 # ---------------------------------------------------------------- connections that end
 
 
-def _read_until(sock: socket.socket, marker: bytes, received: bytes = b"") -> bytes:
-    sock.settimeout(10)
-    while marker not in received:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise AssertionError(f"closed before {marker!r}: {received!r}")
-        received += chunk
-    return received
-
-
-def _upgraded(port: int, path: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    _read_until(sock, b"\r\n\r\n")
-    return sock
-
-
 def _masked_close() -> bytes:
     mask = os.urandom(4)
     payload = (1000).to_bytes(2, "big")
@@ -222,10 +201,10 @@ def _close_and_wait(sock: socket.socket) -> None:
 
 
 def _subscribed(port: int) -> socket.socket:
-    sock = _upgraded(port, "/connect")
+    sock = raw_websocket(port, "/connect")
     sock.sendall(masked_text('{"id":1,"type":"connect"}'))
     sock.sendall(masked_text('{"id":2,"type":"subscribe","channels":[{"channel":"chat:gc"}]}'))
-    _read_until(sock, b'"id":2')
+    read_until(sock, b'"id":2')
     return sock
 
 
@@ -238,21 +217,21 @@ def _flow(name: str, port: int) -> None:
         sock = _subscribed(port)
         sock.sendall(masked_text("not json"))
         sock.sendall(masked_text('{"id":3,"type":"nope"}'))
-        _read_until(sock, b'"id":3')
+        read_until(sock, b'"id":3')
         _close_and_wait(sock)
     elif name == "closed by the server":
         sock = _subscribed(port)
         # A frame over max_message_size (64 KiB): the server closes with 1009.
         size = 70_000
         sock.sendall(bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big") + os.urandom(4) + bytes(size))
-        _read_until(sock, b"\x03\xf1message larger")  # the server's close frame, 1009
+        read_until(sock, b"\x03\xf1message larger")  # the server's close frame, 1009
         _close_and_wait(sock)  # the client's echo, then the server closes the socket
     elif name == "/ws_broadcast":
-        _close_and_wait(_upgraded(port, "/ws_broadcast"))
+        _close_and_wait(raw_websocket(port, "/ws_broadcast"))
     elif name == "/ws_json":
-        sock = _upgraded(port, "/ws_json")
+        sock = raw_websocket(port, "/ws_json")
         sock.sendall(masked_text("{bad"))
-        _read_until(sock, b"malformed JSON")
+        read_until(sock, b"malformed JSON")
         _close_and_wait(sock)
     else:
         raise AssertionError(name)

@@ -271,6 +271,14 @@ class Settings(BaseSettings):
     max_queue_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Outbound bytes buffered per connection."
     )
+    write_delay: float = Field(
+        default=0.0,
+        ge=0,
+        le=1.0,
+        description="Seconds a fanned-out frame may wait so that several leave a connection in "
+        "one write (less CPU, more latency); replies are not delayed. 0: written at the end of "
+        "the event loop's turn.",
+    )
     max_rpc_in_flight: int = Field(default=16, ge=1)
     max_json_keys: int = Field(
         default=1000, ge=1, description="Most object keys in one inbound frame (all levels)."

@@ -61,6 +61,7 @@ class Connection:
         "_queued_bytes",
         "_started",
         "_wakeup",
+        "_write_delay",
         "_writer",
         "_writing",
         "bytes_out",
@@ -93,6 +94,7 @@ class Connection:
         max_queue_messages: int = 1024,
         max_queue_bytes: int = 4 * 1024 * 1024,
         remote: str = "",
+        write_delay: float = 0.0,
     ) -> None:
         self.transport = transport
         self.client_id = client_id
@@ -113,6 +115,8 @@ class Connection:
         self.bytes_out = 0
         self._max_messages = max_queue_messages
         self._max_bytes = max_queue_bytes
+        # Channel frames (deliver) may wait this long on the fast path, to share a write.
+        self._write_delay = write_delay
         self._queue: deque[str] | None = None  # created when a frame first has to wait
         self._queued_bytes = 0
         self._wakeup: asyncio.Event | None = None  # created with the writer
@@ -160,15 +164,19 @@ class Connection:
         """(frames, bytes) waiting to be written."""
         return (len(self._queue) if self._queue else 0), self._queued_bytes
 
-    def send(self, frame: str) -> bool:
-        """Queue ``frame``; never awaits.  Returns False if the frame was not queued."""
+    def send(self, frame: str, delay: float = 0.0) -> bool:
+        """Queue ``frame``; never awaits.  Returns False if the frame was not queued.
+
+        ``delay``: on the fast path, the frame may wait up to that many seconds so that
+        later ones share its ``write()`` (see ``write_delay``); 0 writes it at the end of
+        this loop turn."""
         if self._closing:
             return False
         queue = self._queue
         if not queue and not self._writing:
             fast = self._fast
             if fast is not None:
-                written = fast.write_nowait(frame, self._max_bytes, self._max_messages)
+                written = fast.write_nowait(frame, self._max_bytes, self._max_messages, delay)
                 if written:
                     self.frames_out += 1
                     self.bytes_out += len(frame)
@@ -247,7 +255,7 @@ class Connection:
             del floors[channel]
             if not floors:
                 self._floors = None
-        self.send(frame)
+        self.send(frame, self._write_delay)
 
     def hold(self, channel: str) -> None:
         """Buffer ``channel``'s live frames until :meth:`release` (used during subscribe)."""

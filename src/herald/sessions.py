@@ -145,6 +145,7 @@ def new_connection(
         max_queue_messages=max_queue_messages or settings.max_queue_messages,
         max_queue_bytes=settings.max_queue_bytes,
         remote=socket.remote,
+        write_delay=settings.write_delay,
     )
 
 

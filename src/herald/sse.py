@@ -513,6 +513,7 @@ class StreamSession:
             max_queue_messages=settings.max_queue_messages,
             max_queue_bytes=settings.max_queue_bytes,
             remote=request.remote,
+            write_delay=settings.write_delay,
         )
         self.handler = CommandHandler(route.node, self.connection, request)
         #: (channel, offset its subscription carried it to, epoch) per subscribed channel.

@@ -39,7 +39,9 @@ class DirectWrites(Protocol):
     """The fast path of a transport (:class:`~herald.transports.fastpath.BatchedWrites`):
     synchronous, bounded writes of pre-framed frames, and what they left unwritten."""
 
-    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None: ...
+    def write_nowait(
+        self, frame: str, max_bytes: int, max_messages: int, delay: float = 0.0
+    ) -> bool | None: ...
 
     def unwritten(self) -> tuple[int, int]: ...
 

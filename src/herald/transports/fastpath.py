@@ -21,7 +21,10 @@ Frames are batched per connection for the rest of the event loop's current turn
 and written with one ``write()`` (see :class:`_Flusher`): a publisher's burst of
 publications costs each subscriber one system call, not one per frame.  Writing
 to the socket dominated the fan-out profile before batching (about two thirds
-of the server's CPU time in S1).
+of the server's CPU time in S1).  With a write delay (``write_delay``, off by
+default) fanned-out frames wait up to that long, so that frames of several turns
+share a ``write()`` too; a reply or control frame to a connection takes its waiting
+frames with it at the end of the turn.
 
 The guarantees hold on the fast path too:
 
@@ -79,12 +82,17 @@ class _Flusher:
     turn only, never for a timer.
     """
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_deadline", "_dirty", "_later", "_loop", "_scheduled", "_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[BatchedWrites] = []
         self._scheduled = False
+        # Batches waiting for a write delay: one timer for all of them, so each frame
+        # waits at most its delay (less when it joined a batch already waiting).
+        self._later: list[BatchedWrites] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
 
     def add(self, transport: BatchedWrites) -> None:
         self._dirty.append(transport)
@@ -92,11 +100,28 @@ class _Flusher:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def add_later(self, transport: BatchedWrites, delay: float) -> None:
+        """Flush ``transport`` within ``delay`` seconds (or earlier, if anything flushes it)."""
+        self._later.append(transport)
+        deadline = self._loop.time() + delay
+        timer = self._timer
+        if timer is None or deadline < self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._deadline = deadline
+            self._timer = self._loop.call_at(deadline, self.flush_later)
+
     def flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for transport in dirty:
             transport.flush()
+
+    def flush_later(self) -> None:
+        self._timer = None
+        later, self._later = self._later, []
+        for transport in later:
+            transport.flush()  # a no-op for a batch that already left with a reply
 
 
 # One flusher per thread's running loop (test servers run loops in threads).
@@ -117,7 +142,7 @@ class BatchedWrites:
     the end of the event loop's current turn (see :class:`_Flusher`); every other way
     out must call :meth:`flush` first, so order is kept.  The class using it provides
     the ``_pending``, ``_pending_bytes``, ``_buffered``, ``_backlog`` and ``_flusher``
-    attributes and :meth:`_open_transport`.
+    attributes (``_delayed`` too) and :meth:`_open_transport`.
     """
 
     if not TYPE_CHECKING:  # no __dict__ for users with slots; mypy checks the names below
@@ -127,14 +152,17 @@ class BatchedWrites:
     _pending_bytes: int
     _buffered: int  # the socket's write buffer when this batch began
     _backlog: int  # frames written since the write buffer was last seen empty
+    _delayed: bool  # this batch waits for the write delay, not for the end of the turn
     _flusher: _Flusher
 
     def _open_transport(self) -> asyncio.Transport | None:
         """The socket, while frames may still be written to it; None otherwise."""
         raise NotImplementedError
 
-    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
-        """Accept ``frame`` for writing at the end of this loop turn, without awaiting.
+    def write_nowait(self, frame: str, max_bytes: int, max_messages: int, delay: float = 0.0) -> bool | None:
+        """Accept ``frame`` for writing at the end of this loop turn, without awaiting;
+        with ``delay`` > 0, within ``delay`` seconds (a frame without one, written to the
+        same connection meanwhile, takes the waiting frames with it at the end of its turn).
 
         Returns True when accepted, False when it would take the connection over its
         bounds (the socket's write buffer plus the batch over ``max_bytes``, or more than
@@ -157,11 +185,24 @@ class BatchedWrites:
         size = self._pending_bytes + len(data)
         if self._buffered + size > max_bytes or self._backlog + len(pending) >= max_messages:
             return False
-        if not pending:
-            self._flusher.add(self)
+        self._schedule(self._flusher, not pending, delay)
         pending.append(data)
         self._pending_bytes = size
         return True
+
+    def _schedule(self, flusher: _Flusher, first: bool, delay: float) -> None:
+        """Arrange the flush of the batch a frame is joining (``first``: it was empty)."""
+        if first:
+            self._delayed = delay > 0
+            if self._delayed:
+                flusher.add_later(self, delay)
+            else:
+                flusher.add(self)
+        elif self._delayed and delay <= 0:
+            # A reply or control frame: it leaves at the end of this turn, and the frames
+            # waiting for the delay leave with it, ahead of it.
+            self._delayed = False
+            flusher.add(self)
 
     def is_open(self) -> bool:
         """Whether frames can still be written (the peer is connected, no close frame sent)."""
@@ -209,6 +250,7 @@ class BatchedWrites:
             return
         self._pending = []
         self._pending_bytes = 0
+        self._delayed = False
         transport = self._open_transport()
         if transport is None:
             return  # the peer is gone or the close frame left: nothing may follow it

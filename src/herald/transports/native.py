@@ -147,6 +147,7 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         "_backlog",
         "_buffered",
         "_close_timer",
+        "_delayed",
         "_delegate",
         "_ended",
         "_flusher",
@@ -233,6 +234,7 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         self._pending_bytes = 0
         self._buffered = 0
         self._backlog = 0
+        self._delayed = False
         self._flusher = batch_flusher(self.loop)
 
     # ------------------------------------------------------------ asyncio.Protocol

@@ -181,6 +181,7 @@ class HttpStreamTransport(BatchedWrites):
         "_buffered",
         "_close_timeout",
         "_cycle",
+        "_delayed",
         "_ended",
         "_gone",
         "_heartbeat",
@@ -216,6 +217,7 @@ class HttpStreamTransport(BatchedWrites):
         self._pending_bytes = 0
         self._buffered = 0  # the socket's write buffer when this turn's batch began
         self._backlog = 0  # chunks written since the write buffer was last seen empty
+        self._delayed = False
 
     # ------------------------------------------------------------ response
 
@@ -315,12 +317,13 @@ class HttpStreamTransport(BatchedWrites):
         transport = cycle.transport
         return None if transport.is_closing() else transport
 
-    def write_nowait(self, frame: str, max_bytes: int, max_messages: int) -> bool | None:
-        """Accept ``frame`` for writing at the end of this loop turn, without awaiting
-        (the :class:`~herald.connection.Connection` fast-path contract): True accepted;
-        False over the bounds (the socket's buffer plus this turn's chunks over
-        ``max_bytes``, or more than ``max_messages`` chunks unwritten: the caller cuts
-        the slow consumer); None when the direct path is off (the caller queues)."""
+    def write_nowait(self, frame: str, max_bytes: int, max_messages: int, delay: float = 0.0) -> bool | None:
+        """Accept ``frame`` for writing at the end of this loop turn (or within ``delay``
+        seconds), without awaiting (the :class:`~herald.connection.Connection` fast-path
+        contract, :meth:`BatchedWrites.write_nowait`): True accepted; False over the bounds
+        (the socket's buffer plus the batched chunks over ``max_bytes``, or more than
+        ``max_messages`` chunks unwritten: the caller cuts the slow consumer); None when
+        the direct path is off (the caller queues)."""
         pending = self._pending
         if not pending:
             transport = self._socket()
@@ -336,9 +339,8 @@ class HttpStreamTransport(BatchedWrites):
             return False
         if frame.startswith(_DISCONNECT_PREFIX):
             self._told_end = True
-        if not pending:
-            # One flush per loop turn for every stream with chunks, as for WebSockets.
-            batch_flusher(asyncio.get_running_loop()).add(self)
+        # One flush per loop turn (or write delay) for every stream with chunks, as for WebSockets.
+        self._schedule(batch_flusher(asyncio.get_running_loop()), not pending, delay)
         pending.append(chunk)
         self._pending_bytes = size
         return True

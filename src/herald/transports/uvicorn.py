@@ -218,7 +218,7 @@ class FastAsgiSocket(BatchedWrites, AsgiSocket):
     """An :class:`~herald.transports.asgi.AsgiSocket` that also writes pre-framed frames
     synchronously to uvicorn's socket (see :class:`~herald.transports.fastpath.BatchedWrites`)."""
 
-    __slots__ = ("_backlog", "_buffered", "_flusher", "_pending", "_pending_bytes", "_protocol")
+    __slots__ = ("_backlog", "_buffered", "_delayed", "_flusher", "_pending", "_pending_bytes", "_protocol")
 
     def __init__(self, scope: Scope, send: Send, protocol: AsgiWebSocketProtocol) -> None:
         super().__init__(scope, send, None)
@@ -228,6 +228,7 @@ class FastAsgiSocket(BatchedWrites, AsgiSocket):
         self._pending_bytes = 0
         self._buffered = 0
         self._backlog = 0
+        self._delayed = False
 
     def _open_transport(self) -> asyncio.Transport | None:
         protocol = self._protocol
