@@ -27,6 +27,8 @@ Targets (``--targets``)
     herald           ``herald serve``, namespace ``bench`` with presence and join/leave off
     herald_shipped   the same with the namespaces as shipped (S5 set-up cost of join/leave)
     herald_logs      the same with the shipped log level (S7: what default logging costs)
+    herald_delay     ``herald`` with ``HERALD_WRITE_DELAY=0.02`` (frames may wait 20 ms to share a
+                     write; not the default, not run unless named: it gains nothing in S5)
     socketio_node    bench/baselines/socketio_node (Socket.IO 4 rooms; npm install there)
     python_socketio  bench/baselines/python_socketio under uvicorn (``--setup-peers``)
     django_channels  bench/baselines/django_channels under daphne, in-memory channel layer
@@ -68,6 +70,8 @@ REFERENCE = "socketio_node"
 HERALD_ENV = {**base.HERALD_ENV, "HERALD_MAX_CONNECTIONS_PER_USER": "0", "HERALD_DEMOS": "false"}
 SHIPPED_NS_ENV = {k: v for k, v in HERALD_ENV.items() if k != "HERALD_NAMESPACES"}
 LOGS_ENV = {k: v for k, v in HERALD_ENV.items() if k != "HERALD_LOG_LEVEL"}
+#: ``herald_delay``: fanned-out frames may wait 20 ms to share a write (write_delay, off by default).
+DELAY_ENV = {**HERALD_ENV, "HERALD_WRITE_DELAY": "0.02"}
 
 FULL_RATES = [25, 50, 100, 200, 400, 700, 1000, 1400, 2000, 2800, 4000, 5600, 8000]
 SMOKE_RATES = [50, 100]
@@ -120,6 +124,8 @@ def peers() -> dict[str, Peer]:
         Peer("herald_shipped", "Herald, namespaces as shipped", herald, base.REPO, dict(SHIPPED_NS_ENV),
              prefix="", jwt_env=herald_jwt),
         Peer("herald_logs", "Herald, log level as shipped", herald, base.REPO, dict(LOGS_ENV),
+             broadcast_path="/ws_broadcast", jwt_env=herald_jwt),
+        Peer("herald_delay", "Herald, write_delay 20 ms", herald, base.REPO, dict(DELAY_ENV),
              broadcast_path="/ws_broadcast", jwt_env=herald_jwt),
         Peer("socketio_node", "Socket.IO 4 on Node (rooms)", [node or "node", "server.js", "{port}"],
              BASELINES / "socketio_node", proto="sio", prefix="", connect_path=SIO_PATH, jwt_env=peer_jwt,

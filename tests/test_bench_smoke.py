@@ -82,6 +82,32 @@ def test_heap_per_connection_tool_runs(path: str) -> None:
     assert "herald" in done.stdout
 
 
+def test_write_delay_tool_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.write_delay", "--subs", "20", "--rate", "20", "--duration", "1",
+         "--rounds", "1", "--delays", "0,0.2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = line.split("|")
+        if line.startswith("| 0"):  # a run's row: | delay | delivered | µs | p50 / p99 |
+            rows[cells[1].strip()] = cells
+    p50 = {}
+    for delay in ("0", "0.2"):
+        cells = rows[delay]
+        delivered, expected = cells[2].strip().split("/")
+        assert delivered == expected != "0", cells
+        p50[delay] = float(cells[4].split("/")[0])
+    # The delay is applied to the fanned-out frames, and only with the setting (a frame
+    # joins a batch already waiting: half the delay on average, here 4 per batch).
+    assert p50["0"] < 50 <= p50["0.2"], p50
+
+
 # ---------------------------------------------------------------- realistic workloads (issue 19)
 
 
