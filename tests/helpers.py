@@ -97,6 +97,19 @@ def raw_websocket(port: int, path: str) -> socket.socket:
     return sock
 
 
+def api_publish(http_url: str, api_key: str, channel: str, data: Any) -> dict[str, Any]:
+    """``POST /api/publish`` (blocking); the JSON answer.  Raises on any status but 200."""
+    request = urllib.request.Request(
+        http_url + "/api/publish",
+        data=json.dumps({"channel": channel, "data": data}).encode(),
+        headers={"X-API-Key": api_key, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

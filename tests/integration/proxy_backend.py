@@ -9,8 +9,9 @@ and answers with what the test scripted for that event: a JSON value, or a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,3 +111,14 @@ def start_backend() -> Backend:
 
     backend.server.start()
     return backend
+
+
+@contextlib.contextmanager
+def running_backend() -> Iterator[Backend]:
+    """:func:`start_backend` for a fixture: held calls released and the server stopped after."""
+    backend = start_backend()
+    try:
+        yield backend
+    finally:
+        backend.release.set()
+        backend.server.stop()

@@ -25,7 +25,7 @@ from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
 from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for, free_port
-from .proxy_backend import Backend, Raw, start_backend
+from .proxy_backend import Backend, Raw, running_backend
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,12 +36,8 @@ INTERNAL = int(ErrorCode.INTERNAL)
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
-    backend = start_backend()
-    try:
+    with running_backend() as backend:
         yield backend
-    finally:
-        backend.release.set()
-        backend.server.stop()
 
 
 def proxy_settings(backend: Backend, *, native: bool, **overrides: Any) -> Settings:

@@ -21,7 +21,7 @@ from herald.hooks import HOOK_EVENTS
 from herald.server import create_app
 
 from ..helpers import ProtocolClient, ServerProcess, ThreadServer
-from .proxy_backend import Backend, start_backend
+from .proxy_backend import Backend, running_backend
 
 
 @pytest.mark.parametrize(
@@ -70,12 +70,8 @@ def test_hook_events_include_every_proxy_event() -> None:
 
 @pytest.fixture
 def backend() -> Iterator[Backend]:
-    backend = start_backend()
-    try:
+    with running_backend() as backend:
         yield backend
-    finally:
-        backend.release.set()
-        backend.server.stop()
 
 
 async def test_herald_serve_reads_proxy_settings_from_file_and_environment(

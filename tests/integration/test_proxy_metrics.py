@@ -26,7 +26,7 @@ from herald.node import Node
 from herald.proxy import PROXY_EVENTS, PROXY_OUTCOMES
 
 from ..helpers import ProtocolClient, async_until, async_wait_for, http_get
-from .proxy_backend import Backend, Raw, start_backend
+from .proxy_backend import Backend, Raw, running_backend
 from .test_proxy import (
     INTERNAL,
     MAX_IN_FLIGHT,
@@ -46,12 +46,8 @@ Calls = dict[tuple[str, str], float]
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
-    backend = start_backend()
-    try:
+    with running_backend() as backend:
         yield backend
-    finally:
-        backend.release.set()
-        backend.server.stop()
 
 
 @pytest.fixture(scope="module", params=["native", "asgi"])

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from herald import Herald
 from herald.config import NamespaceOptions, Settings
 
-from ..helpers import DEFAULT_TIMEOUT, ServerProcess, ThreadServer
+from ..helpers import DEFAULT_TIMEOUT, ServerProcess, ThreadServer, api_publish
 
 pytestmark = pytest.mark.asyncio
 
@@ -85,15 +85,7 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
 
 
 def publish(target: Target, channel: str, data: Any) -> dict[str, Any]:
-    request = urllib.request.Request(
-        target.http + "/api/publish",
-        data=json.dumps({"channel": channel, "data": data}).encode(),
-        headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
+    return api_publish(target.http, API_KEY, channel, data)
 
 
 def settings() -> Settings:

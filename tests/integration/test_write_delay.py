@@ -9,16 +9,14 @@ its own command comes at once.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 from bench.heap import masked_text
 
-from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ServerProcess, raw_websocket, read_until
+from ..helpers import ProtocolClient, ServerProcess, api_publish, raw_websocket, read_until
 
 API_KEY = "delay-key"
 DELAY = 1.0
@@ -34,25 +32,21 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     process.stop()
 
 
-def publish(server: ServerProcess, channel: str, data: object) -> None:
-    request = urllib.request.Request(
-        server.http + "/api/publish",
-        data=json.dumps({"channel": channel, "data": data}).encode(),
-        headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=DEFAULT_TIMEOUT) as response:
-        assert response.status == 200
-
-
 def publish_three_and_read(server: ServerProcess, sock: socket.socket, channel: str) -> tuple[bytes, float]:
     """Publish 1, 2, 3 (three requests: three loop turns); the first read that carries
     the first one, and how long after the first publish it came."""
     started = time.monotonic()
     for n in (1, 2, 3):
-        publish(server, channel, {"n": n})
+        api_publish(server.http, API_KEY, channel, {"n": n})
     data = read_until(sock, b'{"n":1}')
     return data, time.monotonic() - started
+
+
+def assert_together_after_the_delay(data: bytes, waited: float) -> None:
+    """The three publications came in one read (one write), in order, after the delay."""
+    positions = [data.find(b'{"n":%d}' % n) for n in (1, 2, 3)]
+    assert -1 not in positions and positions == sorted(positions), data
+    assert waited >= DELAY * 0.8, f"written after {waited:.3f} s, before the {DELAY} s delay"
 
 
 def test_publications_wait_for_the_delay_and_leave_in_one_write(server: ServerProcess) -> None:
@@ -61,11 +55,7 @@ def test_publications_wait_for_the_delay_and_leave_in_one_write(server: ServerPr
         sock.sendall(masked_text('{"id":1,"type":"connect"}'))
         sock.sendall(masked_text('{"id":2,"type":"subscribe","channels":[{"channel":"chat:delay"}]}'))
         read_until(sock, b'"id":2')
-        data, waited = publish_three_and_read(server, sock, "chat:delay")
-        # One write: the three publications arrive together, in order.
-        positions = [data.find(b'{"n":%d}' % n) for n in (1, 2, 3)]
-        assert -1 not in positions and positions == sorted(positions), data
-        assert waited >= DELAY * 0.8, f"written after {waited:.3f} s, before the {DELAY} s delay"
+        assert_together_after_the_delay(*publish_three_and_read(server, sock, "chat:delay"))
     finally:
         sock.close()
 
@@ -96,9 +86,6 @@ def test_sse_chunks_wait_for_the_delay_and_leave_together(server: ServerProcess)
             "Accept: text/event-stream\r\n\r\n".encode()
         )
         read_until(sock, b"\r\n\r\n")
-        data, waited = publish_three_and_read(server, sock, "chat:sse")
-        positions = [data.find(b'{"n":%d}' % n) for n in (1, 2, 3)]
-        assert -1 not in positions and positions == sorted(positions), data
-        assert waited >= DELAY * 0.8, f"written after {waited:.3f} s, before the {DELAY} s delay"
+        assert_together_after_the_delay(*publish_three_and_read(server, sock, "chat:sse"))
     finally:
         sock.close()
