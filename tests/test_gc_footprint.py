@@ -15,6 +15,7 @@ import base64
 import gc
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -23,7 +24,10 @@ from bench.heap import masked_text, open_client
 
 from herald.brokers.base import ClientInfo, PublishOptions, StreamPosition
 from herald.brokers.memory import MemoryBroker
+from herald.codes import ErrorCode
 from herald.config import Settings
+from herald.exceptions import CommandError
+from herald.hooks import ExpiresAt
 from herald.presence.memory import MemoryPresenceManager
 from herald.server import create_app
 from herald.transports.uvicorn import HeraldWebSocketProtocol
@@ -281,3 +285,46 @@ def test_an_ended_connection_leaves_nothing_for_the_cyclic_collector(
     finally:
         gc.enable()
     assert found < count, f"{found} objects in cycles after {count} connections ({flow})"
+
+
+def test_a_connection_closed_by_a_refused_refresh_leaves_nothing_for_the_cyclic_collector() -> None:
+    """The refresh hook's refusal ends the connection (4004); the error did not stay in a
+    local of the coroutine that awaited the hook (its traceback holds that frame)."""
+    app = create_app(Settings(demos=False, metrics=False, admin=False))
+    node = app.state.herald.node
+
+    async def until_soon(ctx: object) -> ExpiresAt:
+        return ExpiresAt(time.time() + 0.2)
+
+    async def refuse(ctx: object) -> None:
+        raise CommandError(ErrorCode.PERMISSION_DENIED, "no more")
+
+    node.add_hook("connect", until_soon)
+    node.add_hook("refresh", refuse)
+    server = ThreadServer(
+        app, http=HeaderTimeoutHTTPProtocol, ws=HeraldWebSocketProtocol, lifespan="on"
+    ).start()
+
+    def refused_clients(count: int) -> None:
+        socks = [raw_websocket(server.port, "/connect") for _ in range(count)]
+        for sock in socks:
+            sock.sendall(masked_text('{"id":1,"type":"connect"}'))
+        for sock in socks:
+            read_until(sock, b"refresh refused: no more")  # the close frame's reason (4004)
+            _close_and_wait(sock)
+
+    try:
+        refused_clients(2)
+        wait_for(lambda: _all_gone(server), what="the warm-up connections gone")
+        gc.collect()
+        count = 10
+        gc.disable()
+        try:
+            refused_clients(count)
+            wait_for(lambda: _all_gone(server), what="every connection gone")
+            found = gc.collect()
+        finally:
+            gc.enable()
+    finally:
+        server.stop()
+    assert found < count, f"{found} objects in cycles after {count} refused refreshes"

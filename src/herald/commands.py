@@ -322,15 +322,7 @@ class CommandHandler:
             connection.close(exc.code, exc.reason)
             return
         except Exception as exc:
-            refusal = exc if isinstance(exc, CommandError) else CommandError(ErrorCode.INTERNAL)
-            if refusal is not exc:
-                logger.exception("%s hook failed", "refresh" if channel is None else "sub_refresh")
-            if channel is None:
-                node.record_rejected_command("token_expired")
-                connection.close(CloseCode.TOKEN_EXPIRED, f"refresh refused: {refusal.message}"[:100])
-            elif channel in connection.channels:
-                node.record_rejected_command("subscription_token_expired")
-                self._end_subscription(channel, refusal.code, refusal.message)
+            self._renewal_refused(channel, exc)
             return
         if connection.is_closing or (channel is not None and channel not in connection.channels):
             return
@@ -341,6 +333,22 @@ class CommandHandler:
             self.expiry.arm(expires_at)
         else:
             self.expiry.arm_channel(channel, expires_at)
+
+    def _renewal_refused(self, channel: str | None, exc: Exception) -> None:
+        """A refresh (sub_refresh) hook refused or failed: close with 4004, or end the
+        subscription with the refusal's code.  A frame of its own: a local of the awaiting
+        coroutine holding the error would be held by the error's traceback in turn, a
+        cycle that kept the whole connection for the cyclic collector."""
+        refusal = exc if isinstance(exc, CommandError) else CommandError(ErrorCode.INTERNAL)
+        if refusal is not exc:
+            logger.exception("%s hook failed", "refresh" if channel is None else "sub_refresh")
+        node, connection = self.node, self.connection
+        if channel is None:
+            node.record_rejected_command("token_expired")
+            connection.close(CloseCode.TOKEN_EXPIRED, f"refresh refused: {refusal.message}"[:100])
+        elif channel in connection.channels:
+            node.record_rejected_command("subscription_token_expired")
+            self._end_subscription(channel, refusal.code, refusal.message)
 
     async def _leave(self, channel: str) -> None:
         """Take this connection out of ``channel`` (hub, broker subscription, presence)."""
