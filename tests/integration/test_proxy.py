@@ -9,6 +9,7 @@ Every event is allowed, denied and overridden; then the failures: a slow backend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -146,6 +147,35 @@ async def connected(env: Env, clients: list[ProtocolClient], user: str = "alice"
     client, reply = await opened(env, clients, name=user)
     assert reply["result"]["user"] == user, reply
     return client
+
+
+@contextlib.asynccontextmanager
+async def saturating(
+    env: Env, clients: list[ProtocolClient]
+) -> AsyncIterator[tuple[list[ProtocolClient], ProtocolClient]]:
+    """``MAX_IN_FLIGHT`` clients to hold subscribe calls at the backend (one connection
+    runs its commands one at a time: each held call needs its own) and one more; the
+    backend holds subscribes, and the proxy waits for them (it must not time them out)."""
+    holders = [await connected(env, clients, f"holder{n}") for n in range(MAX_IN_FLIGHT)]
+    client = await connected(env, clients)
+    env.backend.block("subscribe")
+    proxy = env.herald.node.proxy
+    assert proxy is not None
+    proxy.timeout = 10.0
+    try:
+        yield holders, client
+    finally:
+        proxy.timeout = PROXY_TIMEOUT
+
+
+async def hold_subscribes(env: Env, holders: list[ProtocolClient]) -> list[asyncio.Task[dict[str, Any]]]:
+    """Each holder's subscribe, once the backend holds all of them (``saturating``)."""
+    held = [
+        asyncio.create_task(holder.call("subscribe", channels=[{"channel": "px:held"}], timeout=15))
+        for holder in holders
+    ]
+    await async_wait_for(lambda: env.backend.blocked == len(holders), what="held calls")
+    return held
 
 
 def item_of(reply: dict[str, Any]) -> dict[str, Any]:
@@ -498,19 +528,8 @@ async def test_garbage_connect_answer_refuses(env: Env, clients: list[ProtocolCl
 
 
 async def test_calls_beyond_the_in_flight_bound_are_busy(env: Env, clients: list[ProtocolClient]) -> None:
-    # One connection runs its commands one at a time: each held call needs its own.
-    holders = [await connected(env, clients, f"holder{n}") for n in range(MAX_IN_FLIGHT)]
-    client = await connected(env, clients)
-    env.backend.block("subscribe")
-    proxy = env.herald.node.proxy
-    assert proxy is not None
-    proxy.timeout = 10.0  # the held calls must not time out
-    try:
-        held = [
-            asyncio.create_task(holder.call("subscribe", channels=[{"channel": "px:held"}], timeout=15))
-            for holder in holders
-        ]
-        await async_wait_for(lambda: env.backend.blocked == MAX_IN_FLIGHT, what="held calls")
+    async with saturating(env, clients) as (holders, client):
+        held = await hold_subscribes(env, holders)
         started = time.monotonic()
         reply = await client.call("subscribe", channels=[{"channel": "px:one-more"}])
         assert item_of(reply)["error"] == {"code": INTERNAL, "message": "proxy busy"}
@@ -521,8 +540,6 @@ async def test_calls_beyond_the_in_flight_bound_are_busy(env: Env, clients: list
             assert "error" not in item_of(await task)
         env.backend.answer("subscribe", {"result": {}})
         assert "error" not in item_of(await client.call("subscribe", channels=[{"channel": "px:after"}]))
-    finally:
-        proxy.timeout = PROXY_TIMEOUT
 
 
 async def test_in_process_hooks_run_after_the_proxy(env: Env, clients: list[ProtocolClient]) -> None:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from herald import Herald
 from herald.codes import CloseCode
 from herald.config import Settings
 from herald.metrics import Metrics
 from herald.node import Node
 from herald.proxy import PROXY_EVENTS, PROXY_OUTCOMES
 
-from ..helpers import ProtocolClient, async_until, async_wait_for, http_get
-from .proxy_backend import Backend, Raw, running_backend
+from ..helpers import ProtocolClient, async_until, http_get
+from . import test_proxy
+from .proxy_backend import Raw
 from .test_proxy import (
     INTERNAL,
     MAX_IN_FLIGHT,
@@ -34,46 +32,24 @@ from .test_proxy import (
     Env,
     close_of,
     connected,
+    hold_subscribes,
     item_of,
     opened,
-    proxy_settings,
-    serve,
+    saturating,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Calls = dict[tuple[str, str], float]
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with running_backend() as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module", params=["native", "asgi"])
-def env_server(request: pytest.FixtureRequest, backend: Backend) -> Iterator[Env]:
-    native = request.param == "native"
-    herald = Herald(proxy_settings(backend, native=native))
-    server = serve(herald)
-    try:
-        yield Env(server, herald, backend, native)
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def env(env_server: Env) -> Iterator[Env]:
-    env_server.backend.reset()
-    yield env_server
-    env_server.backend.reset()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[ProtocolClient]]:
-    opened_clients: list[ProtocolClient] = []
-    yield opened_clients
-    for client in opened_clients:
-        await client.close()
+# The proxy tests' backend, servers (both drivers) and clients; the in-process RPC method
+# those servers also register is never called here, so it changes no count.
+backend, env_server, env, clients = (
+    test_proxy.backend,
+    test_proxy.env_server,
+    test_proxy.env,
+    test_proxy.clients,
+)
 
 
 # ---------------------------------------------------------------- reading a scrape
@@ -199,21 +175,10 @@ async def test_each_call_is_counted_once_under_its_outcome_and_timed(
 async def test_in_flight_shows_held_calls_and_a_busy_call_is_counted_not_timed(
     env: Env, clients: list[ProtocolClient]
 ) -> None:
-    # One connection runs its commands one at a time: each held call needs its own.
-    holders = [await connected(env, clients, f"holder{n}") for n in range(MAX_IN_FLIGHT)]
-    client = await connected(env, clients)
-    env.backend.block("subscribe")
-    proxy = env.herald.node.proxy
-    assert proxy is not None
-    proxy.timeout = 10.0  # the held calls must not time out
-    try:
+    async with saturating(env, clients) as (holders, client):
         before = await scrape(env)
         assert in_flight(before) == 0
-        held = [
-            asyncio.create_task(holder.call("subscribe", channels=[{"channel": "px:held"}], timeout=15))
-            for holder in holders
-        ]
-        await async_wait_for(lambda: env.backend.blocked == MAX_IN_FLIGHT, what="held calls")
+        held = await hold_subscribes(env, holders)
         holding = await scrape(env)
         assert in_flight(holding) == MAX_IN_FLIGHT
 
@@ -237,8 +202,6 @@ async def test_in_flight_shows_held_calls_and_a_busy_call_is_counted_not_timed(
         after = latest[0]
         assert grown(before, after) == {("subscribe", "busy"): 1, ("subscribe", "allowed"): MAX_IN_FLIGHT}
         assert timed(after, "subscribe") - timed(before, "subscribe") == MAX_IN_FLIGHT
-    finally:
-        proxy.timeout = PROXY_TIMEOUT
 
 
 def test_a_node_without_a_proxy_exports_the_families_empty() -> None:
