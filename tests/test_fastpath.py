@@ -400,7 +400,8 @@ async def test_a_reply_takes_the_waiting_frames_with_it_at_the_end_of_its_turn()
     await _turns()
     assert wire.log == [("write", frame_text(b"pub1") + frame_text(b"pub2") + frame_text(b"reply"))]
     # The delay's timer then finds nothing left to write.
-    await asyncio.sleep(DELAY + 0.1)
+    flusher = transport._flusher
+    await async_wait_for(lambda: flusher._timer is None, what="the delay's timer fired")
     assert len(wire.log) == 1
 
 

@@ -131,7 +131,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _text(value: Any) -> str:
+def reply_text(value: Any) -> str:
+    """A value from a Redis reply (bytes, or already text) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -446,13 +447,13 @@ class RedisBroker(RedisCatchUp, Broker):
                         timeout=math.inf, disconnect_on_error=False, push_request=True
                     )
                     if type(response) is list and len(response) == 3 and response[0] in _PUBLICATION_KINDS:
-                        self._dispatch(_text(response[1]), response[2])
+                        self._dispatch(reply_text(response[1]), response[2])
                         continue
                     message = await pubsub.handle_message(response)
                     if message is None:
                         continue
                     kind = message["type"]
-                    name = _text(message["channel"])
+                    name = reply_text(message["channel"])
                     if kind in ("message", "smessage"):
                         self._dispatch(name, message["data"])
                     elif kind in ("subscribe", "ssubscribe"):
@@ -804,7 +805,7 @@ class RedisBroker(RedisCatchUp, Broker):
         args = self._publish_args(channel, data, options)
         _ = self.client
         result = await self._scripted(self._publish_script, channel, args)
-        return StreamPosition(int(result[0]), _text(result[1]))
+        return StreamPosition(int(result[0]), reply_text(result[1]))
 
     async def publish_idempotent(
         self, channel: str, data: bytes, options: PublishOptions, key: str, window: float
@@ -816,7 +817,7 @@ class RedisBroker(RedisCatchUp, Broker):
         result = await self._scripted(
             self._publish_once_script, channel, args, extra_keys=(self.idempotency_key(channel, key),)
         )
-        return StreamPosition(int(result[0]), _text(result[1])), int(result[2]) == 1
+        return StreamPosition(int(result[0]), reply_text(result[1])), int(result[2]) == 1
 
     async def publish_event(self, event: PresenceEvent) -> None:
         name, payload = self.pubsub_channel(event.channel), envelope.encode_event(event)
@@ -844,11 +845,11 @@ class RedisBroker(RedisCatchUp, Broker):
             "1" if reverse else "0",
         ]
         result = await self._scripted(self._history_script, channel, args)
-        epoch = _text(result[1])
+        epoch = reply_text(result[1])
         publications = []
         for entry_id, fields in result[2]:
-            values = {_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
-            offset = int(_text(entry_id).split("-", 1)[0])
+            values = {reply_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+            offset = int(reply_text(entry_id).split("-", 1)[0])
             info_json = values.get("i") or b""
             info = ClientInfo.from_dict(orjson.loads(info_json)) if info_json else None
             publications.append(Publication(channel, offset, epoch, bytes(values["d"]), info))
@@ -923,11 +924,11 @@ class RedisBroker(RedisCatchUp, Broker):
             target["target_nodes"] = master
         for _ in range(3):
             before = [
-                _text(v) for v in await self._call(client.execute_command, "EVAL", RUN_INFO, 0, **target)
+                reply_text(v) for v in await self._call(client.execute_command, "EVAL", RUN_INFO, 0, **target)
             ]
             try:
                 reply = await client.config_get("appendfsync", **target)
-                config = {_text(k): _text(v) for k, v in reply.items()}
+                config = {reply_text(k): reply_text(v) for k, v in reply.items()}
                 fsync_always = config.get("appendfsync") == "always"
             except (*_UNAVAILABLE, *_CLIENT_BROKEN, ClusterDownError, SlotNotCoveredError) as exc:
                 raise BrokerUnavailableError(f"redis unavailable: {exc!r}") from exc
@@ -939,7 +940,7 @@ class RedisBroker(RedisCatchUp, Broker):
                 )
                 fsync_always = False
             after = [
-                _text(v) for v in await self._call(client.execute_command, "EVAL", RUN_INFO, 0, **target)
+                reply_text(v) for v in await self._call(client.execute_command, "EVAL", RUN_INFO, 0, **target)
             ]
             if before != after:
                 continue  # Redis restarted (or changed) while we looked: look again

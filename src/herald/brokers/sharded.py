@@ -54,7 +54,7 @@ from .base import (
     PublishOptions,
     StreamPosition,
 )
-from .redis import RedisBroker, _text
+from .redis import RedisBroker, reply_text
 from .sharded_config import ShardedRedisConfig
 
 #: Placements remembered at most (about 100 bytes each).
@@ -158,7 +158,10 @@ class ShardedRedisBroker(Broker):
 
         answers = await asyncio.gather(*(record(shard) for shard in self.shards), return_exceptions=True)
         seen = {
-            _text(value) for answer in answers if not isinstance(answer, BaseException) for value in answer
+            reply_text(value)
+            for answer in answers
+            if not isinstance(answer, BaseException)
+            for value in answer
         }
         foreign = seen - {self.placement}
         for placement in sorted(foreign - self.foreign_placements):
