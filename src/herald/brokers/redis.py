@@ -982,10 +982,9 @@ class RedisBroker(RedisCatchUp, Broker):
         try:
             return await self._send_to_master(keys[0], *command)
         except NoScriptError:
-            client = self.client
-            master = self._master_of(keys[0])  # after a MOVED, the new one
-            await client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=master)
-            return await client.execute_command(*command, target_nodes=master)
+            # The slot's master (after a MOVED, the new one) lacks the script: load it there.
+            await self._send_to_master(keys[0], "SCRIPT", "LOAD", script.script)
+            return await self._send_to_master(keys[0], *command)
 
     async def _send_to_master(self, key: str, *command: Any) -> Any:
         """Send ``command`` once to the cluster master that owns ``key``'s slot (see
