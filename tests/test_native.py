@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import websockets
 from fastapi import FastAPI, WebSocket
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from herald import Herald
 from herald.config import Settings
@@ -34,16 +35,25 @@ from herald.transports.uvicorn import (
     fragment_limit,
     uvicorn_ws_protocol,
 )
+from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for
+from .helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, async_wait_for, read_until
 from .test_wsframes import client_frame
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
+#: The two ways an upgrade reaches the native protocol: from a connection's first bytes
+#: (``herald serve``'s HTTP protocol hands it over, HeraldWebSocketProtocol.take_upgrade),
+#: or through uvicorn's HTTP parser (any other uvicorn setup, and requests the first
+#: way leaves to it).  Tests of the handshake run both.
+ENTRIES = {"first-bytes": HeaderTimeoutHTTPProtocol, "uvicorn-parser": "httptools"}
+by_entry = pytest.mark.parametrize("http", list(ENTRIES.values()), ids=list(ENTRIES))
+
+
 @contextlib.contextmanager
-def serving(app: FastAPI, **config: Any) -> Iterator[ThreadServer]:
-    server = ThreadServer(app, ws=HeraldWebSocketProtocol, **config).start()
+def serving(app: FastAPI, http: Any = HeaderTimeoutHTTPProtocol, **config: Any) -> Iterator[ThreadServer]:
+    server = ThreadServer(app, ws=HeraldWebSocketProtocol, http=http, **config).start()
     try:
         yield server
     finally:
@@ -103,7 +113,8 @@ def masked(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body
 
 
-async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -> None:
+@by_entry
+async def test_create_app_serves_its_routes_natively_and_others_through_asgi(http: Any) -> None:
     app = create_app(Settings())
 
     @app.websocket("/plain")
@@ -112,7 +123,7 @@ async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -
         while True:  # until the client leaves (WebSocketDisconnect)
             await websocket.send_text(await websocket.receive_text())
 
-    with serving(app) as server:
+    with serving(app, http) as server:
         async with websockets.connect(server.ws("/ws")) as ws:
             await ws.send("a")
             assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "Message text was: a"
@@ -123,12 +134,13 @@ async def test_create_app_serves_its_routes_natively_and_others_through_asgi() -
             assert AsgiWebSocketProtocol in protocol_kinds(server)
 
 
-async def test_a_library_app_serves_natively_the_routes_it_declares_at_their_prefix() -> None:
+@by_entry
+async def test_a_library_app_serves_natively_the_routes_it_declares_at_their_prefix(http: Any) -> None:
     herald = Herald(Settings())
     app = FastAPI(lifespan=herald.lifespan)
     app.include_router(herald.router, prefix="/rt")
     herald.serve_natively(app, {"/rt/ws": "tutorial_echo"})
-    with serving(app) as server:
+    with serving(app, http) as server:
         # Declared: native from the first handshake.  Not declared: ASGI, every time (no
         # path is learned), with the same replies.
         for path, expected in (("/rt/ws", HeraldWebSocketProtocol), ("/rt/ws_json", AsgiWebSocketProtocol)):
@@ -174,10 +186,11 @@ async def test_native_routes_bypass_asgi_middleware_unless_turned_off(native_rou
         ({"Origin": "http://evil.example"}, b"403", b""),
     ],
 )
+@by_entry
 async def test_bad_handshakes_get_an_http_error(
-    headers: dict[str, str], status: bytes, expect: bytes
+    headers: dict[str, str], status: bytes, expect: bytes, http: Any
 ) -> None:
-    with serving(create_app(Settings())) as server:
+    with serving(create_app(Settings()), http) as server:
         head, sock = await asyncio.to_thread(raw_handshake, server.port, "/connect", headers)
         with sock:
             assert head.split(b" ")[1] == status, head
@@ -185,6 +198,74 @@ async def test_bad_handshakes_get_an_http_error(
             assert expect in head + rest
             # And the server closes the socket.
             assert await asyncio.to_thread(sock.recv, 4096) == b""
+
+
+@pytest.fixture
+def parser_upgrades(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The targets of the upgrades uvicorn's HTTP parser handed over, in order."""
+    seen: list[str] = []
+    original = HttpToolsProtocol.handle_websocket_upgrade
+
+    def counting(self: HttpToolsProtocol) -> None:
+        seen.append(self.url.decode())
+        original(self)
+
+    monkeypatch.setattr(HttpToolsProtocol, "handle_websocket_upgrade", counting)
+    return seen
+
+
+def raw_request(port: int, *parts: bytes) -> bytes:
+    """Send ``parts`` (one ``sendall`` each) and read until the response head is in."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in parts:
+            sock.sendall(part)
+        return read_until(sock, b"\r\n\r\n")
+
+
+UPGRADE = (
+    b"GET /connect HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: " + KEY.encode() + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_herald_serve_takes_a_native_upgrade_from_the_first_bytes_and_leaves_the_rest_to_uvicorn(
+    parser_upgrades: list[str],
+) -> None:
+    app = create_app(Settings())
+
+    @app.websocket("/plain")
+    async def plain(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("plain")
+        await websocket.close()
+
+    with serving(app) as server:  # herald serve's HTTP protocol
+        port = server.port
+        accepted = await asyncio.to_thread(raw_request, port, UPGRADE)
+        assert accepted.startswith(b"HTTP/1.1 101") and parser_upgrades == []
+        async with websockets.connect(server.ws("/ws")) as ws:
+            await ws.send("a")
+            assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "Message text was: a"
+        assert parser_upgrades == []
+        # Declined, and served as before: through uvicorn's parser, to the same answer.
+        with_body = UPGRADE.replace(b"Host:", b"Content-Length: 0\r\nHost:")
+        assert await asyncio.to_thread(raw_request, port, with_body) == accepted
+        assert parser_upgrades == ["/connect"]
+        async with websockets.connect(server.ws("/plain")) as ws:  # not a native route
+            assert await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT) == "plain"
+        assert parser_upgrades == ["/connect", "/plain"]
+        # Not an upgrade (no "upgrade" in Connection): a plain request for the ASGI app,
+        # which has no HTTP route there.
+        plain_get = UPGRADE.replace(b"Connection: Upgrade", b"Connection: keep-alive")
+        assert (await asyncio.to_thread(raw_request, port, plain_get)).startswith(b"HTTP/1.1 404")
+        # Malformed: uvicorn's 400.
+        malformed = UPGRADE.replace(b"Host: 127.0.0.1", b"Host 127.0.0.1")
+        assert (await asyncio.to_thread(raw_request, port, malformed)).startswith(b"HTTP/1.1 400")
+        # A head in two writes is upgraded (by whichever path gets it whole).
+        split = await asyncio.to_thread(raw_request, port, UPGRADE[:40], UPGRADE[40:])
+        assert split == accepted
+        assert parser_upgrades[:2] == ["/connect", "/plain"] and len(parser_upgrades) <= 3
 
 
 async def test_ping_is_answered_with_the_same_payload() -> None:
@@ -214,9 +295,10 @@ async def test_keepalive_closes_a_silent_peer_and_keeps_an_answering_one() -> No
         await answering.close()
 
 
-async def test_forwarded_client_address_counts_for_the_per_ip_limit() -> None:
+@by_entry
+async def test_forwarded_client_address_counts_for_the_per_ip_limit(http: Any) -> None:
     app = create_app(Settings(max_connections_per_ip=1))
-    with serving(app) as server:
+    with serving(app, http) as server:
         # Loopback is a trusted proxy by default (uvicorn's forwarded_allow_ips).
         first, a = await asyncio.to_thread(
             raw_handshake, server.port, "/ws", {"X-Forwarded-For": "203.0.113.5"}
@@ -344,7 +426,8 @@ def test_herald_serve_runs_a_bounded_protocol_for_every_implementation(
 
 
 @pytest.mark.parametrize("native_routes", [True, False], ids=["native", "asgi-driver"])
-async def test_hooks_see_the_same_handshake_on_both_drivers(native_routes: bool) -> None:
+@by_entry
+async def test_hooks_see_the_same_handshake_on_both_drivers(native_routes: bool, http: Any) -> None:
     herald = Herald(Settings(native_routes=native_routes))
     seen: dict[str, Any] = {}
 
@@ -360,7 +443,7 @@ async def test_hooks_see_the_same_handshake_on_both_drivers(native_routes: bool)
         )
 
     app = create_app(herald=herald)
-    with serving(app) as server:
+    with serving(app, http) as server:
         client = await ProtocolClient.open(
             server.ws("/connect?room=r%201&x=y"),
             additional_headers={"X-Who": "ada", "Cookie": "s=abc; t=1"},

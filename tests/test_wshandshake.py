@@ -20,6 +20,7 @@ from herald.transports.wshandshake import (
     parse_request,
     request_headers,
     upgrade_refusal,
+    websocket_upgrade,
 )
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -145,3 +146,55 @@ def test_only_the_head_is_read_and_values_keep_their_colons() -> None:
     # Two spaces in the request line: the target is empty, so no route matches it (it is
     # not read leniently as "/x").
     assert parse_request(b"GET  /x HTTP/1.1\r\n\r\n").path == ""
+
+
+UPGRADE_HEAD = (
+    b"GET /connect?token=a%20b HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\n"
+    b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: " + KEY.encode() + b"\r\n"
+    b"Sec-WebSocket-Version: 13\r\nX-Note: a:b \t\xe9\r\n\r\n"
+)
+
+
+def test_a_whole_upgrade_head_is_parsed_for_the_native_route() -> None:
+    parsed = websocket_upgrade(UPGRADE_HEAD)
+    assert parsed is not None
+    request, headers = parsed
+    assert (request.method, request.path, request.query) == (b"GET", "/connect", b"token=a%20b")
+    assert headers[1] == (b"upgrade", b"WebSocket")
+    assert header(headers, b"x-note") == "a:b \t\xe9"
+    assert upgrade_refusal(request.method, headers) == KEY
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        UPGRADE_HEAD[:-2],  # not complete yet
+        UPGRADE_HEAD + b"\x81\x80abcd",  # a frame sent before the 101
+        UPGRADE_HEAD.replace(b"GET ", b"POST "),
+        UPGRADE_HEAD.replace(b"GET ", b"get "),
+        UPGRADE_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        UPGRADE_HEAD.replace(b"GET /connect", b"GET http://h/connect"),  # absolute form
+        UPGRADE_HEAD.replace(b"Host: h", b"Host h"),  # no colon
+        UPGRADE_HEAD.replace(b"Host: h", b"Ho st: h"),  # not a token
+        UPGRADE_HEAD.replace(b"Host: h", b"Host : h"),
+        UPGRADE_HEAD.replace(b"Host: h\r\n", b"Host: h\r\n folded\r\n"),  # obs-fold
+        UPGRADE_HEAD.replace(b"Host: h", b"Host: h\x00"),
+        UPGRADE_HEAD.replace(b"Host: h", b"Host: h\x7f"),
+        UPGRADE_HEAD.replace(b"Host: h\r\n", b"Host: h\n"),  # bare LF
+        UPGRADE_HEAD.replace(b"Host: h\r\n", b"Host: h\r\nContent-Length: 0\r\n"),
+        UPGRADE_HEAD.replace(b"Host: h\r\n", b"Host: h\r\nTransfer-Encoding: chunked\r\n"),
+        UPGRADE_HEAD.replace(b"Upgrade: WebSocket", b"Upgrade: h2c"),
+        UPGRADE_HEAD.replace(b"Upgrade: WebSocket\r\n", b""),
+        UPGRADE_HEAD.replace(b"keep-alive, Upgrade", b"keep-alive"),
+        # The last Connection and Upgrade lines decide, as in uvicorn.
+        UPGRADE_HEAD[:-2] + b"Connection: close\r\n\r\n",
+        UPGRADE_HEAD[:-2] + b"Upgrade: h2c\r\n\r\n",
+    ],
+)
+def test_anything_else_is_left_to_uvicorns_parser(head: bytes) -> None:
+    assert websocket_upgrade(head) is None
+
+
+def test_the_last_upgrade_lines_decide_as_in_uvicorn() -> None:
+    head = UPGRADE_HEAD.replace(b"Host: h\r\n", b"Host: h\r\nUpgrade: h2c\r\nConnection: close\r\n")
+    assert websocket_upgrade(head) is not None

@@ -58,6 +58,7 @@ from .wsframes import (
     frame_text,
 )
 from .wshandshake import (
+    Request,
     accept_response,
     header,
     header_values,
@@ -334,15 +335,21 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
 
     def _handshake(self, data: bytes) -> None:
         request = parse_request(data)
-        path = request.path
-        route = self.find_route(path)
+        route = self.find_route(request.path)
         if route is None:
             self._hand_over(data)
             return
-        self.path = path
+        self.open_route(route, request, request_headers(request.lines))
+
+    def open_route(self, route: Route, request: Request, headers: list[tuple[bytes, bytes]]) -> None:
+        """Answer ``request`` (already parsed, with its ``headers``) for ``route``: the
+        101 and the session, or a refusal.  ``_handshake`` calls it, and so does uvicorn's
+        HTTP protocol when it hands a native route's upgrade over without re-serializing
+        it (:meth:`~herald.transports.uvicorn.HeraldWebSocketProtocol.take_upgrade`)."""
+        path = self.path = request.path
         self.query_string = request.query
         self._head = b"\r\n".join(request.lines)
-        headers = self._headers = request_headers(request.lines)
+        self._headers = headers
         self.reset_reader(route.max_size, route.max_fragments)
         self._apply_proxy_headers()
         self.subprotocols = tuple(offered_subprotocols(headers))

@@ -11,6 +11,10 @@ depends on when those bytes arrive).  While a request is being served, or once t
 a WebSocket, the timer is off: uvicorn's keep-alive timeout and Herald's handshake
 timeout (4505) apply.
 
+It also hands a connection's first bytes to the WebSocket protocol class when that
+class can take them (:meth:`herald.transports.uvicorn.HeraldWebSocketProtocol.take_upgrade`:
+a whole upgrade request to a natively served route), without uvicorn's own parsing.
+
 Used as ``uvicorn.run(..., http="herald.transports.uvicorn_protocol:HeaderTimeoutHTTPProtocol")``
 (an import string, so that worker processes can load it too).
 """
@@ -42,6 +46,7 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._fresh = True
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
@@ -62,6 +67,15 @@ class HeaderTimeoutHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-t
             self._header_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            # A connection's first bytes: an upgrade to a natively served route is taken
+            # without uvicorn's HTTP parsing (HeraldWebSocketProtocol.take_upgrade).
+            self._fresh = False
+            take_upgrade = getattr(self.ws_protocol_class, "take_upgrade", None)
+            if take_upgrade is not None and take_upgrade(self, data):
+                self._cancel_header_timer()
+                self._forget_after_upgrade()
+                return
         super().data_received(data)
         if self.transport.get_protocol() is not self:
             self._cancel_header_timer()  # upgraded to a WebSocket

@@ -8,6 +8,7 @@ whether it is a valid WebSocket upgrade; :func:`accept_response` and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from typing import NamedTuple
@@ -46,6 +47,45 @@ def request_headers(lines: Iterable[bytes]) -> Headers:
         name, _, value = line.partition(b":")
         headers.append((name.strip().lower(), value.strip()))
     return headers
+
+
+# One HTTP/1.1 GET head and nothing after it: an origin-form target of visible ASCII,
+# header names that are RFC 9110 tokens, values of visible characters, spaces, tabs and
+# obs-text.  What this refuses is left to uvicorn's parser (httptools), as before.
+_PLAIN_GET_HEAD = re.compile(
+    rb"GET /[!-~]* HTTP/1\.1\r\n"
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n\Z"
+)
+
+
+def websocket_upgrade(data: bytes) -> tuple[Request, Headers] | None:
+    """``data`` parsed, when it is exactly one well-formed HTTP/1.1 ``GET`` head that
+    asks to upgrade to WebSocket the way uvicorn decides it (the last ``Connection``
+    header lists ``upgrade``, the last ``Upgrade`` header is ``websocket``) and has no
+    body; None for anything else.
+
+    The native driver uses it to take such a request straight from the first bytes
+    of a connection; everything else goes through uvicorn's HTTP parser, whose
+    answers (400 for a malformed request, the ASGI app for a plain one) stay as
+    they were.  The request is not validated as a handshake here:
+    :func:`upgrade_refusal` does that, on either path.
+    """
+    if _PLAIN_GET_HEAD.match(data) is None:
+        return None
+    request = parse_request(data)
+    headers = request_headers(request.lines)
+    connection: list[bytes] = []
+    upgrade = b""
+    for name, value in headers:
+        if name == b"connection":
+            connection = [token.strip().lower() for token in value.split(b",")]
+        elif name == b"upgrade":
+            upgrade = value.lower()
+        elif name == b"content-length" or name == b"transfer-encoding":
+            return None
+    if upgrade != b"websocket" or b"upgrade" not in connection:
+        return None
+    return request, headers
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], key: bytes) -> str | None:
@@ -127,4 +167,5 @@ __all__ = [
     "parse_request",
     "request_headers",
     "upgrade_refusal",
+    "websocket_upgrade",
 ]
