@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ from herald.config import Settings
 from herald.connection import Connection
 from herald.context import AsgiHandshake, ClientContext
 from herald.demos import DEMO_NAMESPACES
-from herald.node import Node, heartbeat_tick
+from herald.node import PINGS_PER_TURN, Node, heartbeat_tick
 
 from .helpers import async_wait_for
 from .recording import RecordingTransport
@@ -316,3 +317,24 @@ async def test_liveness_walk_runs_a_quarter_of_the_shortest_period(
     settings: dict[str, float], tick: float
 ) -> None:
     assert heartbeat_tick(Settings(**settings)) == pytest.approx(tick)
+
+
+async def test_the_liveness_walk_lets_the_loop_turn_between_small_batches_of_pings() -> None:
+    """Pings due together (clients that connected together) go out a few dozen per loop
+    turn: each is a write(), and a thousand in one turn held the loop ~40 ms."""
+    node = Node(Settings(ping_interval=0.2, pong_timeout=5.0, namespaces=DEMO_NAMESPACES))
+    await node.start()
+    try:
+        clients = [await connected(node, f"c{i}") for i in range(5 * PINGS_PER_TURN)]
+        start = max(client.connection.last_ping for client in clients)
+        pinged_by_turn: list[int] = []
+        while not pinged_by_turn or pinged_by_turn[-1] < len(clients):
+            pinged_by_turn.append(sum(client.connection.last_ping > start for client in clients))
+            assert len(pinged_by_turn) < 200_000, "the pings never all went out"
+            await asyncio.sleep(0)  # one loop turn
+        per_turn = [b - a for a, b in itertools.pairwise(pinged_by_turn)]
+        assert 0 < max(per_turn) <= PINGS_PER_TURN
+        for client in clients:  # and each got its ping
+            await async_wait_for(lambda c=client: any(f.get("type") == "ping" for f in c.frames()))  # type: ignore[misc]
+    finally:
+        await node.close()

@@ -26,6 +26,7 @@ from herald import Herald
 from herald.config import Settings
 from herald.context import ClientContext
 from herald.server import create_app
+from herald.transports.native import _Keepalive
 from herald.transports.uvicorn import (
     FRAGMENTS_ENV,
     AsgiWebSocketProtocol,
@@ -293,6 +294,53 @@ async def test_keepalive_closes_a_silent_peer_and_keeps_an_answering_one() -> No
         await answering.send("still here")
         assert await asyncio.wait_for(answering.recv(), DEFAULT_TIMEOUT) == "Message text was: still here"
         await answering.close()
+
+
+class _Looked:
+    """Stands for a connection in the keepalive's groups; counts its looks."""
+
+    def __init__(self) -> None:
+        self.keepalive_group = 0
+        self.looks = 0
+
+    def keepalive_tick(self) -> None:
+        self.looks += 1
+
+
+def test_the_keepalive_looks_at_each_connection_once_per_interval_a_group_per_tick() -> None:
+    """A sweep's pings are spread over the interval (a ping is a write(): 10,000 in one
+    callback held the loop ~100 ms), and every connection is still looked at once."""
+    loop = asyncio.new_event_loop()
+    try:
+        keepalive = _Keepalive(loop, 10.0)
+        assert len(keepalive.groups) == 20 and keepalive.tick == 0.5
+        members = [_Looked() for _ in range(1000)]  # opened together, as in a storm
+        for ws in members:
+            keepalive.add(ws)  # type: ignore[arg-type]
+        gone = members[::7]
+        for ws in gone:
+            keepalive.discard(ws)  # type: ignore[arg-type]
+            keepalive.discard(ws)  # type: ignore[arg-type]  # twice: counted once
+        assert keepalive.size == 1000 - len(gone)
+        per_tick = []
+        for _ in range(len(keepalive.groups)):
+            before = sum(ws.looks for ws in members)
+            keepalive.sweep()
+            per_tick.append(sum(ws.looks for ws in members) - before)
+        assert sum(per_tick) == keepalive.size
+        assert max(per_tick) <= 1000 // 20
+        assert {ws.looks for ws in members if ws not in gone} == {1}
+        assert {ws.looks for ws in gone} == {0}
+        assert keepalive.timer is not None  # the next interval is under way
+        for ws in members:
+            keepalive.discard(ws)  # type: ignore[arg-type]
+        keepalive.sweep()
+        assert keepalive.size == 0 and keepalive.timer is None  # stops when empty
+        # A short interval: one group, every connection at each tick (as before).
+        assert len(_Keepalive(loop, 0.2).groups) == 1
+        assert len(_Keepalive(loop, 600.0).groups) == 64
+    finally:
+        loop.close()
 
 
 @by_entry

@@ -87,35 +87,63 @@ _READ_INBOX, _READ_WRITES = 1, 2
 # ---------------------------------------------------------------- keepalive
 
 
+#: A keepalive sweep covers its connections in groups, one group every this many seconds
+#: (at most :data:`KEEPALIVE_GROUPS` groups per interval).
+KEEPALIVE_TICK = 0.5
+KEEPALIVE_GROUPS = 64
+
+
 class _Keepalive:
     """WebSocket pings for the native connections of one event loop, from one timer.
 
-    Every ``interval`` seconds: a connection heard from since the last sweep is fine;
-    one that was pinged at the last sweep and stayed silent is closed (1011); any
-    other is pinged.  A silent peer is thus closed two to three intervals after it
-    went quiet, without a timer per connection.
+    Every ``interval`` seconds each connection is looked at once: one heard from since
+    it was last looked at is fine; one that was pinged then and stayed silent is closed
+    (1011); any other is pinged.  A silent peer is thus closed two to three intervals
+    after it went quiet, without a timer per connection.
+
+    The connections are spread over groups (one per :data:`KEEPALIVE_TICK` of the
+    interval, at most :data:`KEEPALIVE_GROUPS`), and the timer looks at one group per
+    tick: a ping is a ``write()``, and pinging 10,000 silent subscribers in one callback
+    held the loop for ~100 ms, long enough to fail a latency step of bench S5 in every
+    run.  Connections join the groups in turn, so that a storm of them (all opened
+    within one tick) is spread too; a connection's first look comes within one interval
+    of its opening.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self.loop = loop
         self.interval = interval
-        self.members: set[NativeProtocol] = set()
+        count = max(1, min(KEEPALIVE_GROUPS, int(interval / KEEPALIVE_TICK)))
+        self.groups: list[set[NativeProtocol]] = [set() for _ in range(count)]
+        self.tick = interval / count
+        self.turn = 0  # the group looked at next
+        self.joining = 0  # the group the next connection joins
+        self.size = 0
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, ws: NativeProtocol) -> None:
-        self.members.add(ws)
+        group = ws.keepalive_group = self.joining
+        self.joining = (group + 1) % len(self.groups)
+        self.groups[group].add(ws)
+        self.size += 1
         if self.timer is None:
-            self.timer = self.loop.call_later(self.interval, self.sweep)
+            self.timer = self.loop.call_later(self.tick, self.sweep)
 
     def discard(self, ws: NativeProtocol) -> None:
-        self.members.discard(ws)
+        group = self.groups[ws.keepalive_group]
+        if ws in group:
+            group.discard(ws)
+            self.size -= 1
 
     def sweep(self) -> None:
+        """Look at the next group (the timer's callback)."""
         self.timer = None
-        for ws in list(self.members):
+        group = self.groups[self.turn]
+        self.turn = (self.turn + 1) % len(self.groups)
+        for ws in list(group):
             ws.keepalive_tick()
-        if self.members:
-            self.timer = self.loop.call_later(self.interval, self.sweep)
+        if self.size:
+            self.timer = self.loop.call_later(self.tick, self.sweep)
 
 
 _local = threading.local()
@@ -173,6 +201,7 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         "close_code",
         "close_reason",
         "config",
+        "keepalive_group",
         "loop",
         "path",
         "peer_close",
@@ -213,6 +242,7 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         self._heard = False
         self._ping_out = False
         self._keepalive: _Keepalive | None = None
+        self.keepalive_group = 0
         self._lost_args: tuple[int, str, bool] | None = None
         self._ended = False
         self._scope: dict[str, Any] | None = None
