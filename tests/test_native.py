@@ -343,6 +343,37 @@ def test_the_keepalive_looks_at_each_connection_once_per_interval_a_group_per_ti
         loop.close()
 
 
+@pytest.mark.parametrize("protocol_pings", [True, False], ids=["protocol-pings", "no-protocol-pings"])
+async def test_a_protocol_client_gets_websocket_pings_only_without_protocol_pings(
+    protocol_pings: bool,
+) -> None:
+    """/connect's own pings (with a pong deadline) make the WebSocket keepalive's pings
+    redundant: a protocol client gets them only when protocol pings are off."""
+    settings = Settings(ping_interval=30.0 if protocol_pings else 0)
+    with serving(create_app(settings), ws_ping_interval=0.2, ws_ping_timeout=0.2) as server:
+        head, client = await asyncio.to_thread(raw_handshake, server.port, "/connect")
+        with client:
+            assert head.startswith(b"HTTP/1.1 101")
+            client.sendall(masked(0x1, b'{"id":1,"type":"connect"}'))
+            opcode, reply = await asyncio.to_thread(read_frame, client)
+            assert opcode == 0x1 and b'"id":1' in reply
+            # A silent /ws peer on the same keepalive: pinged at one sweep, closed at the
+            # next.  Once it is closed, any ping for the protocol client was written too.
+            head, silent = await asyncio.to_thread(raw_handshake, server.port, "/ws")
+            with silent:
+                assert head.startswith(b"HTTP/1.1 101")
+                frames = [await asyncio.to_thread(read_frame, silent)]
+                while frames[-1][0] != 0x8:
+                    frames.append(await asyncio.to_thread(read_frame, silent))
+                assert frames[0][0] == 0x9
+            if protocol_pings:
+                client.settimeout(0.3)
+                with pytest.raises(TimeoutError):
+                    await asyncio.to_thread(read_frame, client)
+            else:
+                assert await asyncio.to_thread(read_frame, client) == (0x9, b"")
+
+
 @by_entry
 async def test_forwarded_client_address_counts_for_the_per_ip_limit(http: Any) -> None:
     app = create_app(Settings(max_connections_per_ip=1))

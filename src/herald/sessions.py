@@ -258,6 +258,13 @@ class ProtocolSession(HandshakeTimeout, RouteSession):
         self.timer: asyncio.TimerHandle | None = None
         self.burst = 0  # commands since the last yield (see on_text)
 
+    @property
+    def checks_liveness(self) -> bool:
+        """With protocol pings on, the liveness walk pings this client and closes it when
+        no pong comes (:meth:`herald.node.Node.check_liveness`), and the handshake
+        timeout covers it until ``connect``: WebSocket pings would only double the writes."""
+        return self.node.settings.ping_interval > 0
+
     def started(self) -> None:
         self.connection.start()
         self.arm_handshake_timeout(self.node.settings.handshake_timeout)

@@ -111,6 +111,10 @@ class Session(Protocol):
     awaitable, which the driver runs to completion before the next message is handed
     over: messages of one socket are handled in order, one at a time, and ``lost``
     comes once, after the last of them.
+
+    A session that checks its peer's liveness itself (protocol pings with a deadline for
+    the answer) may have a true ``checks_liveness`` attribute: the native driver then
+    sends it no WebSocket pings of its own (they would double the pings' writes).
     """
 
     subprotocol: str | None

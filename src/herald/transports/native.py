@@ -447,7 +447,7 @@ class NativeProtocol(FrameReader, BatchedWrites, asyncio.Protocol):
         self.session = session
         self.server_state.connections.add(self)
         interval = self._ping_interval()
-        if interval:
+        if interval and not getattr(session, "checks_liveness", False):
             self._keepalive = _keepalive(self.loop, interval)
             self._keepalive.add(self)
         self._log_access("[accepted]")
