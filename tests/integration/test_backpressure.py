@@ -119,7 +119,10 @@ async def test_publish_burst_does_not_cut_a_reading_subscriber(server: ThreadSer
 
     async def read_slowly() -> None:
         while len(acked) + len(errors) < PUBLISHES:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT))
+            # Bounded by the whole read's 60 s below, not per frame: on a loaded machine
+            # (the suite's other worker running a benchmark smoke test) one gap between
+            # frames once exceeded 5 s with the asgi-queue driver.
+            frame = json.loads(await ws.recv())
             if frame.get("type") == "ping":
                 await ws.send('{"type":"pong"}')
                 continue
@@ -175,7 +178,7 @@ async def test_client_reading_its_replies_slowly_is_slowed_not_cut(server: Threa
 
     async def read_slowly() -> None:
         while len(pages) < calls:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), DEFAULT_TIMEOUT))
+            frame = json.loads(await ws.recv())  # bounded by the 60 s below
             if frame.get("type") == "ping":
                 await ws.send('{"type":"pong"}')
                 continue
