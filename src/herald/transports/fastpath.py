@@ -185,13 +185,15 @@ class BatchedWrites:
         size = self._pending_bytes + len(data)
         if self._buffered + size > max_bytes or self._backlog + len(pending) >= max_messages:
             return False
-        self._schedule(self._flusher, not pending, delay)
+        if not pending or self._delayed:
+            self._schedule(self._flusher, not pending, delay)
         pending.append(data)
         self._pending_bytes = size
         return True
 
     def _schedule(self, flusher: _Flusher, first: bool, delay: float) -> None:
-        """Arrange the flush of the batch a frame is joining (``first``: it was empty)."""
+        """Arrange the flush of the batch a frame is joining (``first``: it was empty).
+        Callers skip it for a frame joining a batch that already leaves this turn."""
         if first:
             self._delayed = delay > 0
             if self._delayed:

@@ -339,8 +339,9 @@ class HttpStreamTransport(BatchedWrites):
             return False
         if frame.startswith(_DISCONNECT_PREFIX):
             self._told_end = True
-        # One flush per loop turn (or write delay) for every stream with chunks, as for WebSockets.
-        self._schedule(batch_flusher(asyncio.get_running_loop()), not pending, delay)
+        if not pending or self._delayed:
+            # One flush per loop turn (or write delay) for every stream with chunks, as for WebSockets.
+            self._schedule(batch_flusher(asyncio.get_running_loop()), not pending, delay)
         pending.append(chunk)
         self._pending_bytes = size
         return True
