@@ -8,11 +8,11 @@ import asyncio
 from collections.abc import Sequence
 
 from herald.brokers.base import ClientInfo
-from herald.config import Settings
+from herald.config import NamespaceOptions, Settings
 from herald.connection import Connection
 from herald.node import Node
 from herald.presence.memory import MemoryPresenceManager
-from herald.presence_upkeep import REFRESH_ENTRIES, REFRESH_GROUP
+from herald.presence_upkeep import REFRESH_ENTRIES, REFRESH_GROUP, REFRESH_TURN
 
 
 class _Transport:
@@ -68,6 +68,49 @@ async def test_a_refresh_rewrites_every_entry_in_bounded_turns() -> None:
         assert max(presence.per_turn.values()) <= REFRESH_ENTRIES
         assert max(len(c) for c in presence.channels_per_turn.values()) <= REFRESH_GROUP
         assert len(presence.per_turn) >= 1500 * 4 // REFRESH_ENTRIES
+    finally:
+        stop.set()
+        for connection in list(node.hub.connections()):
+            node.hub.remove(connection)
+        await node.close()
+
+
+async def test_a_refresh_skips_the_channels_of_namespaces_without_presence() -> None:
+    presence = _CountingPresence()
+    namespaces = {"": NamespaceOptions(presence=True), "feed": NamespaceOptions(presence=False)}
+    node = Node(Settings(ping_interval=0, namespaces=namespaces), presence=presence)
+    await node.start()
+    turns = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    try:
+        clients = REFRESH_TURN + 200
+        for i in range(clients):
+            connection = Connection(_Transport(), f"c{i}", renderer=lambda p: "x")
+            node.hub.add(connection)
+            for channel in ("lobby", f"feed:{i % 300}", "feed:all"):
+                node.hub.subscribe(channel, connection)
+        await node.presence_upkeep.refresh_all()
+        assert set().union(*presence.channels_per_turn.values()) == {"lobby"}
+        assert sum(presence.per_turn.values()) == clients
+        # No namespace keeps presence: the refresh returns at once, without walking
+        # (the walk lets the loop turn every REFRESH_TURN connections).
+        node.settings.namespaces[""] = NamespaceOptions(presence=False)
+        presence.per_turn.clear()
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = turns
+        await node.presence_upkeep.refresh_all()
+        assert turns == before
+        assert presence.per_turn == {}
+        stop.set()
+        await ticking
     finally:
         stop.set()
         for connection in list(node.hub.connections()):

@@ -88,12 +88,20 @@ class PresenceUpkeep:
         stall deliveries for one long turn: unbounded, that took tens of milliseconds.
         """
         node = self._node
+        if not any(options.presence for options in node.settings.namespaces.values()):
+            return  # nothing to refresh: no walk over every (connection, channel) pair
         members: dict[str, list[Connection]] = {}
+        # Whether a channel's namespace keeps presence, looked up once per channel: the
+        # channels of namespaces without it are not gathered (nor given a coroutine).
+        refreshed: dict[str, bool] = {}
         for index, connection in enumerate(list(node.hub.connections())):
             if index and index % REFRESH_TURN == 0:
                 await asyncio.sleep(0)
             for channel in connection.channels:
-                if not channel.startswith("$"):
+                wanted = refreshed.get(channel)
+                if wanted is None:
+                    wanted = refreshed[channel] = self._keeps_presence(channel)
+                if wanted:
                     members.setdefault(channel, []).append(connection)
         group: list[tuple[str, list[Connection]]] = []
         entries = 0
@@ -108,6 +116,14 @@ class PresenceUpkeep:
         if group:
             await self._refresh_group(group)
 
+    def _keeps_presence(self, channel: str) -> bool:
+        if channel.startswith("$"):
+            return False  # private channels of the server (a user's own, control)
+        try:
+            return self._node.namespace(channel).presence
+        except CommandError:
+            return False  # its namespace was removed: nothing of it is refreshed
+
     async def _refresh_group(self, group: list[tuple[str, list[Connection]]]) -> None:
         await asyncio.sleep(0)
         await asyncio.gather(*(self._refresh(channel, connections) for channel, connections in group))
@@ -115,8 +131,6 @@ class PresenceUpkeep:
     async def _refresh(self, channel: str, connections: list[Connection]) -> None:
         node = self._node
         try:
-            if not node.namespace(channel).presence:
-                return
             infos = [ClientInfo(c.client_id, c.user, c.info) for c in connections]
             await node.presence.refresh(channel, infos, node.settings.presence_ttl)
             # A client may have left while we awaited: its leave already removed the

@@ -54,6 +54,19 @@ def test_every_command_round_trips(frame: dict[str, Any]) -> None:
         assert dumped.get(key, value) == value
 
 
+def test_the_clients_pong_is_answered_without_a_parse() -> None:
+    # The exact frame Herald's clients send: one shared model, no JSON parse.
+    first, second = decode_command('{"type":"pong"}'), decode_command('{"type":"pong"}')
+    assert first == m.PongCommand(type="pong")
+    assert first is second
+    # Any other spelling is decoded (and checked) as usual.
+    assert decode_command('{ "type": "pong" }') == m.PongCommand(type="pong")
+    assert decode_command('{ "type": "pong" }') is not first
+    with pytest.raises(ProtocolError) as caught:
+        decode_command('{"type":"pong","x":1}')
+    assert caught.value.code is ErrorCode.BAD_REQUEST
+
+
 def test_bytes_input_accepted() -> None:
     assert decode_command(b'{"id": 1, "type": "ping"}') == m.PingRequest(type="ping", id=1)
 

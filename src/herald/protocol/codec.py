@@ -16,9 +16,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..codes import ErrorCode
 from ..exceptions import ProtocolError
-from .messages import COMMAND_TYPES, MAX_ID, Command
+from .messages import COMMAND_TYPES, MAX_ID, Command, PongCommand
 
 _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+# The pong every Herald client sends, byte for byte: an idle node receives one per
+# client per ping interval, and this frame needs no parse (any other spelling of a
+# pong is decoded as usual).  Models are frozen: one instance serves every pong.
+_PONG_TEXT = '{"type":"pong"}'
+_PONG = PongCommand(type="pong")
 
 #: Default maximum nesting of arrays/objects in a frame.
 DEFAULT_MAX_DEPTH = 32
@@ -121,6 +127,8 @@ def decode_command(
 
     ``ProtocolError.command_id`` carries the frame's id when it was readable.
     """
+    if text == _PONG_TEXT:
+        return _PONG
     frame = _parse(text)
     command_id = _readable_id(frame) if isinstance(frame, dict) else None
     # Limits are checked after the id is read, so that the error reply can carry it.
