@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import websockets
@@ -469,24 +469,44 @@ class _RefusingTransport(RecordingTransport):
         return True
 
 
-async def test_lazy_writer_delivers_refused_frames_in_order() -> None:
+def _sending(connection: Connection, way: str) -> Callable[[str], object]:
+    """A frame handed over as a reply (send) or as a channel's frame (deliver)."""
+    if way == "send":
+        return connection.send
+    return lambda frame: connection.deliver("room", None, frame)
+
+
+@pytest.mark.parametrize("way", ["send", "deliver"])
+async def test_lazy_writer_delivers_refused_frames_in_order(way: str) -> None:
     transport = _RefusingTransport()
     connection = Connection(transport, "c1", renderer=render_broadcast)  # type: ignore[arg-type]
     connection.start()
+    hand = _sending(connection, way)
     assert connection._writer is None  # no task until one is needed
     transport.block()  # the first queued frame is stuck in the writer's send
-    assert connection.send("a")  # fast path refused: queued, the writer starts
+    hand("a")  # fast path refused: queued, the writer starts
     assert connection._writer is not None
     transport.usable = True
-    assert connection.send("b")  # the queue is not empty: must not overtake "a"
+    hand("a2")  # "a" waits in the queue (the writer has not run yet): "a2" must not overtake it
+    await async_wait_for(lambda: connection._writing)
     transport.unblock()
     await async_wait_for(lambda: connection.queued == (0, 0) and not connection._writing)
-    assert connection.send("c")  # queue drained: the fast path again
-    assert transport.frames == ["a", "b", "c"]
+    transport.usable = False
+    transport.block()
+    hand("b")  # refused again: the writer takes it and is stuck writing it
+    await async_wait_for(lambda: connection._writing and connection.queued == (0, 0))
+    transport.usable = True
+    hand("b2")  # the queue is empty, but "b" is still being written: "b2" must wait
+    transport.unblock()
+    await async_wait_for(lambda: connection.queued == (0, 0) and not connection._writing)
+    hand("c")  # nothing queued or being written: the fast path again
+    assert transport.frames == ["a", "a2", "b", "b2", "c"]
     assert transport.direct == ["c"]
     connection.close(1000, "bye", push=False)
+    hand("after")  # nothing follows a close
     assert await connection.wait_closed(DEFAULT_TIMEOUT)
     assert transport.closed == (1000, "bye")
+    assert "after" not in transport.frames
 
 
 async def test_a_connection_that_never_queued_closes_through_a_late_writer() -> None:

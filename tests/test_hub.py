@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from herald.brokers.base import ClientInfo
+from herald.brokers.base import ClientInfo, Publication
 from herald.brokers.memory import MemoryBroker
 from herald.codes import CloseCode
 from herald.commands import CommandHandler, render_publication
@@ -18,6 +19,7 @@ from herald.config import Settings
 from herald.connection import Connection
 from herald.context import AsgiHandshake, ClientContext
 from herald.demos import DEMO_NAMESPACES
+from herald.hub import Hub
 from herald.node import PINGS_PER_TURN, Node, heartbeat_tick
 
 from .helpers import async_wait_for
@@ -100,6 +102,32 @@ async def test_fan_out_encodes_once_per_publication(node: Node, monkeypatch: pyt
     assert calls == 1
     for client in clients:
         await async_wait_for(lambda c=client: len(c.publications()) == 1)  # type: ignore[misc]
+
+
+async def test_fan_out_renders_once_per_renderer_and_never_mixes_them() -> None:
+    # Subscribers with two renderers, interleaved (protocol clients and tutorial
+    # broadcast clients can share a channel): each gets its own renderer's frame.
+    hub = Hub()
+    calls: list[str] = []
+
+    def rendering(name: str) -> Callable[[Publication], str]:
+        def render(publication: Publication) -> str:
+            calls.append(name)
+            return f"{name}:{publication.offset}"
+
+        return render
+
+    renderers = [rendering("a"), rendering("b")]
+    transports = [RecordingTransport() for _ in range(6)]
+    for i, transport in enumerate(transports):
+        connection = Connection(transport, f"c{i}", renderer=renderers[i % 2])  # type: ignore[arg-type]
+        connection.start()
+        hub.add(connection)
+        hub.subscribe("room", connection)
+    assert hub.fan_out(Publication("room", 7, "e", b"1")) == 6
+    assert sorted(calls) == ["a", "b"]
+    await async_wait_for(lambda: all(t.frames for t in transports))
+    assert [t.frames for t in transports] == [["a:7"], ["b:7"]] * 3
 
 
 async def test_slow_consumer_is_disconnected_and_others_unaffected(node: Node) -> None:

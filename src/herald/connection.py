@@ -235,6 +235,24 @@ class Connection:
 
         ``offset``/``epoch``: the publication's position (``None`` for join/leave events).
         """
+        if (self._buffering is not None or self._floors is not None) and self._held_back(
+            channel, offset, frame, epoch
+        ):
+            return
+        fast = self._fast
+        if fast is not None and not self._queue and not self._writing and not self._closing:
+            # send()'s fast path, inlined: this runs once per recipient of every fan-out.
+            written = fast.write_nowait(frame, self._max_bytes, self._max_messages, self._write_delay)
+            if written:
+                self.frames_out += 1
+                self.bytes_out += len(frame)
+                return
+        # Over the bounds, the fast path closed, or frames already queued: send() decides.
+        self.send(frame, self._write_delay)
+
+    def _held_back(self, channel: str, offset: int | None, frame: str, epoch: str) -> bool:
+        """Whether ``frame`` waits for a subscribe in progress (held), or was already sent
+        in a subscribe reply (at or below the channel's floor)."""
         buffering = self._buffering
         if buffering is not None:
             pending = buffering.get(channel)
@@ -242,20 +260,20 @@ class Connection:
                 # Held frames count against the same bound as the queue.
                 if len(pending) >= self._max_messages:
                     self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
-                    return
+                    return True
                 pending.append((offset, epoch, frame))
-                return
+                return True
         floors = self._floors
         if floors is not None and offset and channel in floors:
             floor_offset, floor_epoch = floors[channel]
             if epoch == floor_epoch and offset <= floor_offset:
-                return
+                return True
             # Per-channel order: everything after this one is past the floor too (a later
             # position of the same stream, or a stream that restarted).
             del floors[channel]
             if not floors:
                 self._floors = None
-        self.send(frame, self._write_delay)
+        return False
 
     def hold(self, channel: str) -> None:
         """Buffer ``channel``'s live frames until :meth:`release` (used during subscribe)."""

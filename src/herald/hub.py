@@ -100,19 +100,26 @@ class Hub:
             return 0
         frames: dict[Renderer, str] = {}
         publisher = publication.info.client if publication.info is not None else None
-        delivered = 0
         channel, offset, epoch = publication.channel, publication.offset, publication.epoch
+        # A channel's subscribers mostly share one renderer: the last one is kept at hand.
+        last: Renderer | None = None
+        frame = ""
+        skipped = 0
         # Copy: a send may disconnect a slow consumer, which unsubscribes it.
-        for connection in list(subscribers.values()):
+        members = list(subscribers.values())
+        for connection in members:
             if not connection.echo_own and connection.client_id == publisher:
+                skipped += 1
                 continue
             renderer = connection.renderer
-            frame = frames.get(renderer)
-            if frame is None:
-                frame = frames[renderer] = renderer(publication)
+            if renderer is not last:
+                last = renderer
+                rendered = frames.get(renderer)
+                if rendered is None:
+                    rendered = frames[renderer] = renderer(publication)
+                frame = rendered
             connection.deliver(channel, offset, frame, epoch)
-            delivered += 1
-        return delivered
+        return len(members) - skipped
 
     def fan_out_event(self, event: PresenceEvent, max_subscribers: int = 0) -> int:
         """Push a join/leave event to the channel's subscribers; none while the channel has

@@ -173,20 +173,36 @@ class BatchedWrites:
         cached = _cache
         data = cached[1] if cached[0] is frame else framed(frame)
         pending = self._pending
-        if not pending:
-            # First frame of this turn: sample the socket's buffer once for the batch
-            # (it can only shrink until the flush, so the bound stays conservative).
-            transport = self._open_transport()
-            if transport is None:
-                return None
-            buffered = self._buffered = transport.get_write_buffer_size()
-            if buffered == 0:
-                self._backlog = 0
-        size = self._pending_bytes + len(data)
-        if self._buffered + size > max_bytes or self._backlog + len(pending) >= max_messages:
+        if pending:
+            size = self._pending_bytes + len(data)
+            if self._buffered + size > max_bytes or self._backlog + len(pending) >= max_messages:
+                return False
+            if self._delayed:
+                self._schedule(self._flusher, False, delay)
+            pending.append(data)
+            self._pending_bytes = size
+            return True
+        # First frame of this turn: sample the socket's buffer once for the batch (it can
+        # only shrink until the flush, so the bound stays conservative).
+        transport = self._open_transport()
+        if transport is None:
+            return None
+        buffered = self._buffered = transport.get_write_buffer_size()
+        if buffered == 0:
+            self._backlog = 0
+        size = len(data)
+        if buffered + size > max_bytes or self._backlog >= max_messages:
             return False
-        if not pending or self._delayed:
-            self._schedule(self._flusher, not pending, delay)
+        if delay > 0:
+            self._schedule(self._flusher, True, delay)
+        else:
+            # _Flusher.add, inlined: this runs once per recipient of every fan-out.
+            self._delayed = False
+            flusher = self._flusher
+            flusher._dirty.append(self)
+            if not flusher._scheduled:
+                flusher._scheduled = True
+                flusher._loop.call_soon(flusher.flush)
         pending.append(data)
         self._pending_bytes = size
         return True
