@@ -82,17 +82,20 @@ def test_heap_per_connection_tool_runs(path: str) -> None:
     assert "herald" in done.stdout
 
 
-def test_write_floor_tool_runs() -> None:
+@pytest.mark.parametrize("transport", ["socket", "uvloop"])
+def test_write_floor_tool_runs(transport: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.write_floor", "--sockets", "20", "--rounds", "2", "--size", "50"],
+        [sys.executable, "-m", "bench.write_floor", "--sockets", "20", "--rounds", "2", "--size", "50",
+         "--transport", transport],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     # "20 sockets, 50-byte frames, <date>: <cpu> µs of sender CPU per send() ..."
     assert done.stdout.startswith("20 sockets, 50-byte frames"), done.stdout
+    assert ("send()" in done.stdout) == (transport == "socket"), done.stdout
     assert float(done.stdout.split(": ", 1)[1].split()[0]) > 0
 
 
