@@ -196,6 +196,14 @@ class AsgiWebSocketProtocol(BoundedSansIOProtocol):
         """The socket Herald's ASGI driver uses for this connection."""
         return FastAsgiSocket(scope, send, self)
 
+    async def run_asgi(self) -> None:
+        try:
+            await super().run_asgi()
+        finally:
+            # The scope holds this protocol (above), and this protocol its scope: without
+            # this, every connection that ended waited for the cyclic collector.
+            self.scope.pop(FAST_PATH_SCOPE_KEY, None)  # type: ignore[misc]
+
 
 class _AcceptedAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
     """uvicorn's logger for one connection, with its per-connection ``[accepted]`` line at
