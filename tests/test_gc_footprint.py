@@ -294,19 +294,27 @@ def test_an_ended_connection_leaves_nothing_for_the_cyclic_collector(
 
 def _stream_and_drop(port: int, path: str) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    read_until(sock, b'"type":"subscribed"')
+    if path == "/emulation/connect":
+        # An emulated /connect session, its first commands riding on the stream request.
+        body = b'{"commands":[{"id":1,"type":"connect"},{"id":2,"type":"subscribe","channels":[{"channel":"lobby"}]}]}'
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        read_until(sock, b'"id":2')
+    else:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        read_until(sock, b'"type":"subscribed"')
     sock.close()  # the client goes away; the server ends the stream
 
 
-@pytest.mark.parametrize("path", ["/sse?channel=lobby", "/stream?channel=lobby"])
+@pytest.mark.parametrize("path", ["/sse?channel=lobby", "/stream?channel=lobby", "/emulation/connect"])
 def test_an_ended_stream_leaves_nothing_for_the_cyclic_collector(
     native_server: ThreadServer, path: str
 ) -> None:
-    """An SSE or HTTP-streaming response that ended is freed by reference counting: its
-    heartbeat timer's callback was a closure that scheduled itself, holding itself (and
-    the stream's transport, connection and uvicorn's request cycle: ~58 objects) in a
-    cycle."""
+    """An SSE, HTTP-streaming or emulated session's response that ended is freed by
+    reference counting.  A stream's heartbeat timer's callback was a closure that
+    scheduled itself, holding itself (and the stream's transport, connection and
+    uvicorn's request cycle: ~58 objects) in a cycle; an emulated session and its socket
+    held each other (~60)."""
     port = native_server.port
     for _ in range(3):
         _stream_and_drop(port, path)
