@@ -62,6 +62,11 @@ class AsgiSocket(AsgiHandshake):
         #: (code, reason) once Herald started closing.
         self.close_args: tuple[int, str] | None = None
 
+    def stop_server_pings(self) -> None:
+        """Stop the server's own WebSocket pings on this connection, where the server
+        lets Herald do so (see :class:`~herald.transports.uvicorn.FastAsgiSocket`); plain
+        ASGI has no way to, so this does nothing."""
+
     # ------------------------------------------------------------ writing
 
     def send_now(self, message: str | bytes) -> None:
@@ -186,6 +191,8 @@ class AsgiRoute:
             socket.peer_gone()
             await _finish(opened.lost(1006, "", True))
             return
+        if getattr(opened, "checks_liveness", False):
+            socket.stop_server_pings()  # the session pings its peer itself (Session contract)
         code, reason, by_peer = await self._serve(socket, opened, receive)
         await _finish(opened.lost(code, reason, by_peer))
         if not by_peer:

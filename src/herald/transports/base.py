@@ -113,8 +113,9 @@ class Session(Protocol):
     comes once, after the last of them.
 
     A session that checks its peer's liveness itself (protocol pings with a deadline for
-    the answer) may have a true ``checks_liveness`` attribute: the native driver then
-    sends it no WebSocket pings of its own (they would double the pings' writes).
+    the answer) may have a true ``checks_liveness`` attribute: the drivers then send it
+    no WebSocket pings of their own (they would double the pings' writes); under the ASGI
+    driver, where the server lets Herald stop them (``herald serve``'s uvicorn protocol).
     """
 
     subprotocol: str | None

@@ -239,6 +239,10 @@ class FastAsgiSocket(BatchedWrites, AsgiSocket):
         self._backlog = 0
         self._delayed = False
 
+    def stop_server_pings(self) -> None:
+        # uvicorn started its keepalive pings when the accept was sent.
+        self._protocol.stop_keepalive()
+
     def _open_transport(self) -> asyncio.Transport | None:
         protocol = self._protocol
         if protocol.close_sent or protocol.disconnected or not protocol.handshake_complete:
