@@ -128,7 +128,13 @@ async def test_socket_cut_recovers_every_publication_once_in_order(
             assert (await disconnected).reconnect
             # Publications keep coming while the client cannot get through.
             await reached(cut_at + 15)
+            # Back through before the next cut: a cut while the client is still connecting
+            # (the proxy opening its upstream) would miss that connection, and a client
+            # that never got connected has nothing to report as "disconnected".
+            back = asyncio.ensure_future(client.wait_for("recovered", timeout=10))
+            await asyncio.sleep(0)
             proxy.refusing = False
+            await back
         await asyncio.wait_for(asyncio.shield(publishing), 20)
         await asyncio.wait_for(asyncio.shield(reading), 20)
     finally:
