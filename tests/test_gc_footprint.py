@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from bench.heap import masked_text, open_client
@@ -275,21 +275,26 @@ def test_an_ended_connection_leaves_nothing_for_the_cyclic_collector(
     connection's scope held uvicorn's protocol, which held the scope (~55 objects).
     """
     native = request.node.callspec.params["native_server"]
-    port = native_server.port
-    for _ in range(3):  # first-use caches, lazily built types
-        _flow(flow, port, native)
-    wait_for(lambda: _all_gone(native_server), what="the warm-up connections gone")
-    gc.collect()
     count = 30
+    found = _found_in_cycles(native_server, count, lambda: _flow(flow, native_server.port, native))
+    assert found < count, f"{found} objects in cycles after {count} connections ({flow})"
+
+
+def _found_in_cycles(server: ThreadServer, count: int, one: Callable[[], None]) -> int:
+    """Objects the cyclic collector finds after ``count`` runs of ``one`` (each a
+    connection that ends), with the collector off meanwhile; three runs warm up first."""
+    for _ in range(3):  # first-use caches, lazily built types
+        one()
+    wait_for(lambda: _all_gone(server), what="the warm-up connections gone")
+    gc.collect()
     gc.disable()
     try:
         for _ in range(count):
-            _flow(flow, port, native)
-        wait_for(lambda: _all_gone(native_server), what="every connection gone")
-        found = gc.collect()
+            one()
+        wait_for(lambda: _all_gone(server), what="every connection gone")
+        return gc.collect()
     finally:
         gc.enable()
-    assert found < count, f"{found} objects in cycles after {count} connections ({flow})"
 
 
 def _stream_and_drop(port: int, path: str) -> None:
@@ -315,20 +320,8 @@ def test_an_ended_stream_leaves_nothing_for_the_cyclic_collector(
     scheduled itself, holding itself (and the stream's transport, connection and
     uvicorn's request cycle: ~58 objects) in a cycle; an emulated session and its socket
     held each other (~60)."""
-    port = native_server.port
-    for _ in range(3):
-        _stream_and_drop(port, path)
-    wait_for(lambda: _all_gone(native_server), what="the warm-up streams gone")
-    gc.collect()
     count = 20
-    gc.disable()
-    try:
-        for _ in range(count):
-            _stream_and_drop(port, path)
-        wait_for(lambda: _all_gone(native_server), what="every stream gone")
-        found = gc.collect()
-    finally:
-        gc.enable()
+    found = _found_in_cycles(native_server, count, lambda: _stream_and_drop(native_server.port, path))
     assert found < count, f"{found} objects in cycles after {count} streams ({path})"
 
 
