@@ -239,15 +239,6 @@ class Connection:
             channel, offset, frame, epoch
         ):
             return
-        fast = self._fast
-        if fast is not None and not self._queue and not self._writing and not self._closing:
-            # send()'s fast path, inlined: this runs once per recipient of every fan-out.
-            written = fast.write_nowait(frame, self._max_bytes, self._max_messages, self._write_delay)
-            if written:
-                self.frames_out += 1
-                self.bytes_out += len(frame)
-                return
-        # Over the bounds, the fast path closed, or frames already queued: send() decides.
         self.send(frame, self._write_delay)
 
     def _held_back(self, channel: str, offset: int | None, frame: str, epoch: str) -> bool:

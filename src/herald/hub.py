@@ -113,11 +113,9 @@ class Hub:
                 continue
             renderer = connection.renderer
             if renderer is not last:
-                last = renderer
-                rendered = frames.get(renderer)
-                if rendered is None:
-                    rendered = frames[renderer] = renderer(publication)
-                frame = rendered
+                if renderer not in frames:
+                    frames[renderer] = renderer(publication)
+                last, frame = renderer, frames[renderer]
             connection.deliver(channel, offset, frame, epoch)
         return len(members) - skipped
 

@@ -64,8 +64,8 @@ logger = logging.getLogger("herald.node")
 #: Connections checked by the heartbeat loop before it lets the event loop turn.
 HEARTBEATS_PER_TURN = 1000
 #: Pings (or closes) the heartbeat loop writes before it lets the event loop turn: each
-#: is a ``write()`` (~30-40 µs on loopback), and the thousand due together after a
-#: connect storm held the loop ~40 ms per turn, every walk (bench S5's p99 spikes).
+#: is a ``write()`` system call, and the thousand due together after a connect storm
+#: held the loop 30-60 ms per turn, every walk (bench S5's p99 spikes).
 PINGS_PER_TURN = 64
 
 

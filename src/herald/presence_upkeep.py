@@ -93,14 +93,14 @@ class PresenceUpkeep:
         members: dict[str, list[Connection]] = {}
         # Whether a channel's namespace keeps presence, looked up once per channel: the
         # channels of namespaces without it are not gathered (nor given a coroutine).
-        refreshed: dict[str, bool] = {}
+        keeps: dict[str, bool] = {}
         for index, connection in enumerate(list(node.hub.connections())):
             if index and index % REFRESH_TURN == 0:
                 await asyncio.sleep(0)
             for channel in connection.channels:
-                wanted = refreshed.get(channel)
+                wanted = keeps.get(channel)
                 if wanted is None:
-                    wanted = refreshed[channel] = self._keeps_presence(channel)
+                    wanted = keeps[channel] = self._keeps_presence(channel)
                 if wanted:
                     members.setdefault(channel, []).append(connection)
         group: list[tuple[str, list[Connection]]] = []

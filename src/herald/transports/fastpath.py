@@ -193,16 +193,7 @@ class BatchedWrites:
         size = len(data)
         if buffered + size > max_bytes or self._backlog >= max_messages:
             return False
-        if delay > 0:
-            self._schedule(self._flusher, True, delay)
-        else:
-            # _Flusher.add, inlined: this runs once per recipient of every fan-out.
-            self._delayed = False
-            flusher = self._flusher
-            flusher._dirty.append(self)
-            if not flusher._scheduled:
-                flusher._scheduled = True
-                flusher._loop.call_soon(flusher.flush)
+        self._schedule(self._flusher, True, delay)
         pending.append(data)
         self._pending_bytes = size
         return True
