@@ -98,9 +98,10 @@ def linger_after_close(protocol: Any) -> None:
         return
     protocol.lingering = True
     transport.write_eof()
-    if protocol.read_paused:
-        protocol.read_paused = False
-        transport.resume_reading()
+    # Read on even if reading was paused (a message waiting for the app, or a full
+    # write buffer: see _ReadsHeldWhileWritesWait).
+    protocol.read_paused = False
+    transport.resume_reading()
     if protocol.close_timer is not None:
         protocol.close_timer.cancel()
     if transport.get_write_buffer_size():
@@ -110,10 +111,51 @@ def linger_after_close(protocol: Any) -> None:
         protocol.close_timer = protocol.loop.call_later(CLOSE_TIMEOUT, transport.close)
 
 
+# ---------------------------------------------------------------- reading held while writes wait
+
+
+class _ReadsHeldWhileWritesWait:
+    """Mixed into uvicorn's WebSocket protocols: the socket is not read while its write
+    buffer is over the transport's high-water mark.
+
+    uvicorn answers a ping frame inside ``data_received`` (a pong written at once, no
+    app involved) and writes with no regard for a full buffer: a client flooding pings
+    and never reading grew the server's write buffer without limit (800 MB in seconds),
+    and slowed every other client of the process.  A client's pings, like its commands,
+    are now read only as fast as it reads the answers (the native path does the same).
+    The pause is undone by ``resume_writing`` (the buffer drained to the low-water
+    mark), and a ``receive`` that lets uvicorn resume reading puts it back while the
+    buffer is still full.  A failed connection that lingers (:func:`linger_after_close`)
+    reads on regardless.
+    """
+
+    transport: Any
+    writable: Any  # asyncio.Event, set while the buffer is under the high-water mark
+    read_paused: bool  # uvicorn's own pause: a message waits for the app's receive()
+    lingering: bool
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if not self.lingering:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        message = await super().receive()  # type: ignore[misc]
+        # uvicorn resumed reading if its queue emptied; the buffer may still be full.
+        if not self.writable.is_set() and not self.lingering and not self.transport.is_closing():
+            self.transport.pause_reading()
+        return message
+
+
 # ---------------------------------------------------------------- websockets-sansio
 
 
-class BoundedSansIOProtocol(WebSocketsSansIOProtocol):
+class BoundedSansIOProtocol(_ReadsHeldWhileWritesWait, WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with a bound on the frames of one message.
 
     websockets' sans-I/O parser bounds a message's bytes (``ws_max_size``) but leaves
@@ -436,7 +478,7 @@ def _bounded_wsproto() -> type[asyncio.Protocol]:
     from wsproto import events
     from wsproto.connection import ConnectionState
 
-    class BoundedWSProtocol(WSProtocol):
+    class BoundedWSProtocol(_ReadsHeldWhileWritesWait, WSProtocol):
         def __init__(
             self,
             config: Config,
