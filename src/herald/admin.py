@@ -85,7 +85,7 @@ class Admin:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.settings = node.settings
-        gate = HttpGate(node.settings)
+        gate = self._gate = HttpGate(node.settings)
         self.router = APIRouter(
             prefix="/admin", include_in_schema=False, route_class=guarded_route_class(gate, require_key=False)
         )
@@ -177,10 +177,11 @@ class Admin:
 
         @router.get("/snapshot")
         async def snapshot(request: Request) -> dict[str, Any]:
-            supplied = request.headers.get("x-api-key")
-            client_host = request.client.host if request.client else None
-            if not key_allows(settings, supplied, client_host, request.headers.get("host")):
-                raise HTTPException(401, detail="missing or wrong API key")
+            # The API's own check: the same ways to send the key, the same answers (401 for a
+            # missing or wrong key, 403 when no key is set and the request is not loopback).
+            denied = self._gate.key_refusal(request.scope)
+            if denied is not None:
+                raise HTTPException(denied[0], detail=denied[1])
             return self.snapshot()
 
         # The admin socket is a route like Herald's others (same admission: Host, Origin,

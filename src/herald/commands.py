@@ -159,7 +159,7 @@ class CommandHandler:
             # What the reply needs, not the error itself: its traceback (and its context's)
             # holds this frame, so keeping it here made a cycle that held the connection
             # for the cyclic collector.
-            command, malformed = None, (exc.command_id, exc.code, exc.message)
+            command, malformed = None, (exc.command_id, exc.command_type, exc.code, exc.message)
         pipeline = self._pipeline
         if pipeline and (command is None or command.type not in _OVERTAKING):
             # Publishes are in flight: this frame's reply must follow theirs.
@@ -167,12 +167,12 @@ class CommandHandler:
         # Every frame costs a token, garbage included, so that a flood of anything is metered.
         verdict = self.rate.check()
         if command is None:
-            command_id, code, message = malformed
+            command_id, command_type, code, message = malformed
             if verdict is not RateVerdict.OK:
-                self._rate_limited(verdict, command_id, None)
+                self._rate_limited(verdict, command_id, command_type)
                 return None
             self.node.record_rejected_command(_reason(code))
-            connection.send(encode_error(command_id, None, int(code), message))
+            connection.send(encode_error(command_id, command_type, int(code), message))
             return None
         # The tag narrows the union as isinstance would, for a fraction of the cost (pydantic
         # models' isinstance goes through ABCMeta): this runs for every frame.

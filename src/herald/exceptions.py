@@ -40,13 +40,20 @@ class CommandError(HeraldError):
 class ProtocolError(CommandError):
     """A frame that does not follow protocol v1.
 
-    ``command_id`` is the id of the offending command when it could be read,
-    so the error reply can still be matched by the client.
+    ``command_id`` and ``command_type`` are the offending command's id and type when
+    they could be read, so the error reply can still be matched by the client.
     """
 
-    def __init__(self, code: ErrorCode, message: str | None = None, command_id: int | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str | None = None,
+        command_id: int | None = None,
+        command_type: str | None = None,
+    ) -> None:
         super().__init__(code, message)
         self.command_id = command_id
+        self.command_type = command_type
 
 
 class PermissionDeniedError(CommandError):

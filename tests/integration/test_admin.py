@@ -42,6 +42,44 @@ def test_snapshot_needs_the_key(admin_server: ServerProcess) -> None:
     assert {"node", "clients", "channels", "stats", "num_connections"} <= snapshot.keys()
 
 
+def test_snapshot_takes_the_key_as_the_api_does(admin_server: ServerProcess) -> None:
+    """``Authorization: Bearer|apikey KEY`` as on /api; a wrong key is 401 either way."""
+    for headers in ({"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"apikey {API_KEY}"}):
+        status, body = http_get_with(admin_server.http + "/admin/snapshot", headers)
+        assert status == 200 and json.loads(body)["broker"] == "memory", (headers, status)
+    status, body = http_get_with(admin_server.http + "/admin/snapshot", {"Authorization": "Bearer wrong"})
+    assert status == 401 and json.loads(body)["detail"] == "missing or wrong API key"
+
+
+async def test_snapshot_without_a_key_set_answers_from_elsewhere_as_the_api_does() -> None:
+    """No HERALD_API_KEY and a peer that is not loopback: 403 with the API's reason, not a
+    401 asking for a key that does not exist."""
+    import httpx
+
+    from herald import Herald, Settings
+    from herald.server import create_app
+
+    app = create_app(herald=Herald(Settings(demos=False)))
+    transport = httpx.ASGITransport(app=app, client=("192.0.2.2", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        snapshot = await http.get("/admin/snapshot")
+        api = await http.get("/api/channels")
+    assert snapshot.status_code == api.status_code == 403
+    assert snapshot.json()["detail"] == api.json()["detail"]
+    assert "HERALD_API_KEY is not set" in snapshot.json()["detail"]
+
+
+def http_get_with(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 async def test_admin_socket_refuses_a_wrong_key(admin_server: ServerProcess) -> None:
     async with websockets.connect(admin_server.ws("/admin/ws")) as websocket:
         await websocket.send(json.dumps({"api_key": "wrong"}))

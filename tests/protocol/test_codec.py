@@ -112,6 +112,52 @@ def test_malformed_frames_get_their_code(text: str, code: ErrorCode, command_id:
     assert caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("text", "command_type"),
+    [
+        ('{"id": 5, "type": "history", "channel": "a", "limit": -5}', "history"),
+        ('{"id": 5, "type": "ping", "extra": true}', "ping"),
+        ('{"type": "ping"}', "ping"),  # no id: still a ping
+        ('{"id": 2, "type": "teleport"}', None),  # not a command type: not echoed
+        ('{"id": 2, "type": "publication"}', None),  # a push's name is not a command's
+        ('{"id": 2, "type": 5}', None),
+        ("not json", None),
+        ('{"id": 9, "type": "ping", "x": ' + "[" * 40 + "]" * 40 + "}", "ping"),  # too deep
+    ],
+)
+def test_errors_carry_the_command_type_when_it_is_one(text: str, command_type: str | None) -> None:
+    """A reply carries the command's type (protocol.md: "the same id and type") unless the
+    frame's type is not a command type protocol v1 defines."""
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(text)
+    assert caught.value.command_type == command_type
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"id": 1, "type": "publish", "channel": "c" * 1025, "data": 1},
+        {"id": 1, "type": "history", "channel": "c" * 5000},
+        {"id": 1, "type": "subscribe", "channels": [{"channel": "c" * 1025}]},
+        {"id": 1, "type": "unsubscribe", "channels": ["c" * 1025]},
+        {"id": 1, "type": "presence", "channel": "c" * 1025},
+    ],
+)
+def test_channel_names_over_the_cap_are_invalid_channels(frame: dict[str, Any]) -> None:
+    """Over the models' 1024-character cap a name gets 106, as names over
+    max_channel_length (at most 1024) do from the policy, not 101."""
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(json.dumps(frame))
+    assert caught.value.code == ErrorCode.INVALID_CHANNEL
+    assert caught.value.command_id == 1
+
+
+def test_a_long_value_that_is_not_a_channel_stays_a_bad_request() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(json.dumps({"id": 1, "type": "connect", "name": "n" * 65}))
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+
+
 def test_deep_nesting_rejected_without_recursion() -> None:
     deep = '{"id": 1, "type": "publish", "channel": "a", "data": ' + "[" * 10_000 + "]" * 10_000 + "}"
     with pytest.raises(ProtocolError) as caught:

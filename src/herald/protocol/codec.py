@@ -80,7 +80,11 @@ def _parse(text: str | bytes) -> Any:
 
 
 def _check_limits(
-    value: Any, max_depth: int, max_keys: int | None, command_id: int | None, text: str | bytes = ""
+    value: Any,
+    max_depth: int,
+    max_keys: int | None,
+    command_id: int | None,
+    text: str | bytes = "",
 ) -> None:
     # Cheap bounds first (C-speed scans of the frame): every array or object opens with a
     # "[" or "{" and every key is followed by a ":" (the same characters inside strings
@@ -92,10 +96,15 @@ def _check_limits(
         openers, colons = text.count(b"{") + text.count(b"["), text.count(b":")
     if text and openers <= max_depth and (max_keys is None or colons <= max_keys):
         return
+    kind = _readable_type(value)
     if json_depth_exceeds(value, max_depth):
-        raise ProtocolError(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id)
+        raise ProtocolError(
+            ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels", command_id, kind
+        )
     if max_keys is not None and json_key_count_exceeds(value, max_keys):
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in one frame", command_id)
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in one frame", command_id, kind
+        )
 
 
 def _readable_id(frame: Mapping[str, Any]) -> int | None:
@@ -103,6 +112,23 @@ def _readable_id(frame: Mapping[str, Any]) -> int | None:
     if type(value) is int and 1 <= value <= MAX_ID:
         return value
     return None
+
+
+def _readable_type(frame: Any) -> str | None:
+    """The frame's command type when it is one protocol v1 defines (for the error reply)."""
+    if not isinstance(frame, dict):
+        return None
+    kind = frame.get("type")
+    return kind if isinstance(kind, str) and kind in COMMAND_TYPES else None
+
+
+def _error_code(error: ValidationError) -> ErrorCode:
+    """106 for a channel name over the models' length cap (the policy answers 106 for
+    names over ``max_channel_length``, which is at most that cap); 101 otherwise."""
+    first = error.errors(include_url=False)[0]
+    if first["type"] == "string_too_long" and any(part in ("channel", "channels") for part in first["loc"]):
+        return ErrorCode.INVALID_CHANNEL
+    return ErrorCode.BAD_REQUEST
 
 
 def _describe(error: ValidationError) -> str:
@@ -125,7 +151,8 @@ def decode_command(
     * ``TOO_DEEP`` (120) for nesting deeper than ``max_depth``;
     * ``TOO_LARGE`` (117) for more than ``max_keys`` object keys.
 
-    ``ProtocolError.command_id`` carries the frame's id when it was readable.
+    ``ProtocolError.command_id`` and ``command_type`` carry the frame's id and type when
+    they were readable (the type only when it is one protocol v1 defines).
     """
     if text == _PONG_TEXT:
         return _PONG
@@ -144,4 +171,4 @@ def decode_command(
     try:
         return _COMMAND_ADAPTER.validate_python(frame)
     except ValidationError as exc:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, _describe(exc), command_id) from None
+        raise ProtocolError(_error_code(exc), _describe(exc), command_id, kind) from None
