@@ -10,11 +10,14 @@ checked before the body is read (see :mod:`herald.apiguard`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast
 
-from fastapi import APIRouter, HTTPException, Query
+import orjson
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from .apiguard import HttpGate, guarded_route_class
@@ -22,6 +25,7 @@ from .brokers.base import StreamPosition
 from .codes import CloseCode, ErrorCode
 from .exceptions import BrokerError, CommandError, NotAvailableError
 from .policy import Grant, Operation, check_epoch, clamp_history_limit, read_history
+from .protocol.codec import LONG_DIGITS, json_depth_exceeds, json_key_count_exceeds
 from .protocol.idempotency import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 from .protocol.messages import (
     MAX_ID,
@@ -37,7 +41,146 @@ from .protocol.messages import (
 logger = logging.getLogger("herald.api")
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .node import Node
+
+
+# ---------------------------------------------------------------- request bodies
+#
+# A body is parsed once, by orjson, strictly: what the WebSocket protocol refuses in a
+# frame, the API refuses in a body (docs/http-api.md#errors), so that a publication
+# always reaches every subscriber as the JSON it was sent as, and never fails to encode
+# on its way out.  Python's json module (FastAPI's parser) accepts
+# NaN, Infinity, lone UTF-16 surrogates and integers of any size, which orjson then
+# cannot encode or encodes as null.
+
+#: The integers a publication may carry: those orjson encodes (and parses) exactly.
+MIN_JSON_INT = -(2**63)
+MAX_JSON_INT = 2**64 - 1
+_NON_NUMBERS = ("NaN", "Infinity", "-Infinity")
+
+
+def _refuse(code: ErrorCode, message: str) -> HTTPException:
+    return HTTPException(400, detail={"code": int(code), "message": message})
+
+
+def _explained(exc: orjson.JSONDecodeError) -> str:
+    """orjson's message for a body it refused, with what a sender may not know."""
+    message = exc.msg
+    doc = exc.doc if isinstance(exc.doc, str) else ""
+    if doc.startswith(_NON_NUMBERS, max(exc.pos - 1, 0)) or doc.startswith(_NON_NUMBERS, exc.pos):
+        return f"{message} (NaN and Infinity are not JSON numbers)"
+    if "infinity" in message:
+        return f"{message} (a JSON number must fit in a 64-bit float)"
+    if "surrogate" in message:
+        return f"{message} (a lone UTF-16 surrogate escape is not Unicode text)"
+    return message
+
+
+def _check_int(text: str) -> int:
+    value = int(text)  # ValueError past Python's 4300 digits: out of range too
+    if not MIN_JSON_INT <= value <= MAX_JSON_INT:
+        raise ValueError(text)
+    return value
+
+
+def _has_huge_int(body: bytes) -> bool:
+    """Whether ``body`` (strict JSON, within the depth limit) holds an integer outside
+    :data:`MIN_JSON_INT`..:data:`MAX_JSON_INT` (orjson would parse it as a float)."""
+    try:
+        json.loads(body, parse_int=_check_int)
+    except ValueError:
+        return True
+    except RecursionError:
+        # Nesting past ~990 levels (max_json_depth allows 1000): orjson cannot encode
+        # such data either, and _encode_data refuses it.
+        return False
+    return False
+
+
+def parse_api_json(body: bytes, *, max_depth: int, max_keys: int) -> Any:
+    """Parse an HTTP API body as the WebSocket protocol parses a frame: strict JSON
+    (orjson), within ``max_json_depth`` and ``max_json_keys``, integers within 64 bits.
+
+    Raises ``json.JSONDecodeError`` (FastAPI's 422 ``json_invalid``) for what is not
+    JSON (NaN, Infinity, numbers past a double, lone surrogates, invalid UTF-8, bad
+    syntax) and ``HTTPException`` 400 with code 120 (nested too deeply), 117 (too many
+    keys) or 101 (an integer out of range).
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in exc.msg or "recursion" in exc.msg.lower():
+            raise _refuse(
+                ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels (max_json_depth)"
+            ) from None
+        raise json.JSONDecodeError(_explained(exc), exc.doc, exc.pos) from None
+    # The same cheap bounds as the protocol codec: every array or object opens with "["
+    # or "{" and every key is followed by ":", so a body with few of them skips the walks.
+    if body.count(b"{") + body.count(b"[") > max_depth and json_depth_exceeds(value, max_depth):
+        raise _refuse(ErrorCode.TOO_DEEP, f"JSON nested deeper than {max_depth} levels (max_json_depth)")
+    if body.count(b":") > max_keys and json_key_count_exceeds(value, max_keys):
+        raise _refuse(ErrorCode.TOO_LARGE, f"more than {max_keys} object keys in the body (max_json_keys)")
+    if LONG_DIGITS.search(body) is not None and _has_huge_int(body):
+        raise _refuse(
+            ErrorCode.BAD_REQUEST,
+            f"integer out of range: JSON integers must be {MIN_JSON_INT} to {MAX_JSON_INT}",
+        )
+    return value
+
+
+class _StrictJSONRequest(Request):
+    """A request whose ``json()`` is :func:`parse_api_json` (FastAPI parses a route's
+    body with ``request.json()``)."""
+
+    settings: Settings
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            settings = self.settings
+            self._json = parse_api_json(
+                await self.body(), max_depth=settings.max_json_depth, max_keys=settings.max_json_keys
+            )
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies are parsed by :func:`parse_api_json` (mixed into the
+    guarded route class, see :func:`_api_route_class`)."""
+
+    json_settings: ClassVar[Settings | None] = None
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        settings = self.json_settings
+        if settings is None:
+            return handler
+
+        async def strict_handler(request: Request) -> Response:
+            strict = _StrictJSONRequest(request.scope, request.receive)
+            strict.settings = settings
+            return await handler(strict)
+
+        return strict_handler
+
+
+def _api_route_class(settings: Settings) -> type[APIRoute]:
+    """The API's route class: the gate's checks before the body is read
+    (:mod:`herald.apiguard`), then the body parsed strictly."""
+    guarded = guarded_route_class(HttpGate(settings), require_key=True)
+    return cast(
+        "type[APIRoute]",
+        type("HeraldApiRoute", (_StrictJSONRoute, guarded), {"json_settings": settings}),
+    )
+
+
+def _encode_data(data: Any) -> bytes:
+    """``data`` as JSON, once (broadcast reuses it for every channel).  A strictly parsed
+    body always encodes, unless ``max_json_depth`` is set past orjson's 255 levels."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"data cannot be encoded as JSON: {exc}") from None
 
 
 class PublishBody(BaseModel):
@@ -147,13 +290,15 @@ def build_api_router(node: Node) -> APIRouter:
 
     # Host, API key and the body's bounds are checked before FastAPI reads the body
     # (herald.apiguard), wherever this router is included.
-    route_class = guarded_route_class(HttpGate(settings), require_key=True)
-    router = APIRouter(prefix="/api", tags=["server API"], route_class=route_class)
+    # Then the body is parsed strictly, within the protocol's JSON limits (parse_api_json).
+    router = APIRouter(prefix="/api", tags=["server API"], route_class=_api_route_class(settings))
 
     @router.post("/publish", response_model=PublishResult, summary="Publish to a channel")
     async def publish(body: PublishBody) -> PublishResult:
+        data_json = _encode_data(body.data)
         try:
-            position = await node.publish(body.channel, body.data, idempotency_key=body.idempotency_key)
+            name, options = node.check_channel(body.channel)
+            position = await node.publish_json(name, data_json, options, idempotency_key=body.idempotency_key)
         except CommandError as exc:
             raise _error(exc) from None
         except NotAvailableError as exc:
@@ -164,10 +309,14 @@ def build_api_router(node: Node) -> APIRouter:
 
     @router.post("/broadcast", response_model=BroadcastOut, summary="Publish one message to many channels")
     async def broadcast(body: BroadcastBody) -> BroadcastOut:
+        data_json = _encode_data(body.data)  # once for every channel
         results: list[BroadcastItem] = []
         for channel in body.channels:
             try:
-                position = await node.publish(channel, body.data, idempotency_key=body.idempotency_key)
+                name, options = node.check_channel(channel)
+                position = await node.publish_json(
+                    name, data_json, options, idempotency_key=body.idempotency_key
+                )
             except CommandError as exc:
                 results.append(
                     BroadcastItem(channel=channel, error=ErrorInfo(code=int(exc.code), message=exc.message))

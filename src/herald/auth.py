@@ -20,6 +20,11 @@ Claims: ``sub`` (required) is the user id; ``exp`` (optional) is honoured;
 channels the token grants (exact names, or a prefix ending in ``*``);
 ``channel`` (subscription tokens) names the one channel granted.
 
+Claims are JSON Herald re-encodes (``info`` rides on presence, join and leave, and
+publications): a token whose payload is not strict JSON (NaN, Infinity, a lone UTF-16
+surrogate), nests deeper than :data:`MAX_CLAIMS_DEPTH` levels or holds an integer
+outside 64 bits is refused like any invalid token (111), whatever its signature.
+
 ``typ`` tells the two kinds apart, so that neither can pass as the other:
 a subscription token must carry ``typ: "subscription"``; a connection token
 carries ``typ: "connection"`` or, for tokens minted before the claim existed, no
@@ -48,6 +53,7 @@ from pydantic import SecretStr
 from .codes import ErrorCode
 from .exceptions import CommandError, ConfigError
 from .hosts import trusts_loopback
+from .protocol.codec import LONG_DIGITS, json_depth_exceeds
 
 #: Algorithms Herald accepts for asymmetric keys.
 ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
@@ -113,6 +119,35 @@ def _load_jwks(path: str) -> dict[str, jwt.PyJWK]:
     for key in key_set.keys:
         keys[key.key_id or ""] = key
     return keys
+
+
+#: Deepest nesting of a token's claims (the payload object is level 1): ``info`` is
+#: re-encoded inside presence answers, join/leave pushes and publications, which must
+#: stay well within orjson's 255 levels (and the protocol's ``max_json_depth``).
+MAX_CLAIMS_DEPTH = 32
+
+
+def _claims_refusal(payload: bytes, claims: Any, *, encode: bool = True) -> str | None:
+    """Why ``claims`` (parsed from ``payload``) cannot be a token's, or None.
+
+    Checks the nesting (cheap bound first: every level opens with ``{`` or ``[``) and,
+    with ``encode``, that orjson encodes them (integers within 64 bits, no lone
+    surrogates: claims orjson parsed within the depth always encode)."""
+    if payload.count(b"{") + payload.count(b"[") > MAX_CLAIMS_DEPTH and json_depth_exceeds(
+        claims, MAX_CLAIMS_DEPTH
+    ):
+        return f"claims nested deeper than {MAX_CLAIMS_DEPTH} levels"
+    if not encode:
+        return None
+    try:
+        orjson.dumps(claims)
+    except orjson.JSONEncodeError as exc:
+        return f"claims not encodable as JSON: {exc}"
+    return None
+
+
+def _unusable_claims(detail: str) -> CommandError:
+    return CommandError(ErrorCode.UNAUTHORIZED, f"invalid token ({detail})")
 
 
 #: Distinct token headers (algorithm, key id) whose key choice a verifier remembers.
@@ -216,11 +251,17 @@ class TokenVerifier:
         if not hmac.compare_digest(expected, given):
             raise CommandError(ErrorCode.UNAUTHORIZED, "invalid token (InvalidSignatureError)")
         try:
-            claims = orjson.loads(_b64url(payload))
+            text = _b64url(payload)
+            claims = orjson.loads(text)
         except (ValueError, binascii.Error):
             return None
         if not isinstance(claims, dict) or any(name in claims for name in _PYJWT_CLAIMS):
             return None
+        if LONG_DIGITS.search(text) is not None:
+            return None  # maybe an integer orjson read as a float: PyJWT's path reads it exactly
+        refusal = _claims_refusal(text, claims, encode=False)
+        if refusal is not None:
+            raise _unusable_claims(refusal)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             return None
@@ -304,7 +345,28 @@ class TokenVerifier:
         )
 
     def _decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
-        """PyJWT's verification of ``token``, its errors as Herald's."""
+        """PyJWT's verification of ``token``, its errors as Herald's, and the claims' JSON
+        checked (PyJWT parses with the standard library, which takes NaN, lone surrogates
+        and integers of any size: see :func:`_claims_refusal`)."""
+        # The payload strictly (orjson) first: it also bounds the nesting the standard
+        # library's parser then recurses through.
+        try:
+            payload = _b64url(token.split(".", 2)[1])
+            strict = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise _unusable_claims(f"claims are not strict JSON: {exc.msg}") from None
+        except (ValueError, IndexError, binascii.Error):
+            payload, strict = b"", None  # PyJWT says what is wrong with it
+        refusal = _claims_refusal(payload, strict, encode=False)
+        if refusal is not None:
+            raise _unusable_claims(refusal)
+        claims = self._pyjwt_decode(token, key, algorithms)
+        refusal = _claims_refusal(payload, claims)
+        if refusal is not None:
+            raise _unusable_claims(refusal)
+        return claims
+
+    def _pyjwt_decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
         try:
             return jwt.decode(
                 token,

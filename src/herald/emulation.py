@@ -103,7 +103,12 @@ def command_texts(value: Any, max_size: int) -> list[str]:
     for command in value:
         if not isinstance(command, dict):
             raise BadRequest(400, "commands must be a list of command objects")
-        text = orjson.dumps(command).decode()
+        try:
+            text = orjson.dumps(command).decode()
+        except orjson.JSONEncodeError:
+            # Nested past the 255 levels orjson encodes (it parses 1024): refused here
+            # instead of a 500 (the default max_json_depth is 32).
+            raise BadRequest(400, "a command nested too deeply (max_json_depth)") from None
         if len(text) > max_size:
             raise BadRequest(413, f"a command larger than {max_size} bytes (max_message_size)")
         texts.append(text)

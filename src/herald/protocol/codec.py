@@ -8,6 +8,7 @@ The server's frames are written by :mod:`herald.protocol.encoders`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,10 @@ _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 # pong is decoded as usual).  Models are frozen: one instance serves every pong.
 _PONG_TEXT = '{"type":"pong"}'
 _PONG = PongCommand(type="pong")
+
+#: A run of digits as long as any JSON integer outside 64 bits needs (19): orjson reads
+#: such an integer as a float, so text without one can skip an exact check.
+LONG_DIGITS = re.compile(rb"\d{19}")
 
 #: Default maximum nesting of arrays/objects in a frame.
 DEFAULT_MAX_DEPTH = 32
