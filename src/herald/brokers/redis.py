@@ -32,7 +32,10 @@ Faults: when Redis (or the channel's master) is unreachable,
 :class:`~herald.exceptions.BrokerUnavailableError`, and a background task per
 Pub/Sub connection reconnects with exponential backoff and jitter, then
 re-subscribes its channels (on a cluster, first asking the cluster which master
-owns each channel now: a failover moves them).
+owns each channel now: a failover moves them).  A command that Redis (that
+master) answers while the connection waits out its backoff cuts the wait short:
+Redis is back and accepting publications, which the connection would otherwise
+miss for as long as the backoff lasts (more than history may hold).
 
 No gap across a link blip: live publications are held while a channel may have
 missed some, and its stream is read to deliver them in order or report a
@@ -125,6 +128,10 @@ _PUBLICATION_KINDS = (b"message", b"smessage")
 #: The name of the one link (Pub/Sub connection) to a single Redis.
 _SINGLE = ""
 
+#: Seconds a failed link waits at least before a command answered by its Redis may wake it
+#: (bounds the attempts when commands work but the Pub/Sub connection keeps failing).
+_WAKE_AFTER = 0.05
+
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
@@ -156,6 +163,7 @@ class _Link:
 
     __slots__ = (
         "channels", "client", "confirmed", "leaving", "node", "pending", "pubsub", "requested", "runner", "up",
+        "wake",
     )  # fmt: skip
 
     def __init__(self, node: str, client: aioredis.Redis) -> None:
@@ -173,6 +181,8 @@ class _Link:
         #: Pub/Sub channel names whose SUBSCRIBE is to be sent (with the others of this turn).
         self.requested: dict[str, None] = {}
         self.runner: asyncio.Task[None] | None = None
+        #: Set when a command to the same Redis succeeded while this link waits to reconnect.
+        self.wake = asyncio.Event()
 
     def fail_pending(self, exc: BaseException) -> None:
         for future in self.pending.values():
@@ -207,6 +217,9 @@ class RedisBroker(RedisCatchUp, Broker):
         #: Pub/Sub connections by node (``_SINGLE`` for one Redis) and each channel's node.
         self._links: dict[str, _Link] = {}
         self._routes: dict[str, str] = {}
+        #: Links waiting out their reconnect backoff, by node: a command answered by that
+        #: node wakes its link (:meth:`_answered`).  Empty in normal operation.
+        self._backing_off: dict[str, _Link] = {}
         self._closed = False
         self.reconnects = 0  # link re-establishments after the first (for tests and metrics)
         self._publish_script: Any = None
@@ -388,10 +401,15 @@ class RedisBroker(RedisCatchUp, Broker):
             assert isinstance(client, RedisCluster)
             if not self._topology_known.is_set():
                 return False
-            pings = [client.execute_command("PING", target_nodes=node) for node in client.get_primaries()]
+            primaries = client.get_primaries()
+            pings = [client.execute_command("PING", target_nodes=node) for node in primaries]
             answers = await asyncio.wait_for(
                 asyncio.gather(*pings, return_exceptions=True), self.config.connect_timeout
             )
+            if self._backing_off:
+                for node, answer in zip(primaries, answers, strict=True):
+                    if answer is True:
+                        self._answered(node.name)
             return any(answer is True for answer in answers)
         except (RedisClusterException, RedisError, *_UNAVAILABLE):
             return False
@@ -480,10 +498,11 @@ class RedisBroker(RedisCatchUp, Broker):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                where = link.node or redact_url(cfg.url)
                 if link.up.is_set():
-                    logger.warning("redis link %s lost: %r; reconnecting", link.node or "", exc)
+                    logger.warning("redis link %s lost: %r; reconnecting", where, exc)
                 else:
-                    logger.debug("redis link %s attempt failed: %r", link.node or "", exc)
+                    logger.debug("redis link %s attempt failed: %r", where, exc)
                 link.up.clear()
                 link.pubsub = None
                 link.confirmed.clear()
@@ -495,11 +514,41 @@ class RedisBroker(RedisCatchUp, Broker):
                 await _close_pubsub(pubsub)
                 if self._cluster:
                     self._reroute.set()  # a failover may have moved this master's slots
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                pause = delay * random.uniform(0.5, 1.0)
                 delay = min(delay * 2, cfg.reconnect_max)
+                await self._back_off(link, pause)
             finally:
                 if self._closed or self._links.get(link.node) is not link:
                     await _close_pubsub(pubsub)
+
+    async def _back_off(self, link: _Link, pause: float) -> None:
+        """Wait ``pause`` seconds before ``link``'s next attempt, or less: a command its Redis
+        answers meanwhile (:meth:`_answered`) wakes it after ``_WAKE_AFTER``.
+
+        Redis answering means it accepts publications again; each one published while the
+        link is still down must later be read from the stream, and a backoff of seconds
+        could outlast what the stream keeps (``history_size``), turning a restart that
+        kept every write into a gap reported to clients (4005)."""
+        link.wake.clear()
+        self._backing_off[link.node] = link
+        try:
+            await asyncio.sleep(min(pause, _WAKE_AFTER))
+            if pause > _WAKE_AFTER and not link.wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(link.wake.wait(), pause - _WAKE_AFTER)
+        finally:
+            if self._backing_off.get(link.node) is link:
+                del self._backing_off[link.node]
+
+    def _answered(self, node: str | None) -> None:
+        """A command to ``node`` (``_SINGLE``, or a cluster master) succeeded: wake its link
+        if it waits out a backoff.  Called only while some link does (``_backing_off``)."""
+        link = self._backing_off.get(node) if node is not None else None
+        if link is not None and not link.wake.is_set():
+            logger.info(
+                "redis %s answers again: reconnecting its link now", node or redact_url(self.config.url)
+            )
+            link.wake.set()
 
     def _hold_all(self, channel: str) -> None:
         """``channel`` may miss publications from now on: hold live ones until it caught up."""
@@ -994,15 +1043,20 @@ class RedisBroker(RedisCatchUp, Broker):
         # Learns the masters when it has not yet, or again after a connection error (as
         # redis-py does at the start of every command, before the target is chosen).
         await client.initialize()
-        return await client.execute_command(*command, target_nodes=self._master_of(key))
+        master = self._master_of(key)
+        result = await client.execute_command(*command, target_nodes=master)
+        if self._backing_off:
+            self._answered(master.name)  # the master answers: wake its link if it backs off
+        return result
 
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a Redis call, mapping connection trouble to :class:`BrokerUnavailableError`."""
         try:
             if self._gate is None:
-                return await function(*args, **kwargs)
-            async with self._gate:
-                return await function(*args, **kwargs)
+                result = await function(*args, **kwargs)
+            else:
+                async with self._gate:
+                    result = await function(*args, **kwargs)
         except _UNAVAILABLE as exc:
             raise BrokerUnavailableError(f"redis unavailable: {exc}") from exc
         except (ClusterDownError, SlotNotCoveredError, MaxConnectionsError) as exc:
@@ -1014,6 +1068,11 @@ class RedisBroker(RedisCatchUp, Broker):
             # Unavailable, as the connection errors it stands for: callers retry or answer
             # 121 / HTTP 503 instead of failing with an error they cannot place.
             raise BrokerUnavailableError(f"redis unavailable: client error {exc!r}") from exc
+        if self._backing_off and not self._cluster:
+            # Redis answers while the link waits to reconnect: reconnect it now.  (On a
+            # cluster the answering master is known where it is chosen: _send_to_master.)
+            self._answered(_SINGLE)
+        return result
 
 
 __all__ = ["RedisBroker", "RedisBrokerConfig"]

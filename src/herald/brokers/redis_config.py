@@ -31,6 +31,10 @@ class RedisBrokerConfig:
     no history (0: forever; with history the key lives as long as the history,
     ``history_ttl``).  ``reconnect_min``/``reconnect_max``:
     the backoff between reconnect attempts (doubled each failure, with jitter).
+    ``reconnect_max`` is short on purpose: a node whose Pub/Sub connection is
+    still waiting to reconnect when Redis is back misses every publication made
+    meanwhile, and can read them from the stream only while they number no more
+    than ``history_size`` (docs/scaling.md, *When a gap cannot be filled*).
     ``max_connections``: command connections per node; more concurrent commands
     wait (up to ``command_timeout``) for a free one.  ``max_held``: live
     publications held per channel while it catches up after a link blip; beyond
@@ -42,7 +46,7 @@ class RedisBrokerConfig:
     connect_timeout: float = 2.0
     command_timeout: float = 5.0
     reconnect_min: float = 0.1
-    reconnect_max: float = 5.0
+    reconnect_max: float = 0.25
     stream_meta_ttl: float = 3600.0
     max_connections: int = 50
     max_held: int = 10_000
