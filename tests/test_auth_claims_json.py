@@ -1,4 +1,4 @@
-"""Token claims Herald cannot re-encode are refused at verification (red team 2, item 2).
+"""Token claims Herald cannot re-encode are refused at verification (a red-team finding).
 
 ``info`` rides on presence answers, join/leave pushes and publications, all encoded by
 orjson: a claim it cannot encode (an integer past 64 bits, a lone UTF-16 surrogate,

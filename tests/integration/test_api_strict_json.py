@@ -1,4 +1,4 @@
-"""JSON Herald cannot carry is refused where it enters, never a 500 (red team 2).
+"""JSON Herald cannot carry is refused where it enters, never a 500 (a red-team finding).
 
 Against real ``herald serve`` processes, on both serving drivers:
 

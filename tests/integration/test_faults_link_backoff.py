@@ -1,5 +1,5 @@
 """A Redis that comes back with every acknowledged write leaves no gap on any node,
-even one whose Pub/Sub link is in a long reconnect backoff (red team, round 3).
+even one whose Pub/Sub link is in a long reconnect backoff (a red-team finding).
 
 Two ``herald serve`` nodes on a redis-server this test owns (``appendonly yes``,
 ``appendfsync always``), a subscriber on each, and a publisher on node B's HTTP API at
