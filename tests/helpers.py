@@ -83,10 +83,16 @@ def read_until(sock: socket.socket, marker: bytes, received: bytes = b"", timeou
     return received
 
 
-def raw_websocket(port: int, path: str) -> socket.socket:
+def raw_websocket(port: int, path: str, *, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
     """A plain socket that completed a WebSocket handshake on ``path`` (frames are the
-    caller's: see bench.heap.masked_text)."""
-    sock = socket.create_connection(("127.0.0.1", port))
+    caller's: see bench.heap.masked_text).  ``rcvbuf``/``sndbuf``: socket buffer sizes,
+    set before connecting (so that the window the client offers stays that small)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

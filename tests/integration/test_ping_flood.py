@@ -11,8 +11,6 @@ ASGI driver with and without the fast path, and on uvicorn's wsproto implementat
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import select
 import socket
 import struct
@@ -25,7 +23,7 @@ from herald.server import create_app
 from herald.transports.uvicorn import uvicorn_ws_protocol
 from herald.transports.uvicorn_protocol import HeaderTimeoutHTTPProtocol
 
-from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, read_until
+from ..helpers import DEFAULT_TIMEOUT, ProtocolClient, ThreadServer, raw_websocket
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,23 +57,6 @@ def server(request: pytest.FixtureRequest) -> Iterator[ThreadServer]:
         server.stop()
 
 
-def unread_socket(port: int) -> socket.socket:
-    """A /connect WebSocket over a socket with small buffers, its handshake done."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # Before connect, so that the window the client offers stays small.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = read_until(sock, b"\r\n\r\n")
-    assert b" 101 " in head.split(b"\r\n", 1)[0], head
-    return sock
-
-
 def flood_pings(sock: socket.socket) -> int:
     """Write pings, never reading, until the socket stays unwritable for STALLED seconds
     (the server stopped reading) or FLOOD_BOUND bytes went out; the bytes written."""
@@ -99,7 +80,8 @@ async def test_a_ping_flood_that_never_reads_is_held_back(server: ThreadServer) 
     assert "result" in await watcher.call("subscribe", channels=[{"channel": "news"}])
     publisher = await ProtocolClient.open(server.ws("/connect"))
 
-    sock = unread_socket(server.port)
+    # Small buffers: little of the flood hides in them.
+    sock = raw_websocket(server.port, "/connect", rcvbuf=2048, sndbuf=16384)
     try:
         sent = await asyncio.to_thread(flood_pings, sock)
         assert sent < FLOOD_BOUND, f"the server read {sent} bytes of pings from a client that reads no pong"
