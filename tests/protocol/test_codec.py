@@ -152,9 +152,22 @@ def test_channel_names_over_the_cap_are_invalid_channels(frame: dict[str, Any]) 
     assert caught.value.command_id == 1
 
 
-def test_a_long_value_that_is_not_a_channel_stays_a_bad_request() -> None:
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"id": 1, "type": "connect", "name": "n" * 65},
+        {
+            "id": 1,
+            "type": "subscribe",
+            "channels": [{"channel": "a", "since": {"offset": 1, "epoch": "e" * 65}}],
+        },
+        {"id": 1, "type": "subscribe", "channels": [{"channel": "a", "token": "t" * 8193}]},
+        {"id": 1, "type": "sub_refresh", "channel": "a", "token": "t" * 8193},
+    ],
+)
+def test_a_long_value_that_is_not_a_channel_name_stays_a_bad_request(frame: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError) as caught:
-        decode_command(json.dumps({"id": 1, "type": "connect", "name": "n" * 65}))
+        decode_command(json.dumps(frame))
     assert caught.value.code == ErrorCode.BAD_REQUEST
 
 

@@ -131,8 +131,12 @@ def _error_code(error: ValidationError) -> ErrorCode:
     """106 for a channel name over the models' length cap (the policy answers 106 for
     names over ``max_channel_length``, which is at most that cap); 101 otherwise."""
     first = error.errors(include_url=False)[0]
-    if first["type"] == "string_too_long" and any(part in ("channel", "channels") for part in first["loc"]):
-        return ErrorCode.INVALID_CHANNEL
+    if first["type"] == "string_too_long":
+        # The name itself: ``channel`` (a command's, or a subscribe item's), or an item
+        # of unsubscribe's ``channels``; not a subscribe item's ``since.epoch`` or token.
+        loc = first["loc"]
+        if loc[-1] == "channel" or (len(loc) >= 2 and loc[-2] == "channels" and isinstance(loc[-1], int)):
+            return ErrorCode.INVALID_CHANNEL
     return ErrorCode.BAD_REQUEST
 
 
